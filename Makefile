@@ -1,0 +1,98 @@
+# qtip-vllm: the QTIP quantization method as a patch series on vLLM 0.26.0.
+#
+#   make apply && make build   lay the series onto the pinned sdist (or
+#                              VLLM_DIR=<clone or site-packages>) and build
+#   make test                  run the test suite (CPU; GPU tests skip)
+#
+# Other targets: venv, fetch, unapply, status, patches, build-ext, lint, clean.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(abspath $(VENV))/bin/python
+BUILD_DIR := $(abspath build)
+DEFAULT_TREE := $(BUILD_DIR)/vllm-0.26.0
+VLLM_DIR ?= $(DEFAULT_TREE)
+TREE := $(abspath $(VLLM_DIR))
+# CMake helpers and csrc headers: the tree itself, or the pinned sdist when
+# the tree is an installed package.
+VLLM_SOURCE_DIR ?= $(if $(wildcard $(TREE)/CMakeLists.txt),$(TREE),$(DEFAULT_TREE))
+export TORCH_CUDA_ARCH_LIST ?= 8.0 8.6 8.9 9.0
+export QTIP_GOLDEN_DIR ?= $(abspath ../shared/reference/goldens)
+export QTIP_HADAMARD_NPZ ?= $(abspath ../shared/reference/qtip_hadamard_k.npz)
+# Downloads (the pinned sdist and wheel) are kept here; CI points it outside
+# the clone so they survive between runs.
+export QTIP_CACHE_DIR ?= $(BUILD_DIR)/cache
+TREE_TOOL := $(PYTHON) scripts/vllm_tree.py --tree $(TREE) --build-dir $(BUILD_DIR) --cache $(QTIP_CACHE_DIR)
+WHEEL := $(QTIP_CACHE_DIR)/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
+WHEEL_SHA256 := adb1e4c9b46d0dfdb094121ae5aad670a42412dd813ed4e5db069ed6a15006de
+# pytest exits 5 when it collects nothing (e.g. a filtered run); that is not a failure.
+PYTEST := $(VPY) -m pytest -q -p no:cacheprovider
+
+# QTIP tests laid into the tree, plus vLLM's own quantization tests that run
+# on a CPU machine, to show the series breaks nothing there.
+QTIP_TREE_TESTS := tests/quantization/test_qtip.py \
+	tests/quantization/test_qtip_reference.py \
+	tests/kernels/quantization/test_qtip.py \
+	tests/models/quantization/test_qtip.py
+VLLM_CPU_TESTS := tests/quantization/test_register_quantization_config.py::test_register_quantization_config \
+	tests/quantization/test_humming_ignore.py \
+	tests/quantization/test_quantization_config_args.py
+
+.PHONY: venv fetch apply unapply status patches build build-ext test test-repo test-tree lint clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -r requirements.txt
+	$(if $(wildcard scripts/requirements-quant.txt),$(VPY) -m pip install -r scripts/requirements-quant.txt)
+	touch $@
+
+fetch: venv
+	@if [ "$(TREE)" = "$(DEFAULT_TREE)" ] || [ "$(VLLM_SOURCE_DIR)" = "$(DEFAULT_TREE)" ]; then \
+		$(TREE_TOOL) --python $(VPY) fetch; fi
+
+apply: fetch
+	$(TREE_TOOL) apply
+
+unapply:
+	$(TREE_TOOL) unapply
+
+status:
+	$(TREE_TOOL) status
+
+patches:
+	$(TREE_TOOL) patches
+
+# Install the applied source tree editable, from the pinned wheel's binaries
+# (no vLLM compile), then build _qtip_C. An installed package (site-packages)
+# only gets _qtip_C.
+build: venv
+	@test -f $(TREE)/.qtip_vllm_applied.json || { echo "error: run 'make apply' first" >&2; exit 1; }
+	@if [ -f $(TREE)/setup.py ] && [ "$$($(VPY) -c 'import vllm,os;print(os.path.dirname(os.path.dirname(vllm.__file__)))' 2>/dev/null)" != "$(TREE)" ]; then \
+		set -e; \
+		test -f $(WHEEL) || $(VPY) -m pip download -q --no-deps vllm==0.26.0 -d $(QTIP_CACHE_DIR); \
+		echo "$(WHEEL_SHA256)  $(WHEEL)" | sha256sum -c --quiet; \
+		VLLM_PRECOMPILED_WHEEL_LOCATION=$(WHEEL) \
+			$(VPY) -m pip install -q --no-index --no-deps --no-build-isolation -e $(TREE); \
+	fi
+	$(MAKE) build-ext
+
+build-ext:
+	PATH=$(abspath $(VENV))/bin:$$PATH scripts/build_qtip_ext.sh $(VPY) $(VLLM_SOURCE_DIR) $(TREE) $(BUILD_DIR)/qtip-ext
+
+test: test-repo test-tree
+
+test-repo:
+	$(PYTEST) tests || [ $$? -eq 5 ]
+
+test-tree:
+	cd $(TREE) && { $(PYTEST) $(QTIP_TREE_TESTS) $(VLLM_CPU_TESTS) || [ $$? -eq 5 ]; }
+
+lint:
+	$(VPY) -m ruff check scripts tests vllm_overlay
+	$(VPY) -m ruff format --check scripts tests vllm_overlay
+
+clean:
+	rm -rf $(BUILD_DIR)/qtip-ext
