@@ -32,6 +32,7 @@ PYTEST := $(VPY) -m pytest -q -p no:cacheprovider
 # QTIP tests laid into the tree, plus vLLM's own quantization tests that run
 # on a CPU machine, to show the series breaks nothing there.
 QTIP_TREE_TESTS := tests/quantization/test_qtip.py \
+	tests/quantization/test_qtip_detection.py \
 	tests/quantization/test_qtip_reference.py \
 	tests/kernels/quantization/test_qtip.py \
 	tests/models/quantization/test_qtip.py

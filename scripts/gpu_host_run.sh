@@ -45,6 +45,7 @@ step_tests() {
       tests/kernels/quantization/test_qtip.py \
       tests/quantization/test_qtip_reference.py \
       tests/quantization/test_qtip.py \
+      tests/quantization/test_qtip_detection.py \
       tests/models/quantization/test_qtip.py 2>&1 | tee "$OUT/tests.log" | tail -80 )
 }
 

@@ -260,10 +260,12 @@ def apply(tree: Path) -> None:
         manifest = None
 
     old_files: dict[str, str] = manifest["files"] if manifest else {}
-    for rel in overlay:
-        if rel not in old_files and (tree / rel).exists():
-            raise TreeError(f"{tree / rel} already exists in the tree; the "
-                            f"overlay only adds new files")
+    for rel, src in overlay.items():
+        dst = tree / rel
+        if (rel not in old_files and dst.exists()
+                and dst.read_bytes() != src.read_bytes()):
+            raise TreeError(f"{dst} already exists in the tree; the overlay "
+                            f"only adds new files")
     for rel, digest in old_files.items():
         dst = tree / rel
         if (dst.is_file() and sha256_file(dst) != digest and rel in overlay
