@@ -81,9 +81,19 @@ def fetch(dest: Path, cache: Path, python: str) -> Path:
             VLLM_TARGET_DEVICE="empty",
             VLLM_VERSION_OVERRIDE=PINNED_VERSION,
         )
-        cmd = [python, "-m", "pip", "download", "--no-deps", "--no-binary",
-               ":all:", "--no-build-isolation", f"vllm=={PINNED_VERSION}",
-               "-d", str(cache)]
+        cmd = [
+            python,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-build-isolation",
+            f"vllm=={PINNED_VERSION}",
+            "-d",
+            str(cache),
+        ]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, env=env, check=True)
     digest = sha256_file(archive)
@@ -130,14 +140,18 @@ def tree_version(tree: Path) -> str | None:
     if not candidates and (tree / ".git").exists():
         out = subprocess.run(
             ["git", "-C", str(tree), "describe", "--tags", "--exact-match"],
-            capture_output=True, text=True)
+            capture_output=True,
+            text=True,
+        )
         if out.returncode == 0:
             candidates.append(out.stdout.strip().lstrip("v"))
     if not candidates:
         version_py = tree / "vllm" / "_version.py"
         if version_py.is_file():
-            m = re.search(r"__version__\s*=\s*(?:version\s*=\s*)?['\"]([^'\"]+)",
-                          version_py.read_text())
+            m = re.search(
+                r"__version__\s*=\s*(?:version\s*=\s*)?['\"]([^'\"]+)",
+                version_py.read_text(),
+            )
             if m:
                 candidates.append(m.group(1))
     return candidates[0].split("+")[0] if candidates else None
@@ -149,12 +163,14 @@ def check_version(tree: Path) -> None:
         raise TreeError(
             f"cannot tell which vLLM release {tree} holds (no PKG-INFO, "
             f"dist-info, git tag or vllm/_version.py); the QTIP series needs "
-            f"vLLM {PINNED_VERSION}")
+            f"vLLM {PINNED_VERSION}"
+        )
     if found != PINNED_VERSION:
         raise TreeError(
             f"{tree} holds vLLM {found}, but the QTIP series is made for "
             f"vLLM {PINNED_VERSION}; check out v{PINNED_VERSION} or leave "
-            f"VLLM_DIR unset to use the pinned sdist")
+            f"VLLM_DIR unset to use the pinned sdist"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -173,7 +189,8 @@ def load_series(kind: str) -> dict[str, str]:
     for path in sorted(PATCH_DIR.glob("*.patch")):
         text = path.read_text()
         if kind == "installed" and not all(
-                p.startswith("vllm/") for p in patch_paths(text)):
+            p.startswith("vllm/") for p in patch_paths(text)
+        ):
             continue
         series[path.name] = text
     return series
@@ -195,23 +212,30 @@ def overlay_files(kind: str) -> dict[str, Path]:
     return files
 
 
-def run_git_apply(workdir: Path, patch_text: str, name: str,
-                  reverse: bool = False) -> None:
+def run_git_apply(
+    workdir: Path, patch_text: str, name: str, reverse: bool = False
+) -> None:
     cmd = ["git", "apply", "--whitespace=nowarn"]
     if reverse:
         cmd.append("-R")
     # A scratch dir outside any repository makes `git apply` patch files
     # relative to it rather than to some enclosing work tree.
-    out = subprocess.run(cmd, cwd=workdir, input=patch_text, text=True,
-                         capture_output=True,
-                         env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(workdir.parent)))
+    out = subprocess.run(
+        cmd,
+        cwd=workdir,
+        input=patch_text,
+        text=True,
+        capture_output=True,
+        env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(workdir.parent)),
+    )
     if out.returncode != 0:
         verb = "reverse" if reverse else "apply"
         raise TreeError(f"patch {name} does not {verb} cleanly:\n{out.stderr}")
 
 
-def patch_in_scratch(tree: Path, patches: list[tuple[str, str]],
-                     reverse: bool) -> dict[str, bytes | None]:
+def patch_in_scratch(
+    tree: Path, patches: list[tuple[str, str]], reverse: bool
+) -> dict[str, bytes | None]:
     """Apply (or reverse) patches to scratch copies of the files they touch.
 
     Returns tree-relative path -> new content (None: the file goes away).
@@ -227,8 +251,10 @@ def patch_in_scratch(tree: Path, patches: list[tuple[str, str]],
                 shutil.copy2(tree / rel, work / rel)
         for name, text in patches:
             run_git_apply(work, text, name, reverse=reverse)
-        return {rel: (work / rel).read_bytes() if (work / rel).is_file() else None
-                for rel in touched}
+        return {
+            rel: (work / rel).read_bytes() if (work / rel).is_file() else None
+            for rel in touched
+        }
 
 
 def write_files(tree: Path, contents: dict[str, bytes | None]) -> None:
@@ -262,17 +288,26 @@ def apply(tree: Path) -> None:
     old_files: dict[str, str] = manifest["files"] if manifest else {}
     for rel, src in overlay.items():
         dst = tree / rel
-        if (rel not in old_files and dst.exists()
-                and dst.read_bytes() != src.read_bytes()):
-            raise TreeError(f"{dst} already exists in the tree; the overlay "
-                            f"only adds new files")
+        if (
+            rel not in old_files
+            and dst.exists()
+            and dst.read_bytes() != src.read_bytes()
+        ):
+            raise TreeError(
+                f"{dst} already exists in the tree; the overlay only adds new files"
+            )
     for rel, digest in old_files.items():
         dst = tree / rel
-        if (dst.is_file() and sha256_file(dst) != digest and rel in overlay
-                and sha256_file(dst) != sha256_file(overlay[rel])):
+        if (
+            dst.is_file()
+            and sha256_file(dst) != digest
+            and rel in overlay
+            and sha256_file(dst) != sha256_file(overlay[rel])
+        ):
             raise TreeError(
                 f"{dst} was edited in the tree since it was laid; run "
-                f"`make patches` to copy it back into the overlay first")
+                f"`make patches` to copy it back into the overlay first"
+            )
 
     writes: dict[str, bytes | None] = {}
     if manifest is None:
@@ -298,11 +333,15 @@ def apply(tree: Path) -> None:
     }
     (tree / MANIFEST_NAME).write_text(json.dumps(new_manifest, indent=1) + "\n")
     if manifest is None:
-        print(f"applied {len(series)} patches and {len(overlay)} overlay files "
-              f"to the {kind} tree {tree}")
+        print(
+            f"applied {len(series)} patches and {len(overlay)} overlay files "
+            f"to the {kind} tree {tree}"
+        )
     else:
-        print(f"QTIP series already applied to {tree}; refreshed "
-              f"{len(writes)} overlay files")
+        print(
+            f"QTIP series already applied to {tree}; refreshed "
+            f"{len(writes)} overlay files"
+        )
 
 
 def unapply(tree: Path) -> None:
@@ -322,8 +361,10 @@ def unapply(tree: Path) -> None:
             parent.rmdir()
             parent = parent.parent
     (tree / MANIFEST_NAME).unlink()
-    print(f"removed {len(patches)} patches and {len(manifest['files'])} overlay "
-          f"files from {tree}")
+    print(
+        f"removed {len(patches)} patches and {len(manifest['files'])} overlay "
+        f"files from {tree}"
+    )
 
 
 def status(tree: Path) -> None:
@@ -331,8 +372,10 @@ def status(tree: Path) -> None:
     if manifest is None:
         print(f"{tree}: pristine (no QTIP series applied)")
         return
-    print(f"{tree}: QTIP series applied ({manifest['kind']} tree), "
-          f"{len(manifest['patches'])} patches, {len(manifest['files'])} files")
+    print(
+        f"{tree}: QTIP series applied ({manifest['kind']} tree), "
+        f"{len(manifest['patches'])} patches, {len(manifest['files'])} files"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -340,27 +383,33 @@ def status(tree: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-def pristine_reader(tree: Path, cache: Path):
-    """Return a function giving a file's pristine 0.26.0 content (or None)."""
+def pristine_files(tree: Path, cache: Path, paths: list[str]) -> dict[str, bytes]:
+    """Pristine vLLM 0.26.0 content of the given files (absent ones left out),
+    from the clone's HEAD or from the pinned sdist."""
+    found: dict[str, bytes] = {}
     if (tree / ".git").exists():
-        def from_git(rel: str) -> bytes | None:
-            out = subprocess.run(["git", "-C", str(tree), "show", f"HEAD:{rel}"],
-                                 capture_output=True)
-            return out.stdout if out.returncode == 0 else None
-        return from_git
+        for rel in paths:
+            out = subprocess.run(
+                ["git", "-C", str(tree), "show", f"HEAD:{rel}"], capture_output=True
+            )
+            if out.returncode == 0:
+                found[rel] = out.stdout
+        return found
     archive = cache / SDIST_NAME
     if not archive.is_file():
-        raise TreeError(f"need the pinned sdist {archive} to know the pristine "
-                        f"files; run `make fetch`")
-    tar = tarfile.open(archive)
-
-    def from_sdist(rel: str) -> bytes | None:
-        try:
-            member = tar.extractfile(f"vllm-{PINNED_VERSION}/{rel}")
-        except KeyError:
-            return None
-        return member.read() if member else None
-    return from_sdist
+        raise TreeError(
+            f"need the pinned sdist {archive} to know the pristine "
+            f"files; run `make fetch`"
+        )
+    with tarfile.open(archive) as tar:
+        for rel in paths:
+            try:
+                member = tar.extractfile(f"vllm-{PINNED_VERSION}/{rel}")
+            except KeyError:
+                continue
+            if member is not None:
+                found[rel] = member.read()
+    return found
 
 
 def parse_header(text: str) -> tuple[str, str, str]:
@@ -379,13 +428,16 @@ def regenerate(tree: Path, cache: Path) -> None:
     manifest = read_manifest(tree)
     if manifest is None or manifest["kind"] != "source":
         raise TreeError(f"{tree} has no QTIP series applied as a source tree")
-    pristine = pristine_reader(tree, cache)
 
     # Overlay files edited in the tree since they were laid go back to the repo.
     for rel, digest in manifest["files"].items():
         dst = tree / rel
         if dst.is_file() and sha256_file(dst) != digest:
-            src = REPO / rel if rel.startswith(KERNEL_DIR.as_posix()) else OVERLAY_DIR / rel
+            src = (
+                REPO / rel
+                if rel.startswith(KERNEL_DIR.as_posix())
+                else OVERLAY_DIR / rel
+            )
             shutil.copy2(dst, src)
             print(f"copied back {rel}")
 
@@ -394,23 +446,36 @@ def regenerate(tree: Path, cache: Path) -> None:
         git = ["git", "-C", tmp, "-c", "core.autocrlf=false"]
         subprocess.run([*git, "init", "-q"], check=True)
         all_paths = [p for n in names for p in patch_paths(manifest["patches"][n])]
-        for rel in dict.fromkeys(all_paths):
-            data = pristine(rel)
-            if data is not None:
-                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-                (Path(tmp) / rel).write_bytes(data)
-        base_env = dict(os.environ, GIT_AUTHOR_NAME="base", GIT_AUTHOR_EMAIL="base@x",
-                        GIT_COMMITTER_NAME="base", GIT_COMMITTER_EMAIL="base@x")
+        pristine = pristine_files(tree, cache, list(dict.fromkeys(all_paths)))
+        for rel, data in pristine.items():
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / rel).write_bytes(data)
+        base_env = dict(
+            os.environ,
+            GIT_AUTHOR_NAME="base",
+            GIT_AUTHOR_EMAIL="base@x",
+            GIT_COMMITTER_NAME="base",
+            GIT_COMMITTER_EMAIL="base@x",
+        )
         subprocess.run([*git, "add", "-A"], check=True)
-        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "base"],
-                       check=True, env=base_env)
+        subprocess.run(
+            [*git, "commit", "-q", "--allow-empty", "-m", "base"],
+            check=True,
+            env=base_env,
+        )
         for name in names:
             text = manifest["patches"][name]
             author, date, message = parse_header(text)
             m = re.match(r"(.*) <(.*)>", author)
-            env = dict(os.environ, GIT_AUTHOR_NAME=m.group(1), GIT_AUTHOR_EMAIL=m.group(2),
-                       GIT_COMMITTER_NAME=m.group(1), GIT_COMMITTER_EMAIL=m.group(2),
-                       GIT_AUTHOR_DATE=date, GIT_COMMITTER_DATE=date)
+            env = dict(
+                os.environ,
+                GIT_AUTHOR_NAME=m.group(1),
+                GIT_AUTHOR_EMAIL=m.group(2),
+                GIT_COMMITTER_NAME=m.group(1),
+                GIT_COMMITTER_EMAIL=m.group(2),
+                GIT_AUTHOR_DATE=date,
+                GIT_COMMITTER_DATE=date,
+            )
             for rel in patch_paths(text):
                 dst = Path(tmp) / rel
                 if (tree / rel).is_file():
@@ -419,11 +484,27 @@ def regenerate(tree: Path, cache: Path) -> None:
                 else:
                     dst.unlink(missing_ok=True)
                 subprocess.run([*git, "add", "-A", "--", rel], check=True)
-            subprocess.run([*git, "commit", "-q", "--allow-empty", "-F", "-"],
-                           input=message, text=True, check=True, env=env)
+            subprocess.run(
+                [*git, "commit", "-q", "--allow-empty", "-F", "-"],
+                input=message,
+                text=True,
+                check=True,
+                env=env,
+            )
         out_dir = Path(tmp) / "out"
-        subprocess.run([*git, "format-patch", "-q", "--no-signature", "--zero-commit",
-                        "-o", str(out_dir), f"HEAD~{len(names)}"], check=True)
+        subprocess.run(
+            [
+                *git,
+                "format-patch",
+                "-q",
+                "--no-signature",
+                "--zero-commit",
+                "-o",
+                str(out_dir),
+                f"HEAD~{len(names)}",
+            ],
+            check=True,
+        )
         new = sorted(out_dir.glob("*.patch"))
         changed = 0
         for old_name, path in zip(names, new):
@@ -439,15 +520,21 @@ def regenerate(tree: Path, cache: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command",
-                        choices=["fetch", "apply", "unapply", "status", "patches"])
-    parser.add_argument("--tree", type=Path, help="vLLM tree (default: the pinned sdist)")
+    parser.add_argument(
+        "command", choices=["fetch", "apply", "unapply", "status", "patches"]
+    )
+    parser.add_argument(
+        "--tree", type=Path, help="vLLM tree (default: the pinned sdist)"
+    )
     parser.add_argument("--build-dir", type=Path, default=REPO / "build")
-    parser.add_argument("--cache", type=Path,
-                        default=Path(os.environ.get("QTIP_CACHE_DIR",
-                                                    REPO / "build" / "cache")))
-    parser.add_argument("--python", default=sys.executable,
-                        help="python whose pip downloads the sdist")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("QTIP_CACHE_DIR", REPO / "build" / "cache")),
+    )
+    parser.add_argument(
+        "--python", default=sys.executable, help="python whose pip downloads the sdist"
+    )
     args = parser.parse_args(argv)
     tree = args.tree or args.build_dir / f"vllm-{PINNED_VERSION}"
     try:

@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("vllm_tree", REPO / "scripts" / "vllm_tree.py")
+spec = importlib.util.spec_from_file_location(
+    "vllm_tree", REPO / "scripts" / "vllm_tree.py"
+)
 vllm_tree = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(vllm_tree)
 
 SDIST = REPO / "build" / "cache" / vllm_tree.SDIST_NAME
 pytestmark = pytest.mark.skipif(
-    not SDIST.is_file(), reason=f"{SDIST} missing: run `make fetch` first")
+    not SDIST.is_file(), reason=f"{SDIST} missing: run `make fetch` first"
+)
 
 QUANT_INIT = "vllm/model_executor/layers/quantization/__init__.py"
 CONFIG_PY = "vllm/transformers_utils/config.py"
@@ -40,8 +43,11 @@ def tree(pristine, tmp_path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def diff_trees(a: Path, b: Path) -> list[str]:
@@ -85,7 +91,9 @@ def test_failing_patch_writes_nothing(tree, tmp_path, monkeypatch):
     shutil.copytree(vllm_tree.PATCH_DIR, patch_dir)
     # A last patch whose context is not in the tree.
     bad = (patch_dir / sorted(p.name for p in patch_dir.glob("*.patch"))[0]).read_text()
-    bad = bad.replace("QuantizationMethods = Literal[", "QuantizationMethodz = Literal[")
+    bad = bad.replace(
+        "QuantizationMethods = Literal[", "QuantizationMethodz = Literal["
+    )
     (patch_dir / "9999-broken.patch").write_text(bad)
     monkeypatch.setattr(vllm_tree, "PATCH_DIR", patch_dir)
     before = snapshot(tree)
@@ -96,7 +104,9 @@ def test_failing_patch_writes_nothing(tree, tmp_path, monkeypatch):
 
 def test_refuses_other_vllm_version(tree):
     pkg_info = tree / "PKG-INFO"
-    pkg_info.write_text(pkg_info.read_text().replace("Version: 0.26.0", "Version: 0.25.1"))
+    pkg_info.write_text(
+        pkg_info.read_text().replace("Version: 0.26.0", "Version: 0.25.1")
+    )
     with pytest.raises(vllm_tree.TreeError, match=r"vLLM 0\.25\.1.*0\.26\.0"):
         vllm_tree.apply(tree)
     assert not (tree / vllm_tree.MANIFEST_NAME).exists()
@@ -107,7 +117,9 @@ def test_installed_package_gets_python_part_only(pristine, tmp_path):
     shutil.copytree(pristine / "vllm", site / "vllm", symlinks=True)
     dist = site / "vllm-0.26.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0\n"
+    )
     vllm_tree.apply(site)
     assert (site / QTIP_PY).is_file()
     assert '"qtip": QTIPConfig' in (site / QUANT_INIT).read_text()
@@ -126,8 +138,11 @@ def test_regenerated_patches_equal_the_series(tree, tmp_path, monkeypatch):
     vllm_tree.apply(tree)
     vllm_tree.regenerate(tree, SDIST.parent)
     _, mismatch, errors = filecmp.cmpfiles(
-        patch_dir, REPO / "patches",
-        [p.name for p in (REPO / "patches").glob("*.patch")], shallow=False)
+        patch_dir,
+        REPO / "patches",
+        [p.name for p in (REPO / "patches").glob("*.patch")],
+        shallow=False,
+    )
     assert mismatch == [] and errors == []
 
 
@@ -137,8 +152,11 @@ def test_regenerate_picks_up_tree_edits(tree, tmp_path, monkeypatch):
     monkeypatch.setattr(vllm_tree, "PATCH_DIR", patch_dir)
     vllm_tree.apply(tree)
     cfg = tree / CONFIG_PY
-    cfg.write_text(cfg.read_text().replace(
-        "# QTIP checkpoints (e.g.", "# QTIP checkpoints (for example"))
+    cfg.write_text(
+        cfg.read_text().replace(
+            "# QTIP checkpoints (e.g.", "# QTIP checkpoints (for example"
+        )
+    )
     vllm_tree.regenerate(tree, SDIST.parent)
     texts = "".join(p.read_text() for p in patch_dir.glob("*.patch"))
     assert "+    # QTIP checkpoints (for example" in texts

@@ -74,8 +74,10 @@ def test_existing_quantization_config_wins(tmp_path):
 
 def test_plain_checkpoint_is_not_qtip(tmp_path):
     model = write_llama_config(tmp_path / "plain")
-    assert getattr(get_config(model, trust_remote_code=False),
-                   "quantization_config", None) is None
+    assert (
+        getattr(get_config(model, trust_remote_code=False), "quantization_config", None)
+        is None
+    )
 
 
 @pytest.mark.parametrize("form", ["quip_params", "quantization_config"])
