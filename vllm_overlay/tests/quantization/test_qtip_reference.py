@@ -477,6 +477,17 @@ def test_hadamard_transform_matches_dense(dim):
     torch.testing.assert_close(hadamard_transform(out, transpose=True), x)
 
 
+def test_hadamard_transform_leaves_input_alone():
+    x = torch.randn(64, 48)
+    for inp in (x, x.T.contiguous().T):  # contiguous and strided
+        before = inp.clone()
+        out = hadamard_transform(inp)
+        assert torch.equal(inp, before)
+        torch.testing.assert_close(
+            out.double(), before.double() @ _dense_hadamard(48).T
+        )
+
+
 def test_hadamard_transpose_differs_for_asymmetric_factor():
     x = torch.randn(2, 48)  # K=12, not symmetric
     assert not torch.allclose(hadamard_transform(x), hadamard_transform(x, True))

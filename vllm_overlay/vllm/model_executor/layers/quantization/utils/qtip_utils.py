@@ -487,15 +487,19 @@ def get_hadamard_factor(n: int) -> tuple[int, torch.Tensor | None]:
     )
 
 
-def _sylvester_transform(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Sylvester (natural order) Hadamard along the last dim."""
+def _sylvester_transform_(x: torch.Tensor) -> torch.Tensor:
+    """In-place unnormalized Sylvester (natural order) Hadamard, last dim.
+
+    x must be contiguous; one butterfly stage per bit of the size.
+    """
     size = x.shape[-1]
-    lead = x.shape[:-1]
     h = 1
     while h < size:
-        pairs = x.reshape(*lead, size // (2 * h), 2, h)
-        a, b = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, size)
+        pairs = x.view(-1, size // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        diff = a - b
+        a.add_(b)
+        b.copy_(diff)
         h *= 2
     return x
 
@@ -531,8 +535,9 @@ def hadamard_transform(
                 f"full dimension {size} uses K={k_full}"
             )
     lead = x.shape[:-1]
-    xf = x.float().reshape(*lead, size // block_size, k, block_size // k)
-    xf = _sylvester_transform(xf) * (1.0 / math.sqrt(block_size))
+    xf = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    xf = xf.reshape(*lead, size // block_size, k, block_size // k)
+    xf = _sylvester_transform_(xf) * (1.0 / math.sqrt(block_size))
     if had_k is not None:
         had_k = had_k.to(xf.device)
         if transpose:
