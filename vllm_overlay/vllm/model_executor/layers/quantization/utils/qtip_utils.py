@@ -198,8 +198,8 @@ def decode_states(
         table = _check_tlut(tlut, params).to(s.device)
         if mode == "lut":
             return table[s]
-        # Only the low 16 bits of s*(s+1) are read, so int64 cannot overflow
-        # into them.
+        # s < 2**16, so s*(s+1) is exact in int64; only its low 16 bits are
+        # read, so the reference's mod 2**32 does not matter.
         v = (s * (s + 1)) & 0xFFFF
         q = params.tlut_bits
         if mode == "quantlut":
