@@ -487,6 +487,21 @@ def test_hadamard_transform_leaves_input_alone():
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_hadamard_transform_with_given_factor():
+    # Layers pass H_K kept in a buffer (no host copy inside a CUDA graph).
+    x = torch.randn(3, 576)  # 576 = 36 * 16
+    had_k = get_hadamard_factor(576)[1]
+    for transpose in (False, True):
+        assert torch.equal(
+            hadamard_transform(x, transpose, had_k=had_k.clone()),
+            hadamard_transform(x, transpose),
+        )
+    with pytest.raises(ValueError, match=r"had_k has shape \(12, 12\).*K=36"):
+        hadamard_transform(x, had_k=hadamard_factor(12))
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard_transform(torch.randn(2, 64), had_k=hadamard_factor(12))
+
+
 def test_hadamard_transpose_differs_for_asymmetric_factor():
     x = torch.randn(2, 48)  # K=12, not symmetric
     assert not torch.allclose(hadamard_transform(x), hadamard_transform(x, True))

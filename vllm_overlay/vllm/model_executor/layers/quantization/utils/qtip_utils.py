@@ -508,6 +508,7 @@ def hadamard_transform(
     x: torch.Tensor,
     transpose: bool = False,
     block_size: int | None = None,
+    had_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply Hn (``hadU``) or Hn^T (``hadUt``) along the last dim of x.
 
@@ -515,6 +516,10 @@ def hadamard_transform(
     ``block_size`` the transform is block-diagonal: each contiguous chunk of
     that size is transformed on its own (the TP-split rcp=1/2 checkpoints).
     Computed in fp32; the result has x's dtype.
+
+    ``had_k`` may hold H_K already on x's device (float32 K x K), as layers
+    keep it in a buffer: looking it up copies it from the host, which CUDA
+    graph capture does not allow.
     """
     size = x.shape[-1]
     if block_size is None:
@@ -523,7 +528,15 @@ def hadamard_transform(
         raise ValueError(
             f"Hadamard block_size={block_size} must divide the last dim of x ({size})"
         )
-    k, had_k = get_hadamard_factor(block_size)
+    k, factor = get_hadamard_factor(block_size)
+    if had_k is None:
+        had_k = factor
+    elif factor is None or tuple(had_k.shape) != (k, k):
+        raise ValueError(
+            f"had_k has shape {tuple(had_k.shape)}, but a Hadamard of size "
+            f"{block_size} needs H_K with K={k}"
+            + (" (none: a power of two)" if factor is None else f", shape ({k}, {k})")
+        )
     if block_size != size:
         # The quantizer picks H_K from the block size but the reference
         # forward from the full size; only shapes where both agree are
@@ -539,7 +552,7 @@ def hadamard_transform(
     xf = xf.reshape(*lead, size // block_size, k, block_size // k)
     xf = _sylvester_transform_(xf) * (1.0 / math.sqrt(block_size))
     if had_k is not None:
-        had_k = had_k.to(xf.device)
+        had_k = had_k.to(device=xf.device, dtype=torch.float32)
         if transpose:
             had_k = had_k.T
         xf = torch.matmul(had_k, xf)
@@ -594,6 +607,8 @@ def qtip_linear_forward(
     tp_rank: int = 8,
     bias: torch.Tensor | None = None,
     fp16_input: bool = True,
+    had_in: torch.Tensor | None = None,
+    had_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = SV * (Hm @ W_hat @ Hn^T @ (SU * x)) (+ bias), the reference way.
 
@@ -602,7 +617,9 @@ def qtip_linear_forward(
     multiplied by W_hat (fp16-exact) with fp32 accumulation, as the
     reference kernel does, then scaled back by 32 with SV. With
     ``fp16_input=False`` the fp16 rounding is skipped, so the whole forward
-    is fp32 (the golden vectors were produced that way).
+    is fp32 (the golden vectors were produced that way). ``had_in`` and
+    ``had_out`` are the H_K factors of the input and output transforms, if
+    already on x's device (see hadamard_transform).
     """
     m, n = _layer_dims(SU, SV)
     rcp, tp_rank = int(rcp), int(tp_rank)
@@ -619,12 +636,12 @@ def qtip_linear_forward(
     w_hat = decode_weight(trellis, tlut, m, n, params)
     lead = x.shape[:-1]
     xf = x.reshape(-1, n).float() * SU.float()
-    xf = hadamard_transform(xf, transpose=True, block_size=in_block)
+    xf = hadamard_transform(xf, transpose=True, block_size=in_block, had_k=had_in)
     xf = xf / FORWARD_SCALE
     if fp16_input:
         xf = xf.half().float()
     y = xf @ w_hat.T
-    y = hadamard_transform(y, block_size=out_block)
+    y = hadamard_transform(y, block_size=out_block, had_k=had_out)
     y = y * (SV.float() * FORWARD_SCALE)
     if bias is not None:
         y = y + bias.float()
