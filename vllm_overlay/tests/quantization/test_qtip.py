@@ -1,0 +1,808 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""QTIP config, linear method and checkpoint loading, on CPU.
+
+Layers are built with vLLM's real parallel linear classes (and a whole
+LlamaForCausalLM) under a gloo process group, loaded from random but valid
+QTIP checkpoints and compared with the reference forward.
+
+Run `pytest tests/quantization/test_qtip.py`.
+"""
+
+import dataclasses
+import json
+import multiprocessing as mp
+import traceback
+
+import pytest
+import torch
+
+from vllm.config import (
+    DeviceConfig,
+    LoadConfig,
+    ModelConfig,
+    VllmConfig,
+    set_current_vllm_config,
+)
+from vllm.distributed import (
+    cleanup_dist_env_and_memory,
+    init_distributed_environment,
+    initialize_model_parallel,
+)
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import get_quantization_config
+from vllm.model_executor.layers.quantization.qtip import (
+    QTIPConfig,
+    QTIPLinearMethod,
+)
+from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import (
+    LLAMA_PROJECTIONS,
+    QTIPReferenceLinear,
+    TinyLlamaSpec,
+    build_reference_model,
+    checkpoint_qtip_params,
+    iterate_checkpoint,
+    quip_params,
+    random_llama_checkpoint,
+    random_llama_tensors,
+    read_checkpoint,
+    reference_logprobs,
+    write_checkpoint,
+)
+from vllm.model_executor.layers.quantization.utils.qtip_utils import (
+    QTIPCodeParams,
+    dequantize_weight,
+    get_hadamard_factor,
+    qtip_linear_forward,
+)
+from vllm.model_executor.model_loader.utils import process_weights_after_loading
+from vllm.model_executor.model_loader.weight_utils import initialize_dummy_weights
+from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.utils import AutoWeightsLoader
+from vllm.utils.torch_utils import set_default_torch_dtype
+
+# quip_params of a published relaxml checkpoint (Llama-2-7b-QTIP-2Bit).
+RELAXML_PARAMS = {
+    "codebook": "bitshift",
+    "codebook_version": 0,
+    "L": 16,
+    "K": 2,
+    "V": 2,
+    "tlut_bits": 9,
+    "decode_mode": "quantlut_sym",
+    "td_x": 16,
+    "td_y": 16,
+    "split_for_tp": False,
+    "skip_list": None,
+}
+
+
+def qtip_config(**overrides) -> dict:
+    """A quantization_config as synthesized from quip_params at load."""
+    return {"quant_method": "qtip", **RELAXML_PARAMS, **overrides}
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+
+def test_qtip_method_is_registered():
+    assert get_quantization_config("qtip") is QTIPConfig
+    assert QTIPConfig.get_name() == "qtip"
+    assert QTIPConfig.get_min_capability() == 80
+    assert QTIPConfig.get_supported_act_dtypes() == [torch.float16, torch.bfloat16]
+    assert QTIPConfig.get_config_filenames() == []
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        qtip_config(),
+        # Our own quantization_config form: no informational keys.
+        {k: v for k, v in qtip_config().items() if not k.startswith("codebook")},
+    ],
+    ids=["quip_params", "quantization_config"],
+)
+def test_from_config(config):
+    cfg = QTIPConfig.from_config(config)
+    assert cfg.params == QTIPCodeParams(K=2)
+    assert cfg.params.uses_kernel_layout
+    assert cfg.v_params == cfg.params
+    assert cfg.split_for_tp is False
+    assert cfg.skip_list == []
+
+
+def test_from_config_optional_keys():
+    # Configs written before split_for_tp / skip_list existed lack the keys.
+    config = qtip_config()
+    del config["split_for_tp"], config["skip_list"]
+    cfg = QTIPConfig.from_config(config)
+    assert (cfg.split_for_tp, cfg.skip_list, cfg.K_v_proj) == (False, [], None)
+    assert cfg.v_params.K == 2
+
+    cfg = QTIPConfig.from_config(
+        qtip_config(K=4, split_for_tp=True, skip_list=["0_v", "31_down"], K_v_proj=3)
+    )
+    assert cfg.params.K == 4 and cfg.v_params.K == 3
+    assert cfg.split_for_tp is True
+    assert cfg.skip_list == ["0_v", "31_down"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"decode_mode": "3inst", "V": 1},
+        {"decode_mode": "1mad", "V": 1, "K": 3},
+        {"decode_mode": "quantlut", "V": 2, "K": 2},
+        {"decode_mode": "lut", "V": 1, "K": 2, "tlut_bits": 16},
+    ],
+)
+def test_from_config_other_codes(overrides):
+    cfg = QTIPConfig.from_config(qtip_config(**overrides))
+    assert cfg.params.decode_mode == overrides["decode_mode"]
+    assert not cfg.params.uses_kernel_layout
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"decode_mode": "5mad"}, r"decode_mode='5mad'"),
+        ({"K": 1}, r"K=1 is not supported with decode_mode='quantlut_sym'"),
+        ({"K": 5}, r"K=5 is not supported with decode_mode='quantlut_sym'"),
+        ({"L": 12}, r"L=12 is not supported"),
+        ({"td_x": 8}, r"td_x=8 is not supported"),
+        ({"td_y": 32}, r"td_y=32 is not supported"),
+        ({"V": 1}, r"V=1 is not supported with decode_mode='quantlut_sym'"),
+        ({"tlut_bits": 16}, r"tlut_bits=16 is not supported"),
+        ({"decode_mode": "1mad"}, r"V=2 is not supported with decode_mode='1mad'"),
+        ({"decode_mode": "lut", "V": 1}, r"tlut_bits=9 must equal L=16"),
+        ({"K_v_proj": 5}, r"K_v_proj=5 is not supported"),
+        ({"K": "2"}, r"K='2'"),
+        ({"codebook": "E8P12"}, r"codebook='E8P12' is not supported"),
+        ({"quant_method": "gptq"}, r"quant_method='gptq'"),
+        ({"split_for_tp": "yes"}, r"split_for_tp='yes'"),
+        ({"skip_list": ["0_x"]}, r"skip_list entry '0_x'"),
+        ({"skip_list": "0_v"}, r"skip_list='0_v'"),
+    ],
+)
+def test_from_config_rejects(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        QTIPConfig.from_config(qtip_config(**overrides))
+
+
+def test_from_config_missing_key():
+    config = qtip_config()
+    del config["K"]
+    with pytest.raises(ValueError, match=r"missing the key\(s\) \['K'\]"):
+        QTIPConfig.from_config(config)
+
+
+def test_maybe_update_config_reads_quip_params():
+    # `-q qtip` without a quantization_config builds the config with no args.
+    class HFConfig:
+        quip_params = {**RELAXML_PARAMS, "K": 3, "skip_list": ["1_q"]}
+
+    cfg = QTIPConfig()
+    cfg.maybe_update_config("m", hf_config=HFConfig())
+    assert cfg.params.K == 3 and cfg.skip_list == ["1_q"]
+
+    with pytest.raises(ValueError, match="neither a QTIP quantization_config"):
+        QTIPConfig().maybe_update_config("m", hf_config=object())
+
+
+def test_model_config_detects_relaxml_checkpoint(tmp_path):
+    path = random_llama_checkpoint(tmp_path / "ckpt", num_hidden_layers=1)
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    model_config = ModelConfig(str(path), skip_tokenizer_init=True, dtype="float16")
+    assert model_config.quantization == "qtip"
+    vllm_config = VllmConfig(
+        model_config=model_config, device_config=DeviceConfig(device="cpu")
+    )
+    assert isinstance(vllm_config.quant_config, QTIPConfig)
+    assert vllm_config.quant_config.params.K == 2
+
+
+# ---------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tp1(tmp_path):
+    """A gloo process group of one rank, as in a TP=1 CPU run."""
+    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"file://{tmp_path}/dist_store",
+            backend="gloo",
+        )
+        initialize_model_parallel(1, 1)
+        yield
+        cleanup_dist_env_and_memory()
+
+
+class LlamaLinears(torch.nn.Module):
+    """The linear layers of a Llama model, named as in LlamaForCausalLM."""
+
+    def __init__(
+        self, spec: TinyLlamaSpec, quant_config: QTIPConfig, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.quant_config = quant_config
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList()
+        h, i = spec.hidden_size, spec.intermediate_size
+        q = spec.num_attention_heads * spec.head_dim
+        for layer in range(spec.num_hidden_layers):
+            prefix = f"model.layers.{layer}"
+            block = torch.nn.Module()
+            block.self_attn = torch.nn.Module()
+            block.mlp = torch.nn.Module()
+            kwargs = dict(bias=False, quant_config=quant_config, params_dtype=dtype)
+            block.self_attn.qkv_proj = QKVParallelLinear(
+                h,
+                spec.head_dim,
+                spec.num_attention_heads,
+                spec.num_key_value_heads,
+                prefix=f"{prefix}.self_attn.qkv_proj",
+                **kwargs,
+            )
+            block.self_attn.o_proj = RowParallelLinear(
+                q, h, prefix=f"{prefix}.self_attn.o_proj", **kwargs
+            )
+            block.mlp.gate_up_proj = MergedColumnParallelLinear(
+                h, [i, i], prefix=f"{prefix}.mlp.gate_up_proj", **kwargs
+            )
+            block.mlp.down_proj = RowParallelLinear(
+                i, h, prefix=f"{prefix}.mlp.down_proj", **kwargs
+            )
+            self.model.layers.append(block)
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        linear = {
+            name: t
+            for name, t in tensors.items()
+            if any(f".{module}." in name for module, _, _ in LLAMA_PROJECTIONS)
+        }
+        AutoWeightsLoader(self).load_weights(
+            linear.items(), mapper=LlamaModel.hf_to_vllm_mapper
+        )
+        for module in self.modules():
+            quant_method = getattr(module, "quant_method", None)
+            if quant_method is not None:
+                quant_method.process_weights_after_loading(module)
+
+
+def reference_projection(
+    x: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    prefix: str,
+    params: QTIPCodeParams,
+) -> torch.Tensor:
+    if f"{prefix}.weight" in tensors:
+        return torch.nn.functional.linear(x, tensors[f"{prefix}.weight"].to(x.dtype))
+    return qtip_linear_forward(
+        x,
+        tensors[f"{prefix}.trellis"],
+        tensors[f"{prefix}.SU"],
+        tensors[f"{prefix}.SV"],
+        tensors.get(f"{prefix}.tlut"),
+        params,
+        rcp=int(tensors.get(f"{prefix}.rcp", 0)),
+        tp_rank=int(tensors.get(f"{prefix}.tp_rank", 8)),
+    )
+
+
+def check_layers_match_reference(
+    linears: LlamaLinears, spec: TinyLlamaSpec, tensors: dict[str, torch.Tensor]
+) -> None:
+    dtype = linears.model.layers[0].self_attn.o_proj.params_dtype
+    gen = torch.Generator().manual_seed(1)
+    cfg = linears.quant_config
+    for layer, block in enumerate(linears.model.layers):
+        base = f"model.layers.{layer}"
+
+        def ref(module: str, x: torch.Tensor, base=base) -> torch.Tensor:
+            params = cfg.v_params if module.endswith("v_proj") else cfg.params
+            return reference_projection(x, tensors, f"{base}.{module}", params)
+
+        x = torch.randn(5, spec.hidden_size, generator=gen).to(dtype)
+        xq = torch.randn(5, spec.num_attention_heads * spec.head_dim, generator=gen)
+        xi = torch.randn(3, 2, spec.intermediate_size, generator=gen).to(dtype)
+        cases = [
+            (
+                block.self_attn.qkv_proj,
+                x,
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ),
+            (block.self_attn.o_proj, xq.to(dtype), ["self_attn.o_proj"]),
+            (block.mlp.gate_up_proj, x, ["mlp.gate_proj", "mlp.up_proj"]),
+            (block.mlp.down_proj, xi, ["mlp.down_proj"]),
+        ]
+        for module, inp, projections in cases:
+            out, _ = module(inp)
+            expected = torch.cat([ref(p, inp) for p in projections], dim=-1)
+            assert out.dtype == dtype
+            # The same reference math runs on the same tensors.
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+            assert expected.float().std() > 0.1
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TinyLlamaSpec(K=2),
+        TinyLlamaSpec(K=3, flat_trellis="all"),
+        TinyLlamaSpec(K=4, flat_trellis=["q", "up", "down"], with_rcp=False),
+        TinyLlamaSpec(K=2, skip_list=["0_v", "1_down", "1_gate"]),
+        TinyLlamaSpec(K=2, K_v_proj=4, skip_list=["1_v"]),
+        TinyLlamaSpec(K=3, split_for_tp=True),
+        TinyLlamaSpec(K=2, dtype=torch.bfloat16),
+    ],
+    ids=["k2", "k3-flat", "k4-mixed-no-rcp", "skip", "k-v-proj", "split", "bf16"],
+)
+@pytest.mark.parametrize("layer_dtype", [torch.float16, torch.bfloat16])
+def test_layers_match_reference(tp1, spec, layer_dtype):
+    tensors = random_llama_tensors(spec)
+    params = quip_params(
+        spec.code_params,
+        split_for_tp=spec.split_for_tp,
+        skip_list=spec.skip_list,
+        K_v_proj=spec.K_v_proj,
+    )
+    cfg = QTIPConfig.from_config({"quant_method": "qtip", **params})
+    linears = LlamaLinears(spec, cfg, layer_dtype)
+    for layer, block in enumerate(linears.model.layers):
+        for module, keys in (
+            (block.self_attn.qkv_proj, "qkv"),
+            (block.self_attn.o_proj, ["o"]),
+            (block.mlp.gate_up_proj, ["gate", "up"]),
+            (block.mlp.down_proj, ["down"]),
+        ):
+            skipped = [f"{layer}_{k}" in spec.skip_list for k in keys]
+            method = module.quant_method
+            if all(skipped):
+                assert isinstance(method, UnquantizedLinearMethod)
+            else:
+                assert isinstance(method, QTIPLinearMethod)
+                assert [p is None for _, p in method.shard_specs] == skipped
+    linears.load(tensors)
+    check_layers_match_reference(linears, spec, tensors)
+
+
+def test_layer_parameters_and_hadamard_buffers(tp1):
+    spec = TinyLlamaSpec(K=3, K_v_proj=4, skip_list=["0_k"], split_for_tp=True)
+    tensors = random_llama_tensors(spec)
+    cfg = QTIPConfig.from_config(
+        checkpoint_qtip_params(
+            {"quip_params": quip_params(spec.code_params, **_spec_options(spec))}
+        )
+    )
+    linears = LlamaLinears(spec, cfg, torch.float16)
+    linears.load(tensors)
+    qkv = linears.model.layers[0].self_attn.qkv_proj
+    h, hd = spec.hidden_size, spec.head_dim
+    q_rows, kv_rows = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
+    # q (K=3) and v (K_v_proj=4) quantized, k dense.
+    assert qkv.trellis.dtype == torch.int16
+    assert qkv.trellis.numel() == (q_rows * 3 + kv_rows * 4) * h // 16
+    assert qkv.SU.shape == (2, h) and qkv.SU.dtype == torch.float32
+    assert qkv.SV.shape == (q_rows + kv_rows,) and qkv.SV.dtype == torch.float32
+    assert qkv.tlut.shape == (2, 512, 2) and qkv.tlut.dtype == torch.float16
+    assert qkv.weight.shape == (kv_rows, h) and qkv.weight.dtype == torch.float16
+    assert qkv.rcp.tolist() == [2, 2] and qkv.qtip_tp_rank.tolist() == [8, 8]
+    # Column split: full input transform, output blocks of m/8.
+    assert [(t.rcp, t.blocks) for t in qkv.qtip_transforms] == [(2, 8), (2, 8)]
+    _, had_192 = get_hadamard_factor(h)
+    torch.testing.assert_close(qkv.qtip_had_in_0, had_192)
+    assert qkv.qtip_had_in_1 is qkv.qtip_had_in_0
+    # 192/8 = 24 = 12 * 2; 64/8 = 8 is a power of two.
+    assert qkv.qtip_had_out_0 is qkv.qtip_had_in_0
+    assert qkv.qtip_had_out_1 is None
+    # Row split: input blocks of n/8.
+    down = linears.model.layers[1].mlp.down_proj
+    assert [(t.rcp, t.blocks) for t in down.qtip_transforms] == [(1, 8)]
+    # All layers share one tensor per Hadamard factor.
+    assert linears.model.layers[1].self_attn.qkv_proj.qtip_had_in_0 is qkv.qtip_had_in_0
+
+
+def _spec_options(spec: TinyLlamaSpec) -> dict:
+    return dict(
+        split_for_tp=spec.split_for_tp,
+        skip_list=spec.skip_list,
+        K_v_proj=spec.K_v_proj,
+    )
+
+
+def _load_error(spec: TinyLlamaSpec, tensors: dict[str, torch.Tensor], cfg=None):
+    cfg = cfg or QTIPConfig.from_config(
+        {"quant_method": "qtip", **quip_params(spec.code_params, **_spec_options(spec))}
+    )
+    linears = LlamaLinears(spec, cfg, torch.float16)
+    with pytest.raises(ValueError) as excinfo:
+        linears.load(tensors)
+    return str(excinfo.value)
+
+
+ONE_LAYER = TinyLlamaSpec(num_hidden_layers=1)
+
+
+def test_missing_su_is_reported(tp1):
+    tensors = random_llama_tensors(ONE_LAYER)
+    del tensors["model.layers.0.self_attn.k_proj.SU"]
+    msg = _load_error(ONE_LAYER, tensors)
+    assert "model.layers.0.self_attn.qkv_proj" in msg
+    assert "model.layers.0.self_attn.k_proj.SU was not found" in msg
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_truncated_trellis_is_reported(tp1, flat):
+    tensors = random_llama_tensors(ONE_LAYER)
+    name = "model.layers.0.mlp.down_proj.trellis"
+    trellis = tensors[name]
+    tensors[name] = trellis.reshape(-1)[:-16] if flat else trellis[:-1]
+    msg = _load_error(ONE_LAYER, tensors)
+    m, n = ONE_LAYER.projection_shape("mlp.down_proj")
+    assert name in msg
+    assert f"expected m*n*K/16 = {m * n * 2 // 16} elements" in msg
+
+
+def test_unexpected_dense_and_quantized_tensors(tp1):
+    skip_v = dataclasses.replace(ONE_LAYER, skip_list=["0_v"])
+    tensors = random_llama_tensors(skip_v)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(192, 192)
+    msg = _load_error(skip_v, tensors)
+    assert "model.layers.0.self_attn.q_proj.weight" in msg
+    assert "not in skip_list" in msg
+
+    tensors = random_llama_tensors(ONE_LAYER)
+    tensors["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(192, 192)
+    assert "model.layers.0.self_attn.o_proj.weight" in _load_error(ONE_LAYER, tensors)
+
+    skip_up = dataclasses.replace(ONE_LAYER, skip_list=["0_up"])
+    tensors = random_llama_tensors(skip_up)
+    tensors["model.layers.0.mlp.up_proj.SU"] = torch.ones(192)
+    msg = _load_error(skip_up, tensors)
+    assert "model.layers.0.mlp.up_proj.SU" in msg and "skip-listed" in msg
+
+
+def test_rcp_must_agree_with_split_for_tp(tp1):
+    tensors = random_llama_tensors(ONE_LAYER)
+    tensors["model.layers.0.self_attn.o_proj.rcp"] = torch.tensor(1)
+    msg = _load_error(ONE_LAYER, tensors)
+    assert "model.layers.0.self_attn.o_proj.rcp is 1" in msg
+    assert "split_for_tp=False" in msg
+
+
+def test_dimension_without_hadamard_factor(tp1):
+    cfg = QTIPConfig.from_config(qtip_config())
+    # 2272 = 71 * 32: whole trellis blocks, but no QTIP Hadamard transform.
+    with pytest.raises(ValueError) as excinfo:
+        RowParallelLinear(
+            2272,
+            64,
+            bias=False,
+            quant_config=cfg,
+            prefix="model.layers.3.mlp.down_proj",
+        )
+    msg = str(excinfo.value)
+    assert "model.layers.3.mlp.down_proj" in msg
+    assert "unsupported input dimension" in msg and "2272" in msg
+
+
+def test_dimension_not_in_whole_blocks(tp1):
+    cfg = QTIPConfig.from_config(qtip_config())
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj.*48"):
+        RowParallelLinear(
+            48, 64, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.down_proj"
+        )
+
+
+def test_dummy_weights_run(tp1):
+    # load_format="dummy" loads no tensor; the layers must still work.
+    cfg = QTIPConfig.from_config(qtip_config(split_for_tp=True))
+    linears = LlamaLinears(ONE_LAYER, cfg, torch.float16)
+    initialize_dummy_weights(linears, model_config=None)
+    for module in linears.modules():
+        if isinstance(getattr(module, "quant_method", None), QTIPLinearMethod):
+            module.quant_method.process_weights_after_loading(module)
+    qkv = linears.model.layers[0].self_attn.qkv_proj
+    assert qkv.rcp.tolist() == [2, 2, 2]
+    out, _ = qkv(torch.randn(2, 192, dtype=torch.float16))
+    assert out.shape == (2, 192 + 64 + 64)
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------
+# Whole model through vLLM's model classes
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cpu_attention(monkeypatch):
+    """Let Attention layers be built on a machine without an accelerator."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    monkeypatch.setattr(
+        current_platform,
+        "get_attn_backend_cls",
+        lambda *args, **kwargs: AttentionBackendEnum.CPU_ATTN.get_path(),
+    )
+    selector._cached_get_attn_backend.cache_clear()
+    yield
+    selector._cached_get_attn_backend.cache_clear()
+
+
+def load_vllm_llama(path, tmp_path, dtype=torch.float16) -> LlamaForCausalLM:
+    model_config = ModelConfig(str(path), skip_tokenizer_init=True, dtype=dtype)
+    assert model_config.quantization == "qtip"
+    vllm_config = VllmConfig(
+        model_config=model_config,
+        device_config=DeviceConfig(device="cpu"),
+        load_config=LoadConfig(),
+    )
+    with set_current_vllm_config(vllm_config):
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"file://{tmp_path}/dist_store",
+            backend="gloo",
+        )
+        initialize_model_parallel(1, 1)
+        with set_default_torch_dtype(dtype):
+            model = LlamaForCausalLM(vllm_config=vllm_config)
+        model.load_weights(iterate_checkpoint(path))
+        process_weights_after_loading(model, model_config, torch.device("cpu"))
+    return model
+
+
+@pytest.mark.parametrize(
+    "spec, max_shard_bytes",
+    [
+        (TinyLlamaSpec(K=2, skip_list=["0_v", "1_down"], flat_trellis=["q"]), None),
+        (TinyLlamaSpec(K=4, with_rcp=False, layout="quantization_config"), 200_000),
+    ],
+    ids=["relaxml-skip", "ours-sharded-no-rcp"],
+)
+def test_llama_checkpoint_loads_through_model_classes(
+    cpu_attention, tmp_path, spec, max_shard_bytes
+):
+    path = tmp_path / "ckpt"
+    write_checkpoint(
+        path,
+        spec.hf_config(),
+        random_llama_tensors(spec),
+        quip_params(spec.code_params, **_spec_options(spec)),
+        layout=spec.layout,
+        max_shard_bytes=max_shard_bytes,
+    )
+    assert len(list(path.glob("*.safetensors"))) == (
+        1 if max_shard_bytes is None else 3
+    )
+    model = load_vllm_llama(path, tmp_path)
+    ref = build_reference_model(path, dtype=torch.float16)
+    try:
+        assert torch.equal(
+            model.model.embed_tokens.weight, ref.model.embed_tokens.weight
+        )
+        assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
+        assert torch.equal(model.model.norm.weight, ref.model.norm.weight)
+        gen = torch.Generator().manual_seed(0)
+        for layer, (ours, theirs) in enumerate(
+            zip(model.model.layers, ref.model.layers)
+        ):
+            assert torch.equal(
+                ours.input_layernorm.weight, theirs.input_layernorm.weight
+            )
+            x = torch.randn(4, spec.hidden_size, generator=gen).half()
+            attn = theirs.self_attn
+            qkv, _ = ours.self_attn.qkv_proj(x)
+            expected = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+            torch.testing.assert_close(qkv, expected, rtol=0, atol=0)
+            o, _ = ours.self_attn.o_proj(qkv[:, : spec.hidden_size])
+            torch.testing.assert_close(
+                o, attn.o_proj(qkv[:, : spec.hidden_size]), rtol=0, atol=0
+            )
+            # The whole MLP: fused gate_up, SiluAndMul, down.
+            torch.testing.assert_close(ours.mlp(x), theirs.mlp(x), rtol=2e-3, atol=2e-3)
+            qkv_layer = ours.self_attn.qkv_proj
+            quantized = [p is not None for _, p in qkv_layer.quant_method.shard_specs]
+            assert quantized == [True, True, f"{layer}_v" not in spec.skip_list]
+    finally:
+        cleanup_dist_env_and_memory()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint writer and reference model
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["relaxml", "quantization_config"])
+def test_checkpoint_writer_layout(tmp_path, layout):
+    spec = TinyLlamaSpec(
+        num_hidden_layers=1,
+        K=3,
+        K_v_proj=2,
+        skip_list=["0_o"],
+        flat_trellis=["k"],
+        layout=layout,
+    )
+    config, tensors = read_checkpoint(random_llama_checkpoint(tmp_path / "c", spec))
+    expected_params = {
+        **RELAXML_PARAMS,
+        "K": 3,
+        "skip_list": ["0_o"],
+        "K_v_proj": 2,
+    }
+    if layout == "relaxml":
+        assert config["quip_params"] == expected_params
+        assert "quantization_config" not in config
+    else:
+        assert config["quantization_config"] == {
+            "quant_method": "qtip",
+            **expected_params,
+        }
+        assert "quip_params" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    base = "model.layers.0.self_attn"
+    assert tensors[f"{base}.q_proj.trellis"].shape == (192 * 192 // 256, 48)
+    assert tensors[f"{base}.k_proj.trellis"].shape == (64 * 192 * 3 // 16,)
+    assert tensors[f"{base}.v_proj.trellis"].shape == (64 * 192 // 256, 32)
+    assert tensors[f"{base}.q_proj.trellis"].dtype == torch.int16
+    assert tensors[f"{base}.q_proj.SU"].dtype == torch.float16
+    assert tensors[f"{base}.q_proj.SV"].dtype == torch.float32
+    assert tensors[f"{base}.q_proj.tlut"].shape == (512, 2)
+    assert tensors[f"{base}.q_proj.tlut"].dtype == torch.float16
+    assert tensors[f"{base}.q_proj.rcp"].item() == 0
+    assert tensors[f"{base}.q_proj.tp_rank"].item() == 8
+    assert f"{base}.o_proj.trellis" not in tensors
+    assert tensors[f"{base}.o_proj.weight"].shape == (192, 192)
+    tlut = tensors[f"{base}.q_proj.tlut"].float()
+    assert abs(tlut.std().item() - 0.968) < 0.01
+
+
+def test_checkpoint_without_rcp(tmp_path):
+    _, tensors = read_checkpoint(
+        random_llama_checkpoint(tmp_path / "c", num_hidden_layers=1, with_rcp=False)
+    )
+    assert not any(name.endswith((".rcp", ".tp_rank")) for name in tensors)
+    assert sum(name.endswith(".trellis") for name in tensors) == 7
+
+
+def test_reference_model_matches_dense_dequantization(tmp_path):
+    path = random_llama_checkpoint(tmp_path / "c", skip_list=["1_gate"], K=3)
+    ref = build_reference_model(path)
+    _, tensors = read_checkpoint(path)
+    params = QTIPCodeParams(K=3)
+    replaced = 0
+    dense = build_reference_model(path)
+    for layer, block in enumerate(dense.model.layers):
+        for module, _, _ in LLAMA_PROJECTIONS:
+            parent_name, _, attr = module.partition(".")
+            parent = getattr(block, parent_name)
+            child = getattr(parent, attr)
+            if not isinstance(child, QTIPReferenceLinear):
+                continue
+            prefix = f"model.layers.{layer}.{module}"
+            # The reference module is wired to its own tensors.
+            x = torch.randn(3, child.in_features)
+            expected = reference_projection(x, tensors, prefix, params)
+            torch.testing.assert_close(child(x), expected, rtol=0, atol=0)
+            w = dequantize_weight(
+                tensors[f"{prefix}.trellis"],
+                tensors[f"{prefix}.SU"],
+                tensors[f"{prefix}.SV"],
+                tensors[f"{prefix}.tlut"],
+                params,
+            )
+            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            linear.weight.data = w
+            setattr(parent, attr, linear)
+            replaced += 1
+    assert replaced == 13
+    token_ids = [1, 17, 42, 99, 7, 250, 3, 64]
+    lp_ref = reference_logprobs(ref, token_ids)
+    lp_dense = reference_logprobs(dense, token_ids)
+    # Only the reference's fp16 rounding of the transformed input differs.
+    torch.testing.assert_close(lp_ref, lp_dense, rtol=0, atol=0.05)
+    assert (lp_ref.argmax(-1) == lp_dense.argmax(-1)).float().mean() >= 0.85
+    # A random but sane model: peaked yet not degenerate distributions.
+    top = lp_ref.exp().max(-1).values
+    assert torch.isfinite(lp_ref).all()
+    assert 0.02 < top.mean().item() < 0.9
+
+
+# ---------------------------------------------------------------------------
+# Tensor parallel (two gloo processes)
+# ---------------------------------------------------------------------------
+
+
+def _tp2_worker(rank: int, store: str, ckpt: str, errors) -> None:
+    try:
+        with set_current_vllm_config(
+            VllmConfig(device_config=DeviceConfig(device="cpu"))
+        ):
+            init_distributed_environment(
+                world_size=2,
+                rank=rank,
+                local_rank=rank,
+                distributed_init_method=f"file://{store}",
+                backend="gloo",
+            )
+            initialize_model_parallel(2, 1)
+            _tp2_checks(rank, ckpt)
+            cleanup_dist_env_and_memory()
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+
+
+def _tp2_checks(rank: int, ckpt: str) -> None:
+    config, tensors = read_checkpoint(ckpt)
+    spec = TinyLlamaSpec(num_hidden_layers=1, split_for_tp=True, K=3)
+    cfg = QTIPConfig.from_config(checkpoint_qtip_params(config))
+    linears = LlamaLinears(spec, cfg, torch.float16)
+    linears.load(tensors)
+    block = linears.model.layers[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, spec.hidden_size, generator=gen).half()
+
+    def ref(module: str, inp: torch.Tensor) -> torch.Tensor:
+        return reference_projection(
+            inp, tensors, f"model.layers.0.{module}", cfg.params
+        )
+
+    # Column-parallel: this rank's slice of each of q, k and v.
+    qkv, _ = block.self_attn.qkv_proj(x)
+    q, k, v = (ref(f"self_attn.{p}_proj", x) for p in "qkv")
+    expected = torch.cat([t.chunk(2, dim=-1)[rank] for t in (q, k, v)], dim=-1)
+    torch.testing.assert_close(qkv, expected, rtol=0, atol=1e-3)
+    # Row-parallel: each rank transforms its input half; the all-reduce of
+    # the partial outputs is the full projection.
+    xo = torch.randn(4, 192, generator=gen).half()
+    out, _ = block.self_attn.o_proj(xo.chunk(2, dim=-1)[rank])
+    torch.testing.assert_close(out, ref("self_attn.o_proj", xo), rtol=2e-3, atol=2e-3)
+    xi = torch.randn(4, spec.intermediate_size, generator=gen).half()
+    out, _ = block.mlp.down_proj(xi.chunk(2, dim=-1)[rank])
+    torch.testing.assert_close(out, ref("mlp.down_proj", xi), rtol=2e-3, atol=2e-3)
+
+    # A checkpoint without the TP split cannot be sharded.
+    plain = QTIPConfig.from_config(qtip_config())
+    try:
+        RowParallelLinear(192, 192, bias=False, quant_config=plain, prefix="m.o_proj")
+    except ValueError as e:
+        assert "tensor_parallel_size=2" in str(e) and "pipeline_parallel" in str(e)
+    else:
+        raise AssertionError("TP=2 without split_for_tp was accepted")
+
+
+def test_split_for_tp_checkpoint_at_tp2(tmp_path):
+    ckpt = random_llama_checkpoint(
+        tmp_path / "c", num_hidden_layers=1, split_for_tp=True, K=3
+    )
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_tp2_worker,
+            args=(rank, str(tmp_path / "store"), str(ckpt), errors),
+        )
+        for rank in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    failures = [errors.get() for _ in range(errors.qsize())]
+    assert not failures, "\n".join(failures)
+    assert all(p.exitcode == 0 for p in procs)

@@ -1,0 +1,816 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""QTIP: trellis-coded weight quantization (Tseng et al., NeurIPS 2024).
+
+A QTIP linear computes ``y = SV * (Hm @ W_hat @ Hn^T @ (SU * x))`` where
+``W_hat`` is decoded on the fly from a packed bitshift trellis (``trellis``,
+K bits per weight) through a per-layer lookup table (``tlut``), Hn and Hm are
+randomized Hadamard transforms and SU/SV are per-channel scales.
+
+Checkpoints (e.g. ``relaxml/*-QTIP-*Bit``) store q/k/v/o/gate/up/down as
+separate projections, each with its own trellis, SU, SV and tlut, while vLLM
+fuses q/k/v and gate/up. Every logical projection ("shard") of a fused layer
+therefore keeps its own tensors and its own input transform.
+"""
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parameter import Parameter
+from transformers import PretrainedConfig
+
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import QuantizationMethods
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+from vllm.model_executor.layers.quantization.utils.qtip_utils import (
+    DECODE_MODES,
+    QTIPCodeParams,
+    get_hadamard_factor,
+    qtip_linear_forward,
+)
+from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParameter
+from vllm.model_executor.utils import set_weight_attrs
+
+if TYPE_CHECKING:
+    from vllm.model_executor.models.utils import WeightsMapper
+
+logger = init_logger(__name__)
+
+# Keys of quip_params / quantization_config that define the trellis code.
+_CODE_KEYS = ("L", "K", "V", "tlut_bits", "decode_mode", "td_x", "td_y")
+# Projections named by skip_list entries "{layer}_{projection}".
+_SKIP_ENTRY = re.compile(r"^(\d+)_(q|k|v|o|up|gate|down)$")
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# vLLM's fused Llama-style layers, used when the model did not register its
+# packed_modules_mapping with the config (e.g. a layer built on its own).
+_DEFAULT_PACKED_MODULES = {
+    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "gate_up_proj": ["gate_proj", "up_proj"],
+}
+# Layer parameter holding the checkpoint's "<proj>.tp_rank" (renamed on
+# load, see QTIPConfig.get_cache_scale_mapper).
+TP_RANK_PARAM = "qtip_tp_rank"
+# Parameters of a quantized projection. rcp and tp_rank are missing from
+# checkpoints made before the TP split existed.
+_QUANT_TENSORS = ("trellis", "SU", "SV", "tlut", "rcp", TP_RANK_PARAM)
+_OPTIONAL_TENSORS = ("rcp", TP_RANK_PARAM)
+# Defaults of missing rcp / tp_rank, as in the reference.
+_DEFAULT_RCP = 0
+_DEFAULT_TP_RANK = 8
+# rcp values: the block-diagonal transform is on the input (row-parallel
+# split) or on the output (column-parallel split).
+_RCP_ROW = 1
+_RCP_COL = 2
+
+
+def _validate_code_params(params: QTIPCodeParams, k_key: str = "K") -> None:
+    """Reject trellis codes vLLM cannot run, naming the key and value."""
+    if params.decode_mode not in DECODE_MODES:
+        raise ValueError(
+            f"QTIP decode_mode={params.decode_mode!r} is not supported; "
+            f"expected one of {DECODE_MODES}"
+        )
+    for key in ("L", "td_x", "td_y"):
+        if getattr(params, key) != 16:
+            raise ValueError(
+                f"QTIP {key}={getattr(params, key)!r} is not supported (must be 16)"
+            )
+    if params.decode_mode == "quantlut_sym":
+        if params.K not in (2, 3, 4):
+            raise ValueError(
+                f"QTIP {k_key}={params.K!r} is not supported with "
+                "decode_mode='quantlut_sym' (HYB needs 2, 3 or 4 bits)"
+            )
+        if params.V != 2:
+            raise ValueError(
+                f"QTIP V={params.V!r} is not supported with "
+                "decode_mode='quantlut_sym' (HYB decodes V=2 weights per state)"
+            )
+    try:
+        params.validate()
+    except ValueError as e:
+        if k_key != "K":
+            raise ValueError(f"{e} (for {k_key}={params.K!r})") from e
+        raise
+
+
+class QTIPConfig(QuantizationConfig):
+    """Config of a QTIP checkpoint.
+
+    Accepts the reference checkpoints' ``quip_params`` keys (turned into a
+    ``quantization_config`` with ``quant_method="qtip"`` at config load) and
+    the same keys written as our own ``quantization_config``.
+    """
+
+    # Per-projection scalars that a checkpoint may hold for layers vLLM
+    # runs unquantized.
+    _ignore_unexpected_suffixes = (
+        *QuantizationConfig._ignore_unexpected_suffixes,
+        ".rcp",
+        ".tp_rank",
+        f".{TP_RANK_PARAM}",
+    )
+
+    def __init__(
+        self,
+        params: QTIPCodeParams | None = None,
+        split_for_tp: bool = False,
+        skip_list: list[str] | None = None,
+        K_v_proj: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(split_for_tp, bool):
+            raise ValueError(
+                f"QTIP split_for_tp={split_for_tp!r} must be true or false"
+            )
+        if skip_list is None:
+            skip_list = []
+        if not isinstance(skip_list, (list, tuple)):
+            raise ValueError(
+                f"QTIP skip_list={skip_list!r} must be a list of entries like '0_v'"
+            )
+        for entry in skip_list:
+            if not isinstance(entry, str) or not _SKIP_ENTRY.match(entry):
+                raise ValueError(
+                    f"QTIP skip_list entry {entry!r} is not of the form "
+                    "'{layer}_{q|k|v|o|up|gate|down}'"
+                )
+        self.params = params
+        self.split_for_tp = split_for_tp
+        self.skip_list = list(skip_list)
+        self.K_v_proj = K_v_proj
+        self.v_params: QTIPCodeParams | None = None
+        if params is not None:
+            self._set_params(params)
+        # Hadamard factors shared by all layers, keyed by (K, device).
+        self._hadamard_factors: dict[tuple[int, torch.device], torch.Tensor] = {}
+        # Set once any QTIP tensor is loaded; a model that received none was
+        # initialized with dummy weights (load_format="dummy").
+        self.loaded_any_tensor = False
+
+    def _set_params(self, params: QTIPCodeParams) -> None:
+        _validate_code_params(params)
+        k_v = params.K if self.K_v_proj is None else self.K_v_proj
+        v_params = dataclasses.replace(params, K=k_v)
+        _validate_code_params(v_params, k_key="K_v_proj")
+        self.params = params
+        self.v_params = v_params
+
+    def __repr__(self) -> str:
+        return (
+            f"QTIPConfig(params={self.params}, split_for_tp={self.split_for_tp}, "
+            f"skip_list={self.skip_list}, K_v_proj={self.K_v_proj})"
+        )
+
+    @classmethod
+    def get_name(cls) -> QuantizationMethods:
+        return "qtip"
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # The decode kernels use mma.m16n8k16 with fp16 operands.
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        # The parameters live in config.json itself (quip_params or
+        # quantization_config); see maybe_update_config for `-q qtip`.
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "QTIPConfig":
+        method = config.get("quant_method", "qtip")
+        if str(method).lower() != "qtip":
+            raise ValueError(
+                f"QTIP config has quant_method={method!r}, expected 'qtip'"
+            )
+        codebook = config.get("codebook", "bitshift")
+        if codebook != "bitshift":
+            raise ValueError(
+                f"QTIP codebook={codebook!r} is not supported; QTIP checkpoints "
+                "use the 'bitshift' trellis codebook (QuIP# codebooks such as "
+                "E8P are a different format)"
+            )
+        missing = [key for key in _CODE_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"QTIP config is missing the key(s) {missing}")
+        split_for_tp = config.get("split_for_tp")
+        return cls(
+            params=QTIPCodeParams(**{key: config[key] for key in _CODE_KEYS}),
+            split_for_tp=False if split_for_tp is None else split_for_tp,
+            skip_list=config.get("skip_list"),
+            K_v_proj=config.get("K_v_proj"),
+        )
+
+    def maybe_update_config(
+        self,
+        model_name: str,
+        hf_config: PretrainedConfig | None = None,
+        revision: str | None = None,
+    ) -> None:
+        # `-q qtip` on a config.json without quantization_config builds the
+        # config with no arguments; take the reference quip_params then.
+        if self.params is not None:
+            return
+        quip_params = getattr(hf_config, "quip_params", None)
+        if not isinstance(quip_params, dict):
+            raise ValueError(
+                f"Model {model_name} was loaded with quantization 'qtip' but its "
+                "config.json has neither a QTIP quantization_config nor "
+                "quip_params"
+            )
+        other = self.from_config(quip_params)
+        self.split_for_tp = other.split_for_tp
+        self.skip_list = other.skip_list
+        self.K_v_proj = other.K_v_proj
+        assert other.params is not None
+        self._set_params(other.params)
+
+    @staticmethod
+    def get_cache_scale_mapper() -> "WeightsMapper":
+        # A checkpoint's "<proj>.tp_rank" would resolve to the int attribute
+        # LinearBase.tp_rank (fused layers look names up with getattr), so it
+        # is loaded under another name.
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return QuantizationConfig.get_cache_scale_mapper() | WeightsMapper(
+            orig_to_new_suffix={".tp_rank": f".{TP_RANK_PARAM}"}
+        )
+
+    def get_quant_method(
+        self, layer: torch.nn.Module, prefix: str
+    ) -> QuantizeMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None
+        if self.params is None:
+            raise ValueError(
+                "QTIP parameters are unknown: the checkpoint has neither a QTIP "
+                "quantization_config nor quip_params"
+            )
+        layer_name = prefix.rsplit(".", 1)[-1]
+        mapping = {**_DEFAULT_PACKED_MODULES, **self.packed_modules_mapping}
+        shard_names = mapping.get(layer_name, [layer_name])
+        match = None
+        for match in _LAYER_INDEX.finditer(prefix):
+            pass
+        layer_index = match.group(1) if match is not None else None
+        specs = []
+        for name in shard_names:
+            key = name.removesuffix("_proj")
+            if f"{layer_index}_{key}" in self.skip_list:
+                specs.append((name, None))
+            else:
+                specs.append((name, self.v_params if key == "v" else self.params))
+        if all(params is None for _, params in specs):
+            return UnquantizedLinearMethod()
+        return QTIPLinearMethod(self, specs)
+
+    def hadamard_factor(self, k: int, device: torch.device) -> torch.Tensor:
+        """H_K as fp32 on device, one tensor shared by every layer."""
+        if (k, device) not in self._hadamard_factors:
+            _, had = get_hadamard_factor(k)
+            assert had is not None
+            self._hadamard_factors[(k, device)] = had.to(device=device)
+        return self._hadamard_factors[(k, device)]
+
+
+@dataclasses.dataclass(frozen=True)
+class QTIPShard:
+    """One logical projection of a (possibly fused) linear layer on this rank.
+
+    Rows are counted on this rank (``out_size``) and in the checkpoint
+    (``out_full``); this rank holds checkpoint rows ``out_rank * out_size``
+    onwards. ``params`` is None for a skip-listed (dense) projection.
+    """
+
+    name: str
+    params: QTIPCodeParams | None
+    out_offset: int
+    out_size: int
+    out_full: int
+    out_rank: int
+    # Index among the quantized (or dense) shards: row of SU/tlut/rcp/tp_rank.
+    index: int
+    # First row in SV (quantized) or in the dense weight (dense).
+    row_offset: int
+    # First int16 word in the flat trellis (quantized shards).
+    word_offset: int
+    # Words per trellis block of (block_rows x block_cols) weights.
+    block_rows: int
+    block_cols: int
+
+    @property
+    def block_words(self) -> int:
+        assert self.params is not None
+        return self.block_rows * self.block_cols * self.params.K // 16
+
+    def num_words(self, in_size: int) -> int:
+        assert self.params is not None
+        return self.out_size * in_size * self.params.K // 16
+
+
+@dataclasses.dataclass(frozen=True)
+class QTIPTransform:
+    """Static shape of a quantized shard's Hadamard transforms.
+
+    ``rcp`` and ``blocks`` are passed to the reference forward as its rcp
+    and tp_rank: ``blocks`` is the number of block-diagonal Hadamard blocks
+    within this rank's slice of the split dimension.
+    """
+
+    rcp: int
+    blocks: int
+    in_factor: int
+    out_factor: int
+
+
+class QTIPLinearMethod(LinearMethodBase):
+    """Linear method for QTIP checkpoints.
+
+    Parameters of a layer with shards s (q/k/v, gate/up or a single one):
+
+    - ``trellis``: int16, every quantized shard's words back to back; shard s
+      is viewed as (m_s / b, n / b, b*b*K_s/16) with b = 32 (kernel layout)
+      or 16 (generic layout), so TP slices are whole blocks.
+    - ``SU``: fp32 (quantized shards, n), one input scale per shard.
+    - ``SV``: fp32 (sum of quantized m_s,), output scales concatenated.
+    - ``tlut``: fp16 (quantized shards, 2**tlut_bits, V).
+    - ``rcp``, ``qtip_tp_rank``: int64 (quantized shards,), the checkpoint's
+      rcp and tp_rank.
+    - ``weight``: dense rows of skip-listed shards, in the model dtype.
+
+    Every parameter has its own shard-aware loader, and the loaders record
+    what arrived so that process_weights_after_loading can name what is
+    missing.
+    """
+
+    def __init__(
+        self,
+        quant_config: QTIPConfig,
+        shard_specs: list[tuple[str, QTIPCodeParams | None]],
+    ) -> None:
+        self.quant_config = quant_config
+        self.shard_specs = shard_specs
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        prefix = getattr(layer, "prefix", "")
+        if len(output_partition_sizes) != len(self.shard_specs):
+            raise ValueError(
+                f"QTIP layer {prefix}: {len(output_partition_sizes)} output "
+                f"partitions but {len(self.shard_specs)} projections "
+                f"{[name for name, _ in self.shard_specs]}"
+            )
+        tp_rank = getattr(layer, "tp_rank", 0)
+        tp_size = getattr(layer, "tp_size", 1)
+        is_row = isinstance(layer, RowParallelLinear)
+        is_column = isinstance(layer, ColumnParallelLinear)
+        quantized = [p for _, p in self.shard_specs if p is not None]
+        if tp_size > 1 and not self.quant_config.split_for_tp:
+            raise ValueError(
+                f"QTIP layer {prefix} cannot be split over "
+                f"tensor_parallel_size={tp_size}: this checkpoint was quantized "
+                "without split_for_tp, so its Hadamard transforms span whole "
+                "matrices and do not shard exactly. Use tensor_parallel_size=1 "
+                "with pipeline_parallel_size instead, or a split_for_tp (-TP8) "
+                "checkpoint."
+            )
+        if not self.quant_config.split_for_tp:
+            expected_rcp = 0
+        elif is_row:
+            expected_rcp = _RCP_ROW
+        elif is_column:
+            expected_rcp = _RCP_COL
+        else:
+            expected_rcp = 0
+
+        in_rank = tp_rank if is_row else 0
+        shards: list[QTIPShard] = []
+        out_offset = sv_rows = dense_rows = words = 0
+        for s, ((name, params), out_size) in enumerate(
+            zip(self.shard_specs, output_partition_sizes)
+        ):
+            out_full, out_rank = _shard_extent(layer, s, out_size, is_column)
+            if params is None:
+                index = sum(1 for sh in shards if sh.params is None)
+                row_offset, word_offset, block = dense_rows, 0, (1, 1)
+                dense_rows += out_size
+            else:
+                index = sum(1 for sh in shards if sh.params is not None)
+                row_offset, word_offset = sv_rows, words
+                block = (32, 32) if params.uses_kernel_layout else (16, 16)
+                _check_tiles(prefix, name, out_size, input_size_per_partition, block)
+                sv_rows += out_size
+                words += out_size * input_size_per_partition * params.K // 16
+            shards.append(
+                QTIPShard(
+                    name=name,
+                    params=params,
+                    out_offset=out_offset,
+                    out_size=out_size,
+                    out_full=out_full,
+                    out_rank=out_rank,
+                    index=index,
+                    row_offset=row_offset,
+                    word_offset=word_offset,
+                    block_rows=block[0],
+                    block_cols=block[1],
+                )
+            )
+            out_offset += out_size
+
+        layer.qtip_shards = shards
+        layer.qtip_in_size = input_size_per_partition
+        layer.qtip_in_full = input_size
+        layer.qtip_in_rank = in_rank
+        layer.qtip_expected_rcp = expected_rcp
+        layer.qtip_loaded = set()
+        # Checked here so that unsupported dimensions fail when the model is
+        # built; rechecked once the checkpoint's rcp/tp_rank are known.
+        layer.qtip_transforms = [
+            _shard_transform(layer, shard, expected_rcp, _DEFAULT_TP_RANK, prefix)
+            for shard in shards
+            if shard.params is not None
+        ]
+
+        num_q = len(quantized)
+        tensors: dict[str, torch.Tensor] = {
+            "trellis": torch.zeros(words, dtype=torch.int16),
+            "SU": torch.empty(num_q, input_size_per_partition, dtype=torch.float32),
+            "SV": torch.empty(sv_rows, dtype=torch.float32),
+            "rcp": torch.full((num_q,), _DEFAULT_RCP, dtype=torch.int64),
+            TP_RANK_PARAM: torch.full((num_q,), _DEFAULT_TP_RANK, dtype=torch.int64),
+        }
+        if quantized[0].uses_tlut:
+            lut_shape = (num_q, 1 << quantized[0].tlut_bits, quantized[0].V)
+            tensors["tlut"] = torch.empty(lut_shape, dtype=torch.float16)
+        for name, data in tensors.items():
+            param = BasevLLMParameter(
+                data=data, weight_loader=_make_loader(self, layer, name)
+            )
+            layer.register_parameter(name, param)
+        if dense_rows:
+            weight = ModelWeightParameter(
+                data=torch.empty(
+                    dense_rows, input_size_per_partition, dtype=params_dtype
+                ),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=_make_loader(self, layer, "weight"),
+            )
+            layer.register_parameter("weight", weight)
+        extra_weight_attrs.pop("weight_loader", None)
+        for param in layer.parameters(recurse=False):
+            set_weight_attrs(param, extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        prefix = getattr(layer, "prefix", "")
+        if not self.quant_config.loaded_any_tensor:
+            # Dummy weights: keep whatever was initialized, with the rcp and
+            # tp_rank the config implies.
+            layer.rcp.data.fill_(layer.qtip_expected_rcp)
+            layer.qtip_tp_rank.data.fill_(_DEFAULT_TP_RANK)
+        else:
+            _check_loaded(layer, prefix)
+        rcps = layer.rcp.tolist()
+        tp_ranks = layer.qtip_tp_rank.tolist()
+        transforms = []
+        for shard in layer.qtip_shards:
+            if shard.params is None:
+                continue
+            rcp, ckpt_tp = int(rcps[shard.index]), int(tp_ranks[shard.index])
+            tensor = f"{_checkpoint_name(prefix, shard.name)}.rcp"
+            if rcp != layer.qtip_expected_rcp:
+                raise ValueError(
+                    f"QTIP layer {prefix}: {tensor} is {rcp} but quip_params "
+                    f"split_for_tp={self.quant_config.split_for_tp} means "
+                    f"rcp={layer.qtip_expected_rcp} for this "
+                    f"{type(layer).__name__}"
+                )
+            transforms.append(_shard_transform(layer, shard, rcp, ckpt_tp, prefix))
+        layer.qtip_transforms = transforms
+
+        device = layer.trellis.device
+        for i, transform in enumerate(transforms):
+            for side, k in (("in", transform.in_factor), ("out", transform.out_factor)):
+                had = self.quant_config.hadamard_factor(k, device) if k > 1 else None
+                layer.register_buffer(f"qtip_had_{side}_{i}", had, persistent=False)
+
+    def apply(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        outputs = []
+        for shard in layer.qtip_shards:
+            if shard.params is None:
+                rows = slice(shard.row_offset, shard.row_offset + shard.out_size)
+                outputs.append(F.linear(x, layer.weight[rows]))
+            else:
+                outputs.append(self.apply_shard(layer, x, shard))
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        if bias is not None:
+            y = y + bias
+        return y
+
+    def apply_shard(
+        self, layer: torch.nn.Module, x: torch.Tensor, shard: QTIPShard
+    ) -> torch.Tensor:
+        """One quantized shard: input transform, W_hat GEMM, output transform.
+
+        This is the unit a fused decode kernel replaces; the reference codec
+        decodes W_hat for the call and frees it, so no dense copy is kept.
+        """
+        assert shard.params is not None
+        start = shard.word_offset
+        trellis = layer.trellis[start : start + shard.num_words(layer.qtip_in_size)]
+        rows = slice(shard.row_offset, shard.row_offset + shard.out_size)
+        tlut = layer.tlut[shard.index] if shard.params.uses_tlut else None
+        transform = layer.qtip_transforms[shard.index]
+        return qtip_linear_forward(
+            x,
+            trellis,
+            layer.SU[shard.index],
+            layer.SV[rows],
+            tlut,
+            shard.params,
+            rcp=transform.rcp,
+            tp_rank=transform.blocks,
+        )
+
+
+def _shard_extent(
+    layer: torch.nn.Module, s: int, out_size: int, is_column: bool
+) -> tuple[int, int]:
+    """(rows in the checkpoint, index of this rank's slice) of shard s."""
+    tp_rank = getattr(layer, "tp_rank", 0)
+    if isinstance(layer, QKVParallelLinear):
+        if s == 0:
+            return layer.total_num_heads * layer.head_size, tp_rank
+        head_size = layer.head_size if s == 1 else layer.v_head_size
+        # KV heads are replicated when there are fewer of them than ranks.
+        return (
+            layer.total_num_kv_heads * head_size,
+            tp_rank // layer.num_kv_head_replicas,
+        )
+    if isinstance(layer, MergedColumnParallelLinear):
+        return layer.output_sizes[s], tp_rank
+    if is_column:
+        return layer.output_size, tp_rank
+    return out_size, 0
+
+
+def _check_tiles(
+    prefix: str, name: str, m: int, n: int, block: tuple[int, int]
+) -> None:
+    if m % block[0] != 0 or n % block[1] != 0:
+        raise ValueError(
+            f"QTIP layer {prefix} ({name}): this rank's {m} x {n} slice is not "
+            f"made of whole {block[0]} x {block[1]} trellis blocks"
+        )
+
+
+def _hadamard_factor_for(
+    size: int, block: int, prefix: str, name: str, what: str
+) -> int:
+    """K of the Hadamard transform of a size-`size` slice in blocks of `block`.
+
+    Raises naming the layer and dimension if QTIP has no transform for it.
+    """
+    try:
+        k, _ = get_hadamard_factor(block)
+        if block != size:
+            k_full, _ = get_hadamard_factor(size)
+            if k_full != k:
+                raise ValueError(
+                    f"blocks of {block} use factor K={k} but the {size} "
+                    f"features of this rank use K={k_full}"
+                )
+    except ValueError as e:
+        raise ValueError(
+            f"QTIP layer {prefix} ({name}): unsupported {what} dimension: {e}"
+        ) from e
+    return k
+
+
+def _shard_transform(
+    layer: torch.nn.Module,
+    shard: QTIPShard,
+    rcp: int,
+    ckpt_tp: int,
+    prefix: str,
+) -> QTIPTransform:
+    """Validate a shard's transforms for (rcp, tp_rank) and describe them.
+
+    rcp=1 (2) makes the input (output) transform block-diagonal with
+    tp_rank blocks over the checkpoint's dimension; a dimension this rank
+    holds only a slice of must be such a block-diagonal one.
+    """
+    assert shard.params is not None
+    tensor = _checkpoint_name(prefix, shard.name)
+    if rcp not in (0, _RCP_ROW, _RCP_COL):
+        raise ValueError(f"QTIP layer {prefix}: {tensor}.rcp={rcp} must be 0, 1 or 2")
+    dims = {
+        _RCP_ROW: ("input", layer.qtip_in_size, layer.qtip_in_full),
+        _RCP_COL: ("output", shard.out_size, shard.out_full),
+    }
+    blocks = 1
+    block_sizes = {}
+    for side, (what, size, full) in dims.items():
+        if rcp != side:
+            if size != full:
+                raise ValueError(
+                    f"QTIP layer {prefix}: {tensor}.rcp={rcp} has a {what} "
+                    f"transform over all {full} {what} features, which cannot "
+                    f"be split over tensor parallel ranks ({size} per rank)"
+                )
+            block_sizes[side] = size
+            continue
+        if ckpt_tp < 1 or full % ckpt_tp != 0 or size % (full // ckpt_tp) != 0:
+            raise ValueError(
+                f"QTIP layer {prefix}: {tensor}.tp_rank={ckpt_tp} does not split "
+                f"the {full} {what} features into blocks that tile this rank's "
+                f"{size}"
+            )
+        block_sizes[side] = full // ckpt_tp
+        blocks = size // block_sizes[side]
+    in_factor = _hadamard_factor_for(
+        layer.qtip_in_size, block_sizes[_RCP_ROW], prefix, shard.name, "input"
+    )
+    out_factor = _hadamard_factor_for(
+        shard.out_size, block_sizes[_RCP_COL], prefix, shard.name, "output"
+    )
+    return QTIPTransform(
+        rcp=rcp, blocks=blocks, in_factor=in_factor, out_factor=out_factor
+    )
+
+
+def _checkpoint_name(prefix: str, shard_name: str) -> str:
+    """Checkpoint name of a shard's projection, e.g. '...self_attn.q_proj'."""
+    parent, _, _ = prefix.rpartition(".")
+    return f"{parent}.{shard_name}" if parent else shard_name
+
+
+def _tensor_name(param_name: str) -> str:
+    return "tp_rank" if param_name == TP_RANK_PARAM else param_name
+
+
+def _shard_index(layer: torch.nn.Module, shard_id: str | int | None) -> int:
+    shards = layer.qtip_shards
+    if shard_id is None:
+        if len(shards) == 1:
+            return 0
+        raise ValueError(
+            f"QTIP layer {layer.prefix}: got a tensor for the whole fused layer; "
+            "QTIP checkpoints store every projection separately"
+        )
+    if isinstance(shard_id, str):
+        return {"q": 0, "k": 1, "v": 2}[shard_id]
+    return shard_id
+
+
+def _make_loader(method: QTIPLinearMethod, layer: torch.nn.Module, name: str):
+    """Loader of checkpoint tensor `name` for every shard of `layer`."""
+
+    def load(
+        param: Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
+        shard = layer.qtip_shards[_shard_index(layer, shard_id)]
+        prefix = layer.prefix
+        tensor = f"{_checkpoint_name(prefix, shard.name)}.{_tensor_name(name)}"
+        if (shard.params is None) != (name == "weight"):
+            why = (
+                "is skip-listed (unquantized)"
+                if shard.params is None
+                else "is quantized (not in skip_list)"
+            )
+            raise ValueError(
+                f"QTIP layer {prefix}: unexpected checkpoint tensor {tensor}: "
+                f"{shard.name} {why}"
+            )
+        method.quant_config.loaded_any_tensor = True
+        n, n_full, in_rank = layer.qtip_in_size, layer.qtip_in_full, layer.qtip_in_rank
+        rows = (shard.out_rank * shard.out_size, shard.out_size)
+        cols = (in_rank * n, n)
+        if name == "trellis":
+            _load_trellis(param.data, loaded, shard, n, n_full, rows, cols, tensor)
+        elif name == "weight":
+            _expect_shape(loaded, (shard.out_full, n_full), tensor)
+            dst = param.data[shard.row_offset : shard.row_offset + shard.out_size]
+            dst.copy_(loaded.narrow(0, *rows).narrow(1, *cols))
+        elif name == "SU":
+            _expect_shape(loaded, (n_full,), tensor)
+            param.data[shard.index].copy_(loaded.narrow(0, *cols))
+        elif name == "SV":
+            _expect_shape(loaded, (shard.out_full,), tensor)
+            dst = param.data[shard.row_offset : shard.row_offset + shard.out_size]
+            dst.copy_(loaded.narrow(0, *rows))
+        elif name == "tlut":
+            _expect_shape(loaded, tuple(param.shape[1:]), tensor)
+            param.data[shard.index].copy_(loaded)
+        else:  # rcp, tp_rank: scalars
+            if loaded.numel() != 1:
+                raise ValueError(
+                    f"QTIP layer {prefix}: {tensor} has shape "
+                    f"{tuple(loaded.shape)}, expected a scalar"
+                )
+            param.data[shard.index] = loaded.reshape(())
+        layer.qtip_loaded.add((name, shard.name))
+
+    return load
+
+
+def _expect_shape(loaded: torch.Tensor, shape: tuple[int, ...], tensor: str) -> None:
+    if tuple(loaded.shape) != shape:
+        raise ValueError(
+            f"QTIP checkpoint tensor {tensor} has shape {tuple(loaded.shape)}, "
+            f"expected {shape}"
+        )
+    if not loaded.is_floating_point():
+        raise ValueError(
+            f"QTIP checkpoint tensor {tensor} has dtype {loaded.dtype}, "
+            "expected a floating-point dtype"
+        )
+
+
+def _load_trellis(
+    dst: torch.Tensor,
+    loaded: torch.Tensor,
+    shard: QTIPShard,
+    n: int,
+    n_full: int,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    tensor: str,
+) -> None:
+    """Copy this rank's blocks of a 2-D or flat trellis into its slot."""
+    assert shard.params is not None
+    k = shard.params.K
+    expected = shard.out_full * n_full * k // 16
+    if loaded.dtype != torch.int16:
+        raise ValueError(
+            f"QTIP checkpoint tensor {tensor} has dtype {loaded.dtype}, "
+            "expected torch.int16"
+        )
+    if loaded.numel() != expected:
+        raise ValueError(
+            f"QTIP checkpoint tensor {tensor} has shape {tuple(loaded.shape)} "
+            f"({loaded.numel()} elements), expected m*n*K/16 = {expected} "
+            f"elements for m={shard.out_full}, n={n_full}, K={k}"
+        )
+    br, bc, words = shard.block_rows, shard.block_cols, shard.block_words
+    blocks = loaded.reshape(shard.out_full // br, n_full // bc, words)
+    blocks = blocks.narrow(0, rows[0] // br, rows[1] // br)
+    blocks = blocks.narrow(1, cols[0] // bc, cols[1] // bc)
+    start = shard.word_offset
+    slot = dst[start : start + shard.num_words(n)]
+    slot.view(shard.out_size // br, n // bc, words).copy_(blocks)
+
+
+def _check_loaded(layer: torch.nn.Module, prefix: str) -> None:
+    """Raise naming the first checkpoint tensor no loader received."""
+    for shard in layer.qtip_shards:
+        if shard.params is None:
+            names: tuple[str, ...] = ("weight",)
+        else:
+            names = tuple(
+                name
+                for name in _QUANT_TENSORS
+                if name not in _OPTIONAL_TENSORS
+                and (name != "tlut" or shard.params.uses_tlut)
+            )
+        for name in names:
+            if (name, shard.name) not in layer.qtip_loaded:
+                raise ValueError(
+                    f"QTIP layer {prefix}: checkpoint tensor "
+                    f"{_checkpoint_name(prefix, shard.name)}.{_tensor_name(name)} "
+                    "was not found"
+                )
