@@ -1,0 +1,381 @@
+// SPDX-License-Identifier: Apache-2.0
+// SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+//
+// QTIP's randomized Hadamard transform with its scalings fused:
+//   y = factor * out_scale ⊙ H_b (in_scale ⊙ x),  H_b = (H_K ⊗ S_P) / sqrt(b)
+// along the last dim of x (rows, n), block-diagonal with blocks of b = K * P
+// elements (b = n unless the checkpoint was split for tensor parallelism),
+// S_P the Sylvester Hadamard of size P (a power of two) and H_K one of the
+// twelve small factors (K = 1 for powers of two; H_K^T when transpose).
+// In a QTIP linear the input side is in_scale = SU, factor = 1/32, fp16 out;
+// the output side is out_scale = SV, factor = 32, the activation dtype out.
+// Everything is computed in fp32 as in the reference.
+//
+// One thread block per (row, Hadamard block), the block's b values in fp32
+// shared memory (so b <= ~57k on Hopper):
+//  1. load 8 consecutive values per thread (16/32-byte loads), scale them and
+//     do the first three butterfly stages in registers;
+//  2. the remaining log2(P) - 3 stages in radix-8 passes over shared memory
+//     (one barrier per three stages);
+//  3. K == 1: scale and store. K > 1: y[r][p] = sum_k H_K[r][k] X[k][p], the
+//     K x K factor applied per column p with fp32 FMAs, reading the needed
+//     rows of H_K from a small shared-memory slice (broadcast float4 loads).
+//     That step costs K * b FMAs, so for small batches its rows and columns
+//     are split over gridDim.y blocks (each redoing the cheap Sylvester part)
+//     to spread it over the GPU.
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/all.h>
+
+#include <algorithm>
+
+#include "qtip_launch.cuh"
+#include "qtip_ops.h"
+
+namespace vllm {
+namespace qtip {
+
+namespace kernels {
+
+constexpr int kHadMaxThreads = 1024;
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+__device__ __forceinline__ float to_float(float v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+
+// 8 consecutive elements (16 or 32 bytes, aligned).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(h[i]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint4 u;
+    T* h = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) h[i] = from_float<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = u;
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void butterflies(float* v) {
+#pragma unroll
+  for (int h = 1; h < R; h <<= 1)
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+      if (!(i & h)) {
+        const float a = v[i], c = v[i + h];
+        v[i] = a + c;
+        v[i + h] = a - c;
+      }
+}
+
+// Stages bit .. bit+log2(R)-1 of the Sylvester transform over shared memory.
+template <int R>
+__device__ __forceinline__ void smem_pass(float* X, int b, int bit) {
+  constexpr int r = R == 8 ? 3 : R == 4 ? 2 : 1;
+  const int h = 1 << bit;
+  for (int gid = threadIdx.x; gid < (b >> r); gid += blockDim.x) {
+    const int base = ((gid >> bit) << (bit + r)) | (gid & (h - 1));
+    float v[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) v[j] = X[base + j * h];
+    butterflies<R>(v);
+#pragma unroll
+    for (int j = 0; j < R; ++j) X[base + j * h] = v[j];
+  }
+}
+
+template <typename InT, typename OutT>
+__global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
+    const InT* __restrict__ x, const float* __restrict__ in_scale,
+    const float* __restrict__ out_scale, const float* __restrict__ had,
+    OutT* __restrict__ y, int n, int b, int K, int log2P, bool transpose,
+    float mult, int rchunk, int p_splits) {
+  extern __shared__ __align__(16) float X[];
+  const int nblk = n / b;
+  const int row = blockIdx.x / nblk, blk = blockIdx.x % nblk;
+  const int64_t off0 = (int64_t)row * n + (int64_t)blk * b;
+  const int col0 = blk * b;
+
+  for (int g = threadIdx.x; g < b / 8; g += blockDim.x) {
+    float v[8];
+    load8(x + off0 + g * 8, v);
+    if (in_scale != nullptr) {
+      float s[8];
+      load8(in_scale + col0 + g * 8, s);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] *= s[i];
+    }
+    butterflies<8>(v);
+    reinterpret_cast<float4*>(X + g * 8)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(X + g * 8)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+  __syncthreads();
+  for (int bit = 3; bit < log2P; bit += 3) {
+    const int r = min(3, log2P - bit);
+    if (r == 3)
+      smem_pass<8>(X, b, bit);
+    else if (r == 2)
+      smem_pass<4>(X, b, bit);
+    else
+      smem_pass<2>(X, b, bit);
+    __syncthreads();
+  }
+
+  if (K == 1) {
+    for (int g = threadIdx.x; g < b / 8; g += blockDim.x) {
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = X[g * 8 + i] * mult;
+      if (out_scale != nullptr) {
+        float s[8];
+        load8(out_scale + col0 + g * 8, s);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] *= s[i];
+      }
+      store8(y + off0 + g * 8, v);
+    }
+    return;
+  }
+
+  // y[r][p] = sum_k M[k][r - r0] * X[k][p] for this block's rows r0.. of H_K
+  // (M = H_K^T slice, or H_K's when transpose) and its columns p_lo..p_hi.
+  const int P = 1 << log2P;
+  float* M = X + b;
+  const int rc = blockIdx.y / p_splits, ps = blockIdx.y % p_splits;
+  const int r0 = rc * rchunk;
+  for (int i = threadIdx.x; i < K * rchunk; i += blockDim.x) {
+    const int k = i / rchunk, r = r0 + i % rchunk;
+    M[i] = r < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
+  }
+  __syncthreads();
+  const int p_lo = (int)((int64_t)ps * P / p_splits);
+  const int plen = (int)((int64_t)(ps + 1) * P / p_splits) - p_lo;
+  const int items = (rchunk / 8) * plen;
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int sub = it / plen, p = p_lo + it % plen;
+    const int rs = r0 + sub * 8;
+    if (rs >= K) continue;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const float4* m4 = reinterpret_cast<const float4*>(M + sub * 8);
+    for (int k = 0; k < K; ++k) {
+      const float v = X[k * P + p];
+      const float4 h0 = m4[k * (rchunk / 4)], h1 = m4[k * (rchunk / 4) + 1];
+      acc[0] += h0.x * v, acc[1] += h0.y * v, acc[2] += h0.z * v;
+      acc[3] += h0.w * v, acc[4] += h1.x * v, acc[5] += h1.y * v;
+      acc[6] += h1.z * v, acc[7] += h1.w * v;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int r = rs + j;
+      if (r < K) {
+        const int idx = r * P + p;
+        float val = acc[j] * mult;
+        if (out_scale != nullptr) val *= out_scale[col0 + idx];
+        y[off0 + idx] = from_float<OutT>(val);
+      }
+    }
+  }
+}
+
+}  // namespace kernels
+
+namespace {
+
+void check_scale(const std::optional<torch::Tensor>& s, const char* name,
+                 const torch::Tensor& x) {
+  if (!s.has_value()) return;
+  const torch::Tensor& t = *s;
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "qtip_hadamard: ",
+              name, " must be on the device of x (", x.device(), ")");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "qtip_hadamard: ", name,
+              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(-1), "qtip_hadamard: ",
+              name, " must have shape (", x.size(-1), ",), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "qtip_hadamard: ", name,
+              " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+              "qtip_hadamard: ", name, " data must be 16-byte aligned");
+}
+
+template <typename InT, typename OutT>
+void launch_hadamard(const torch::Tensor& x, const float* in_scale,
+                     const float* out_scale, const float* had, torch::Tensor& y,
+                     int n, int b, int K, int log2P, bool transpose, float mult,
+                     int rchunk, int p_splits, int threads, int smem,
+                     cudaStream_t stream) {
+  auto kernel = kernels::qtip_hadamard_kernel<InT, OutT>;
+  ensure_max_dynamic_smem(kernel);
+  const int rchunks = K > 1 ? (K + rchunk - 1) / rchunk : 1;
+  dim3 grid((unsigned)(x.size(0) * (n / b)), (unsigned)(rchunks * p_splits));
+  kernel<<<grid, threads, smem, stream>>>(
+      reinterpret_cast<const InT*>(x.data_ptr()), in_scale, out_scale, had,
+      reinterpret_cast<OutT*>(y.data_ptr()), n, b, K, log2P, transpose, mult,
+      rchunk, p_splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename InT>
+void dispatch_out(at::ScalarType out_dtype, const torch::Tensor& x,
+                  const float* in_scale, const float* out_scale,
+                  const float* had, torch::Tensor& y, int n, int b, int K,
+                  int log2P, bool transpose, float mult, int rchunk,
+                  int p_splits, int threads, int smem, cudaStream_t stream) {
+  switch (out_dtype) {
+    case at::kHalf:
+      return launch_hadamard<InT, __half>(x, in_scale, out_scale, had, y, n, b,
+                                          K, log2P, transpose, mult, rchunk,
+                                          p_splits, threads, smem, stream);
+    case at::kBFloat16:
+      return launch_hadamard<InT, __nv_bfloat16>(
+          x, in_scale, out_scale, had, y, n, b, K, log2P, transpose, mult,
+          rchunk, p_splits, threads, smem, stream);
+    default:
+      return launch_hadamard<InT, float>(x, in_scale, out_scale, had, y, n, b,
+                                         K, log2P, transpose, mult, rchunk,
+                                         p_splits, threads, smem, stream);
+  }
+}
+
+}  // namespace
+
+torch::Tensor qtip_hadamard(const torch::Tensor& x,
+                            const std::optional<torch::Tensor>& in_scale,
+                            const std::optional<torch::Tensor>& out_scale,
+                            const std::optional<torch::Tensor>& had_k,
+                            bool transpose, int64_t block_size, double factor,
+                            at::ScalarType out_dtype) {
+  TORCH_CHECK(x.is_cuda(), "qtip_hadamard: x must be a CUDA tensor");
+  const auto in_dtype = x.scalar_type();
+  TORCH_CHECK(in_dtype == at::kHalf || in_dtype == at::kBFloat16 ||
+                  in_dtype == at::kFloat,
+              "qtip_hadamard: x must be float16, bfloat16 or float32, got ",
+              in_dtype);
+  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kBFloat16 ||
+                  out_dtype == at::kFloat,
+              "qtip_hadamard: out_dtype must be float16, bfloat16 or "
+              "float32, got ",
+              out_dtype);
+  TORCH_CHECK(x.dim() == 2, "qtip_hadamard: x must be 2-D (rows, n), got ",
+              x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "qtip_hadamard: x must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "qtip_hadamard: x data must be 16-byte aligned");
+  check_device_capability(x, "qtip_hadamard");
+  const int64_t n = x.size(1);
+  TORCH_CHECK(block_size > 0 && n % block_size == 0,
+              "qtip_hadamard: block_size=", block_size,
+              " must divide the last dim of x (", n, ")");
+  const int64_t b = block_size;
+  int64_t K = 1;
+  const float* had = nullptr;
+  if (had_k.has_value()) {
+    const torch::Tensor& h = *had_k;
+    TORCH_CHECK(h.is_cuda() && h.device() == x.device(),
+                "qtip_hadamard: had_k must be on the device of x (",
+                x.device(), ")");
+    TORCH_CHECK(h.scalar_type() == at::kFloat,
+                "qtip_hadamard: had_k must be float32, got ", h.scalar_type());
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == h.size(1) && h.size(0) > 1,
+                "qtip_hadamard: had_k must be square (K, K), got ", h.sizes());
+    TORCH_CHECK(h.is_contiguous(), "qtip_hadamard: had_k must be contiguous");
+    K = h.size(0);
+    had = h.data_ptr<float>();
+  }
+  TORCH_CHECK(b % K == 0, "qtip_hadamard: block_size=", b,
+              " is not a multiple of the had_k size K=", K);
+  const int64_t P = b / K;
+  TORCH_CHECK(P >= 8 && (P & (P - 1)) == 0, "qtip_hadamard: block_size/K = ",
+              b, "/", K, " = ", P, " must be a power of two >= 8");
+  check_scale(in_scale, "in_scale", x);
+  check_scale(out_scale, "out_scale", x);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t smem_limit = (int64_t)prop->sharedMemPerBlockOptin;
+  // Rows of H_K per block: 32, or fewer when shared memory is tight.
+  int rchunk = 32;
+  while (K > 1 && rchunk > 8 && (b + K * rchunk) * 4 > smem_limit) rchunk /= 2;
+  const int64_t smem = (b + (K > 1 ? K * rchunk : 0)) * 4;
+  TORCH_CHECK(smem <= smem_limit, "qtip_hadamard: block_size=", b,
+              " needs ", smem, " bytes of shared memory, this GPU allows ",
+              smem_limit);
+
+  auto y = torch::empty({x.size(0), n}, x.options().dtype(out_dtype));
+  if (x.size(0) == 0) return y;
+  int log2P = 0;
+  while ((int64_t{1} << log2P) < P) ++log2P;
+  int p_splits = 1;
+  if (K > 1) {
+    // Spread the K*b FMAs of the H_K step over about two waves of blocks.
+    const int64_t base = x.size(0) * (n / b) * ((K + rchunk - 1) / rchunk);
+    const int64_t want = (2 * prop->multiProcessorCount + base - 1) / base;
+    p_splits = (int)std::clamp<int64_t>(want, 1, std::max<int64_t>(1, P / 32));
+  }
+  const int64_t work = std::max<int64_t>(
+      b / 8, K > 1 ? (rchunk / 8) * ((P + p_splits - 1) / p_splits) : 0);
+  const int threads =
+      (int)std::clamp<int64_t>((work + 31) / 32 * 32, 64, kernels::kHadMaxThreads);
+  const float mult = (float)(factor / std::sqrt((double)b));
+  const float* in_s = in_scale ? in_scale->data_ptr<float>() : nullptr;
+  const float* out_s = out_scale ? out_scale->data_ptr<float>() : nullptr;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int ni = (int)n, bi = (int)b, Ki = (int)K, sm = (int)smem;
+  switch (in_dtype) {
+    case at::kHalf:
+      dispatch_out<__half>(out_dtype, x, in_s, out_s, had, y, ni, bi, Ki, log2P,
+                           transpose, mult, rchunk, p_splits, threads, sm,
+                           stream);
+      break;
+    case at::kBFloat16:
+      dispatch_out<__nv_bfloat16>(out_dtype, x, in_s, out_s, had, y, ni, bi, Ki,
+                                  log2P, transpose, mult, rchunk, p_splits,
+                                  threads, sm, stream);
+      break;
+    default:
+      dispatch_out<float>(out_dtype, x, in_s, out_s, had, y, ni, bi, Ki, log2P,
+                          transpose, mult, rchunk, p_splits, threads, sm,
+                          stream);
+  }
+  return y;
+}
+
+}  // namespace qtip
+}  // namespace vllm

@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: Apache-2.0
+// SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+//
+// One QTIP linear layer, y = SV ⊙ Hm · W_hat · Hn^T · (SU ⊙ x), with the
+// reference numerics: x * SU and Hn^T in fp32, / 32 and rounded to fp16,
+// times W_hat with fp32 accumulation, Hm in fp32, * SV * 32, cast to x's
+// dtype.
+//
+// The batch dispatch lives here, inside one opaque op, so torch.compile
+// never guards on the number of rows:
+//  * rows < dense_min_rows: fused trellis-decode GEMM (qtip_gemm);
+//  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
+//    fp16 output is the reference's fallback-GEMM numerics.
+
+#include <torch/all.h>
+
+#include "qtip_ops.h"
+
+namespace vllm {
+namespace qtip {
+
+torch::Tensor qtip_linear(const torch::Tensor& x, const torch::Tensor& trellis,
+                          const torch::Tensor& tlut, const torch::Tensor& su,
+                          const torch::Tensor& sv,
+                          const std::optional<torch::Tensor>& had_in,
+                          const std::optional<torch::Tensor>& had_out,
+                          int64_t in_block, int64_t out_block,
+                          int64_t dense_min_rows) {
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "qtip_linear: x must be float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "qtip_linear: x must be 2-D (rows, n), got ",
+              x.sizes());
+  TORCH_CHECK(su.dim() == 1 && sv.dim() == 1,
+              "qtip_linear: SU and SV must be 1-D, got ", su.sizes(), " and ",
+              sv.sizes());
+  TORCH_CHECK(trellis.dim() == 3 && trellis.size(0) * 32 == sv.size(0) &&
+                  trellis.size(1) * 32 == su.size(0),
+              "qtip_linear: trellis ", trellis.sizes(),
+              " must be (m/32, n/32, 64K) with m = len(SV) = ", sv.size(0),
+              " and n = len(SU) = ", su.size(0));
+  // x * SU, Hn^T, / 32, fp16.
+  torch::Tensor xh = qtip_hadamard(x, su, std::nullopt, had_in, true,
+                                   in_block, 1.0 / 32.0, at::kHalf);
+  torch::Tensor acc;
+  if (x.size(0) < dense_min_rows) {
+    acc = qtip_gemm(xh, trellis, tlut);
+  } else {
+    acc = at::matmul(xh, qtip_decode(trellis, tlut).t());
+  }
+  // Hm, * SV * 32, x's dtype.
+  return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_block, 32.0,
+                       x.scalar_type());
+}
+
+}  // namespace qtip
+}  // namespace vllm

@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Per-layer timings of the QTIP kernels against torch FP16 matmul.
+
+    python scripts/bench_kernels.py OUT.json [--K 2 3 4] [--batches 1 4 16]
+
+For the linear shapes of Llama-2-7B and Llama-3.1-8B, every K and batch size,
+it times one whole QTIP linear (qtip_matmul: input Hadamard, fused GEMM or
+decode + cuBLAS, output Hadamard), the trellis GEMM alone (batches below the
+dense crossover), and torch.matmul with an fp16 weight of the same shape. The
+device-to-device copy bandwidth is measured in the same run. Each time is the
+median over replays of a CUDA graph that runs the op on rotating copies of the
+weights (more bytes than L2 holds), divided by the number of ops in the graph.
+
+Writes {"gpu", "date", "copy_gbs", "rows": [{"m", "n", "K", "batch", "qtip_us",
+"fp16_us", "qtip_gbs", ...}]} and prints a Markdown table. qtip_gbs is the
+compressed weight bytes (m*n*K/8) over qtip_us.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+
+import torch
+
+from vllm._qtip_ops import (
+    QTIP_DENSE_MIN_ROWS,
+    qtip_gemm,
+    qtip_kernels_available,
+    qtip_matmul,
+)
+from vllm.model_executor.layers.quantization.utils.qtip_utils import (
+    get_hadamard_factor,
+)
+
+# (m, n) = (out_features, in_features) of the projections.
+SHAPES = {
+    "Llama-2-7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "Llama-3.1-8B": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
+}
+ROTATE_BYTES = 256 << 20  # > 4x the 50 MB L2 of an H100
+
+
+def time_graph(fns, replays: int = 7) -> float:
+    """Median microseconds per fn, replaying a CUDA graph of all of fns."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # warm-up outside capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy GB/s, counting bytes read plus bytes written."""
+    nbytes = 2 << 30
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    us = time_graph([lambda a=a, b=b: b.copy_(a)] * 4)
+    del a, b
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def factor(size: int):
+    _, had = get_hadamard_factor(size)
+    return None if had is None else had.cuda()
+
+
+def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
+    nbytes = m * n * K // 8
+    copies = max(2, math.ceil(ROTATE_BYTES / nbytes))
+    trellises = [
+        torch.randint(-(2**15), 2**15, (m * n * K // 16,), device="cuda").to(
+            torch.int16
+        )
+        for _ in range(copies)
+    ]
+    tlut = torch.randn(512, 2, device="cuda").half()
+    SU = torch.randn(n, device="cuda")
+    SV = torch.rand(m, device="cuda") * 0.01
+    had_in, had_out = factor(n), factor(m)
+    w16 = [
+        torch.randn(m, n, device="cuda").half()
+        for _ in range(max(2, math.ceil(ROTATE_BYTES / (2 * m * n))))
+    ]
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, n, device="cuda").to(dtype)
+        xh = x.half()
+        qtip_us = time_graph(
+            [
+                lambda t=t, x=x: qtip_matmul(x, t, tlut, SU, SV, had_in, had_out, K)
+                for t in trellises
+            ]
+        )
+        gemm_us = None
+        if batch < QTIP_DENSE_MIN_ROWS:
+            gemm_us = time_graph(
+                [lambda t=t, xh=xh: qtip_gemm(xh, t, tlut, m, K) for t in trellises]
+            )
+        fp16_us = time_graph([lambda w=w, xh=xh: torch.matmul(xh, w.t()) for w in w16])
+        rows.append(
+            {
+                "m": m,
+                "n": n,
+                "K": K,
+                "batch": batch,
+                "qtip_us": round(qtip_us, 2),
+                "fp16_us": round(fp16_us, 2),
+                "qtip_gbs": round(nbytes / (qtip_us * 1e-6) / 1e9, 1),
+                "gemm_us": None if gemm_us is None else round(gemm_us, 2),
+                "gemm_gbs": None
+                if gemm_us is None
+                else round(nbytes / (gemm_us * 1e-6) / 1e9, 1),
+            }
+        )
+    del trellises, w16
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="JSON output path")
+    parser.add_argument("--K", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256, 2048]
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=list(SHAPES), choices=list(SHAPES)
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    args = parser.parse_args()
+    if not qtip_kernels_available():
+        raise SystemExit("the QTIP kernels are not available on this machine")
+    dtype = getattr(torch, args.dtype)
+
+    copy_gbs = copy_bandwidth()
+    shapes = sorted({s for model in args.models for s in SHAPES[model]})
+    rows = []
+    for K in args.K:
+        for m, n in shapes:
+            rows += bench_shape(m, n, K, args.batches, dtype)
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "copy_gbs": round(copy_gbs, 1),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+    print(f"{result['gpu']}, copy {copy_gbs:.0f} GB/s, activations {args.dtype}\n")
+    print(
+        "| m | n | K | batch | qtip_us | gemm_us | fp16_us | qtip GB/s "
+        "| % copy | gemm % copy | fp16/qtip |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gemm = "-" if r["gemm_us"] is None else f"{r['gemm_us']:.1f}"
+        gemm_pct = (
+            "-" if r["gemm_gbs"] is None else f"{100 * r['gemm_gbs'] / copy_gbs:.0f}%"
+        )
+        print(
+            f"| {r['m']} | {r['n']} | {r['K']} | {r['batch']} | "
+            f"{r['qtip_us']:.1f} | {gemm} | {r['fp16_us']:.1f} | "
+            f"{r['qtip_gbs']:.0f} | {100 * r['qtip_gbs'] / copy_gbs:.0f}% | "
+            f"{gemm_pct} | {r['fp16_us'] / r['qtip_us']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

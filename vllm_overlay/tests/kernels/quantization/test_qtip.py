@@ -1,0 +1,367 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Tests for the QTIP CUDA kernels (vllm._qtip_C) against the reference codec.
+
+Run: pytest tests/kernels/quantization/test_qtip.py (needs a CUDA GPU with
+compute capability >= 8.0 and the _qtip_C extension). Golden vectors are found
+through QTIP_GOLDEN_DIR.
+
+Tolerances (relative Frobenius error against qtip_linear_forward, which uses
+the same reference numerics): 2e-3 for fp16 outputs and 8e-3 for bf16. The
+only differences are fp32 summation order (the fp16 rounding of the
+transformed input can then flip by one ulp), the fp16 output of the cuBLAS
+GEMM on the dense path (the reference fallback's numerics) and the final
+rounding to the activation dtype.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm._qtip_ops import (
+    QTIP_DENSE_MIN_ROWS,
+    qtip_decode,
+    qtip_gemm,
+    qtip_hadamard,
+    qtip_kernels_available,
+    qtip_matmul,
+)
+from vllm.model_executor.layers.quantization.utils.qtip_utils import (
+    HADAMARD_K_ORDER,
+    QTIPCodeParams,
+    decode_weight,
+    get_hadamard_factor,
+    hadamard_transform,
+    qtip_linear_forward,
+)
+
+if not torch.cuda.is_available():
+    pytest.skip("QTIP kernels need a CUDA GPU", allow_module_level=True)
+if not qtip_kernels_available():
+    pytest.skip(
+        "vllm._qtip_C is not built or the GPU is older than SM 8.0",
+        allow_module_level=True,
+    )
+
+GOLDEN_DIR = Path(os.environ.get("QTIP_GOLDEN_DIR", "../shared/reference/goldens"))
+DEVICE = "cuda"
+BATCHES = (1, 2, 3, 8, 16, 33, 256)
+SHAPES = (
+    (4096, 4096),
+    (11008, 4096),
+    (4096, 11008),
+    (14336, 4096),
+    (5120, 5120),
+    (576, 576),
+    (1536, 576),
+)
+TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "kernel output has NaN"
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def random_layer(m: int, n: int, K: int, seed: int = 0):
+    """Random trellis bits (any pattern is a valid trellis), tlut, SU, SV."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    trellis = torch.randint(
+        -(2**15), 2**15, (m * n * K // 16,), generator=g, device=DEVICE
+    ).to(torch.int16)
+    tlut = torch.randn(512, 2, generator=g, device=DEVICE).half()
+    SU = torch.randn(n, generator=g, device=DEVICE)
+    SV = torch.rand(m, generator=g, device=DEVICE) * 0.02 + 0.005
+    return trellis, tlut, SU, SV
+
+
+def factor(size: int) -> torch.Tensor | None:
+    _, had = get_hadamard_factor(size)
+    return None if had is None else had.to(DEVICE)
+
+
+def golden_files():
+    return sorted(GOLDEN_DIR.glob("*.safetensors")) if GOLDEN_DIR.is_dir() else []
+
+
+# ---------------------------------------------------------------------------
+# Decode: bit-exact against the reference codec
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not golden_files(), reason=f"no goldens in {GOLDEN_DIR} (set QTIP_GOLDEN_DIR)"
+)
+@pytest.mark.parametrize("path", golden_files(), ids=lambda p: p.stem)
+def test_decode_and_forward_goldens(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt", device=DEVICE) as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    m, n, K = int(meta["m"]), int(meta["n"]), int(meta["K"])
+    w = qtip_decode(t["trellis"], t["tlut"], m, n, K)
+    assert w.dtype == torch.float16
+    assert torch.equal(w.float(), t["hatW"])
+    # The goldens' y was computed in fp32 throughout; the kernel rounds the
+    # transformed input to fp16 like the published kernel.
+    SU, SV = t["SU"].float(), t["SV"].float()
+    y = qtip_matmul(
+        t["x"].half(), t["trellis"], t["tlut"], SU, SV, factor(n), factor(m), K
+    )
+    assert rel_err(y, t["y"]) < 2e-3
+
+
+@pytest.mark.parametrize("K", (2, 3, 4))
+@pytest.mark.parametrize("m,n", ((64, 128), (96, 576), (4096, 4096), (1536, 576)))
+def test_decode_random(K: int, m: int, n: int):
+    trellis, tlut, _, _ = random_layer(m, n, K, seed=K * 7 + m)
+    params = QTIPCodeParams(K=K)
+    ref = decode_weight(trellis, tlut, m, n, params)
+    w = qtip_decode(trellis, tlut, m, n, K)
+    assert torch.equal(w.float(), ref)
+
+
+# ---------------------------------------------------------------------------
+# GEMM and the whole linear against qtip_linear_forward
+# ---------------------------------------------------------------------------
+
+
+def _check_linear(m: int, n: int, K: int, dtype: torch.dtype, batches):
+    trellis, tlut, SU, SV = random_layer(m, n, K, seed=m + n + K)
+    had_in, had_out = factor(n), factor(m)
+    params = QTIPCodeParams(K=K)
+    rows = sum(batches)
+    x = torch.randn(rows, n, device=DEVICE).to(dtype)
+    # The reference is row-independent: one decode for all batch sizes.
+    ref = qtip_linear_forward(
+        x, trellis, SU, SV, tlut, params, had_in=had_in, had_out=had_out
+    )
+    start = 0
+    for b in batches:
+        y = qtip_matmul(x[start : start + b], trellis, tlut, SU, SV, had_in, had_out, K)
+        assert y.shape == (b, m) and y.dtype == dtype
+        err = rel_err(y, ref[start : start + b])
+        assert err < TOL[dtype], f"batch {b}: relative error {err:.2e}"
+        start += b
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_linear_k2(m: int, n: int, dtype: torch.dtype):
+    _check_linear(m, n, 2, dtype, BATCHES)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("K", (3, 4))
+@pytest.mark.parametrize("m,n", ((4096, 4096), (576, 576), (1536, 576)))
+def test_linear_k34(m: int, n: int, K: int, dtype: torch.dtype):
+    _check_linear(m, n, K, dtype, (1, 3, 16, 33, QTIP_DENSE_MIN_ROWS + 1))
+
+
+@pytest.mark.parametrize("K", (2, 3, 4))
+@pytest.mark.parametrize("batch", (1, 5, 8, 9, 16, 17, 32, 40))
+def test_gemm_vs_decoded(K: int, batch: int):
+    # Every batch tiling (8, 16, 32 rows and chunks of 32) against the
+    # decoded weight, in fp32 (exact fp16 products, fp32 sums).
+    m, n = 1024, 2048
+    trellis, tlut, _, _ = random_layer(m, n, K, seed=batch)
+    x = torch.randn(batch, n, device=DEVICE).half()
+    w = qtip_decode(trellis, tlut, m, n, K).float()
+    y = qtip_gemm(x, trellis, tlut, m, K)
+    assert y.dtype == torch.float32 and y.shape == (batch, m)
+    assert rel_err(y, x.float() @ w.T) < 1e-5
+
+
+def test_block_diagonal_linear():
+    # A TP-split (rcp=2 style) layer: Hm block-diagonal with 8 blocks.
+    m, n, K = 8 * 1664, 4096, 2  # 1664 = 52 * 32
+    trellis, tlut, SU, SV = random_layer(m, n, K, seed=3)
+    params = QTIPCodeParams(K=K)
+    x = torch.randn(4, n, device=DEVICE).half()
+    ref = qtip_linear_forward(x, trellis, SU, SV, tlut, params, rcp=2, tp_rank=8)
+    y = qtip_matmul(x, trellis, tlut, SU, SV, None, factor(m // 8), K, out_block=m // 8)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+# ---------------------------------------------------------------------------
+# Hadamard transforms
+# ---------------------------------------------------------------------------
+
+HAD_SIZES = [k * 64 for k in HADAMARD_K_ORDER] + [
+    8,
+    64,
+    4096,
+    11008,
+    14336,
+    16384,
+    28 * 2048,
+]
+
+
+@pytest.mark.parametrize("n", HAD_SIZES)
+@pytest.mark.parametrize("transpose", (False, True))
+def test_hadamard(n: int, transpose: bool):
+    x = torch.randn(3, n, device=DEVICE)
+    in_scale = torch.randn(n, device=DEVICE)
+    out_scale = torch.randn(n, device=DEVICE)
+    had = factor(n)
+    ref = hadamard_transform(x * in_scale, transpose=transpose, had_k=had)
+    ref = ref * 0.5 * out_scale
+    y = qtip_hadamard(
+        x,
+        had,
+        transpose=transpose,
+        in_scale=in_scale,
+        out_scale=out_scale,
+        factor=0.5,
+    )
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("in_dtype", (torch.float16, torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16, torch.float32))
+def test_hadamard_dtypes(in_dtype: torch.dtype, out_dtype: torch.dtype):
+    n = 5120
+    x = torch.randn(7, n, device=DEVICE).to(in_dtype)
+    ref = hadamard_transform(x.float(), had_k=factor(n))
+    y = qtip_hadamard(x, factor(n), out_dtype=out_dtype)
+    assert y.dtype == out_dtype
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+    assert rel_err(y, ref) < tol[out_dtype]
+
+
+@pytest.mark.parametrize("n,block", ((8 * 6656, 6656), (4096, 512), (8 * 1536, 1536)))
+@pytest.mark.parametrize("rows", (1, 300))
+def test_hadamard_blocks(n: int, block: int, rows: int):
+    x = torch.randn(rows, n, device=DEVICE)
+    had = factor(block)
+    ref = hadamard_transform(x, transpose=True, block_size=block, had_k=had)
+    y = qtip_hadamard(x, had, transpose=True, block_size=block)
+    assert rel_err(y, ref) < 1e-5
+
+
+# ---------------------------------------------------------------------------
+# Op registration, torch.compile, CUDA graphs
+# ---------------------------------------------------------------------------
+
+
+def _small_layer(K: int = 2):
+    m, n = 96, 576  # one split: deterministic, so opcheck can compare runs
+    trellis, tlut, SU, SV = random_layer(m, n, K, seed=11)
+    return m, n, trellis.view(m // 32, n // 32, 64 * K), tlut, SU, SV
+
+
+def test_opcheck():
+    m, n, trellis, tlut, SU, SV = _small_layer()
+    x16 = torch.randn(5, n, device=DEVICE).half()
+    ops = torch.ops._qtip_C
+    torch.library.opcheck(ops.qtip_gemm.default, (x16, trellis, tlut))
+    torch.library.opcheck(ops.qtip_decode.default, (trellis, tlut))
+    torch.library.opcheck(
+        ops.qtip_hadamard.default,
+        (x16, SU, None, factor(n), True, n, 1 / 32, torch.float16),
+    )
+    for dtype in (torch.float16, torch.bfloat16):
+        for dense_min_rows in (64, 1):
+            torch.library.opcheck(
+                ops.qtip_linear.default,
+                (
+                    x16.to(dtype),
+                    trellis,
+                    tlut,
+                    SU,
+                    SV,
+                    factor(n),
+                    factor(m),
+                    n,
+                    m,
+                    dense_min_rows,
+                ),
+            )
+
+
+def test_cuda_graph():
+    m, n, trellis, tlut, SU, SV = _small_layer(3)
+    had_in, had_out = factor(n), factor(m)
+    x = torch.randn(4, n, device=DEVICE).half()
+
+    def fwd(inp):
+        return qtip_matmul(inp, trellis, tlut, SU, SV, had_in, had_out, 3)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fwd(x)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fwd(x)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, fwd(x)) < 1e-6
+
+
+def test_torch_compile():
+    m, n, trellis, tlut, SU, SV = _small_layer(4)
+    had_in, had_out = factor(n), factor(m)
+
+    def fwd(inp):
+        return qtip_matmul(inp, trellis, tlut, SU, SV, had_in, had_out, 4) * 2
+
+    compiled = torch.compile(fwd, fullgraph=True, dynamic=True)
+    for rows in (3, 2 * QTIP_DENSE_MIN_ROWS):
+        x = torch.randn(rows, n, device=DEVICE).bfloat16()
+        assert rel_err(compiled(x), fwd(x)) < 1e-6
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    m, n, trellis, tlut, SU, SV = _small_layer()
+    x = torch.randn(2, n, device=DEVICE).half()
+    flat = trellis.reshape(-1)
+
+    def call(**kw):
+        args = dict(
+            x=x, trellis=flat, tlut=tlut, SU=SU, SV=SV, had_in=factor(n),
+            had_out=factor(m), K=2,
+        )  # fmt: skip
+        args.update(kw)
+        return qtip_matmul(**args)
+
+    with pytest.raises(ValueError, match="x must be float16 or bfloat16"):
+        call(x=x.float())
+    with pytest.raises(ValueError, match="expected n = len\\(SU\\)"):
+        call(x=x[:, :64].contiguous())
+    with pytest.raises(ValueError, match="trellis has shape"):
+        call(trellis=flat[:-16])
+    with pytest.raises(ValueError, match="K in"):
+        call(K=5)
+    with pytest.raises(ValueError, match="tlut must be float16"):
+        call(tlut=tlut.float())
+    with pytest.raises(ValueError, match="SU must be float32"):
+        call(SU=SU.half())
+    with pytest.raises(ValueError, match="had_in must be a float32"):
+        call(had_in=factor(n)[:3])
+    ops = torch.ops._qtip_C
+    with pytest.raises(RuntimeError, match="x must be float16"):
+        ops.qtip_gemm(x.float(), trellis, tlut)
+    with pytest.raises(RuntimeError, match="trellis must be int16"):
+        ops.qtip_decode(trellis.int(), tlut)
+    with pytest.raises(RuntimeError, match="tlut must have shape"):
+        ops.qtip_decode(trellis, tlut[:256])
+    with pytest.raises(RuntimeError, match="block_size=100 must divide"):
+        ops.qtip_hadamard(x, None, None, None, False, 100, 1.0, torch.half)
+    with pytest.raises(RuntimeError, match="must be a power of two"):
+        ops.qtip_hadamard(x, None, None, None, False, n, 1.0, torch.half)
+    with pytest.raises(RuntimeError, match="in_scale must have shape"):
+        ops.qtip_hadamard(x, SU[:64], None, factor(n), False, n, 1.0, torch.half)

@@ -1,0 +1,279 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Python wrappers for the QTIP CUDA kernels (``torch.ops._qtip_C``).
+
+The kernels implement the HYB trellis code of every published QTIP checkpoint
+(quantlut_sym, L=16, V=2, tlut_bits=9, 16x16 tiles, K = 2, 3, 4) on the
+published kernel byte layout. :func:`qtip_matmul` is the one entry point of a
+QTIP linear layer; the other wrappers expose the building blocks for tests
+and benchmarks.
+
+Only torch is imported here, so kernel harnesses can load this file without
+the rest of vLLM.
+"""
+
+import contextlib
+import functools
+
+import torch
+
+with contextlib.suppress(ImportError):
+    import vllm._qtip_C  # noqa: F401
+
+try:
+    from torch.library import register_fake
+except ImportError:  # torch < 2.4
+    from torch.library import impl_abstract as register_fake
+
+# Batch rows from which decoding W_hat to fp16 once and running cuBLAS beats
+# the fused decode + GEMM kernel (which re-decodes W_hat for every 32 rows).
+# Measured on H100 80GB HBM3 (see csrc/quantization/qtip/NOTES.md).
+QTIP_DENSE_MIN_ROWS = 64
+
+# Bits per weight with a kernel, and the HYB table shape.
+QTIP_KERNEL_K = (2, 3, 4)
+QTIP_TLUT_SHAPE = (512, 2)
+# mma.sync m16n8k16 with fp16 operands.
+QTIP_MIN_CAPABILITY = (8, 0)
+
+_OPS = ("qtip_gemm", "qtip_decode", "qtip_hadamard", "qtip_linear")
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops._qtip_C, name)
+
+
+if _has_op("qtip_gemm"):
+
+    @register_fake("_qtip_C::qtip_gemm")
+    def _qtip_gemm_fake(
+        x: torch.Tensor, trellis: torch.Tensor, tlut: torch.Tensor
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], trellis.shape[0] * 32), dtype=torch.float32)
+
+
+if _has_op("qtip_decode"):
+
+    @register_fake("_qtip_C::qtip_decode")
+    def _qtip_decode_fake(trellis: torch.Tensor, tlut: torch.Tensor) -> torch.Tensor:
+        return trellis.new_empty(
+            (trellis.shape[0] * 32, trellis.shape[1] * 32), dtype=torch.float16
+        )
+
+
+if _has_op("qtip_hadamard"):
+
+    @register_fake("_qtip_C::qtip_hadamard")
+    def _qtip_hadamard_fake(
+        x: torch.Tensor,
+        in_scale: torch.Tensor | None,
+        out_scale: torch.Tensor | None,
+        had_k: torch.Tensor | None,
+        transpose: bool,
+        block_size: int,
+        factor: float,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return x.new_empty(x.shape, dtype=out_dtype)
+
+
+if _has_op("qtip_linear"):
+
+    @register_fake("_qtip_C::qtip_linear")
+    def _qtip_linear_fake(
+        x: torch.Tensor,
+        trellis: torch.Tensor,
+        tlut: torch.Tensor,
+        SU: torch.Tensor,
+        SV: torch.Tensor,
+        had_in: torch.Tensor | None,
+        had_out: torch.Tensor | None,
+        in_block: int,
+        out_block: int,
+        dense_min_rows: int,
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], SV.shape[0]))
+
+
+@functools.cache
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def qtip_kernels_available(device: torch.device | str | int | None = None) -> bool:
+    """Whether the QTIP kernels can run on ``device`` (default: current CUDA).
+
+    True when the ``_qtip_C`` extension is loaded, the device is CUDA (not
+    ROCm) and its compute capability is at least 8.0. The capability is
+    looked up once per device.
+    """
+    if not all(_has_op(name) for name in _OPS):
+        return False
+    if not torch.cuda.is_available() or torch.version.hip is not None:
+        return False
+    if device is None:
+        index = torch.cuda.current_device()
+    else:
+        device = torch.device("cuda", device) if isinstance(device, int) else device
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+        index = device.index if device.index is not None else 0
+    return _device_capability(index) >= QTIP_MIN_CAPABILITY
+
+
+def _check_trellis(trellis: torch.Tensor, tlut: torch.Tensor, m: int, n: int, K: int):
+    if K not in QTIP_KERNEL_K:
+        raise ValueError(f"QTIP kernels support K in {QTIP_KERNEL_K}, got K={K}")
+    if m % 32 != 0 or n % 32 != 0:
+        raise ValueError(
+            f"QTIP kernels need m (out_features) and n (in_features) to be "
+            f"multiples of 32, got m={m}, n={n}"
+        )
+    if trellis.dtype != torch.int16:
+        raise ValueError(f"trellis must be int16, got {trellis.dtype}")
+    if trellis.numel() != m * n * K // 16:
+        raise ValueError(
+            f"trellis has shape {tuple(trellis.shape)} ({trellis.numel()} elements), "
+            f"expected m*n*K/16 = {m * n * K // 16} for m={m}, n={n}, K={K}"
+        )
+    if not trellis.is_contiguous():
+        raise ValueError("trellis must be contiguous")
+    if tlut.dtype != torch.float16 or tuple(tlut.shape) != QTIP_TLUT_SHAPE:
+        raise ValueError(
+            f"tlut must be float16 of shape {QTIP_TLUT_SHAPE}, got {tlut.dtype} "
+            f"{tuple(tlut.shape)}"
+        )
+    if trellis.device != tlut.device:
+        raise ValueError(
+            f"trellis ({trellis.device}) and tlut ({tlut.device}) must be on one device"
+        )
+    return trellis.view(m // 32, n // 32, 64 * K)
+
+
+def _check_factor(had: torch.Tensor | None, name: str, device: torch.device) -> None:
+    if had is None:
+        return
+    if not (
+        had.dtype == torch.float32 and had.dim() == 2 and had.shape[0] == had.shape[1]
+    ):
+        raise ValueError(
+            f"{name} must be a float32 (K, K) Hadamard factor, got {had.dtype} "
+            f"{tuple(had.shape)}"
+        )
+    if had.device != device:
+        raise ValueError(f"{name} must be on {device}, got {had.device}")
+
+
+def qtip_gemm(
+    x: torch.Tensor, trellis: torch.Tensor, tlut: torch.Tensor, m: int, K: int
+) -> torch.Tensor:
+    """x (B, n) fp16 @ W_hat^T -> (B, m) fp32, W_hat decoded on the fly."""
+    trellis3 = _check_trellis(trellis, tlut, m, x.shape[-1], K)
+    return torch.ops._qtip_C.qtip_gemm(x, trellis3, tlut)
+
+
+def qtip_decode(
+    trellis: torch.Tensor, tlut: torch.Tensor, m: int, n: int, K: int
+) -> torch.Tensor:
+    """The Hadamard-domain weight W_hat (m, n) in fp16."""
+    trellis3 = _check_trellis(trellis, tlut, m, n, K)
+    return torch.ops._qtip_C.qtip_decode(trellis3, tlut)
+
+
+def qtip_hadamard(
+    x: torch.Tensor,
+    had_k: torch.Tensor | None = None,
+    *,
+    transpose: bool = False,
+    block_size: int | None = None,
+    in_scale: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    factor: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """factor * out_scale * H(in_scale * x) along the last dim of x, in fp32.
+
+    H = (H_K kron Sylvester) / sqrt(b) (H_K^T if ``transpose``), applied to
+    each contiguous block of ``block_size`` (default: the whole dim) elements;
+    ``had_k`` is H_K (float32 K x K on x's device) or None for powers of two.
+    """
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    y = torch.ops._qtip_C.qtip_hadamard(
+        x2,
+        in_scale,
+        out_scale,
+        had_k,
+        transpose,
+        n if block_size is None else block_size,
+        factor,
+        x.dtype if out_dtype is None else out_dtype,
+    )
+    return y.reshape(x.shape)
+
+
+def qtip_matmul(
+    x: torch.Tensor,
+    trellis: torch.Tensor,
+    tlut: torch.Tensor,
+    SU: torch.Tensor,
+    SV: torch.Tensor,
+    had_in: torch.Tensor | None,
+    had_out: torch.Tensor | None,
+    K: int,
+    *,
+    in_block: int | None = None,
+    out_block: int | None = None,
+) -> torch.Tensor:
+    """One QTIP linear: y = SV * (Hm @ W_hat @ Hn^T @ (SU * x)).
+
+    x (..., n) fp16/bf16 -> (..., m) in x's dtype, with the reference
+    numerics (x * SU and Hn^T in fp32, / 32 then fp16, W_hat product with fp32
+    accumulation, Hm in fp32, * SV * 32). trellis holds m*n*K/16 int16 in the
+    published kernel layout (any shape, e.g. (m/32, n/32, 64K)), tlut is
+    (512, 2) fp16, SU (n,) and SV (m,) fp32, had_in / had_out the H_K factors
+    of Hn / Hm (float32 K x K on x's device, None for powers of two).
+    in_block / out_block make Hn / Hm block-diagonal (TP-split checkpoints).
+    Below QTIP_DENSE_MIN_ROWS rows the fused decode + GEMM kernel runs,
+    from there on W_hat is decoded to fp16 and multiplied by cuBLAS; the
+    choice happens inside one op, so torch.compile sees no branch.
+    """
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if not x.is_cuda:
+        raise ValueError(f"x must be a CUDA tensor, got device {x.device}")
+    if SU.dim() != 1 or SV.dim() != 1:
+        raise ValueError(
+            f"SU and SV must be 1-D, got shapes {tuple(SU.shape)} and {tuple(SV.shape)}"
+        )
+    m, n = SV.shape[0], SU.shape[0]
+    if x.shape[-1] != n:
+        raise ValueError(
+            f"x has {x.shape[-1]} features (shape {tuple(x.shape)}), expected "
+            f"n = len(SU) = {n}"
+        )
+    for name, t in (("SU", SU), ("SV", SV)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+    _check_factor(had_in, "had_in", x.device)
+    _check_factor(had_out, "had_out", x.device)
+    if trellis.device != x.device:
+        raise ValueError(f"trellis must be on {x.device}, got {trellis.device}")
+    trellis3 = _check_trellis(trellis, tlut, m, n, K)
+    lead = x.shape[:-1]
+    y = torch.ops._qtip_C.qtip_linear(
+        x.reshape(-1, n).contiguous(),
+        trellis3,
+        tlut,
+        SU,
+        SV,
+        had_in,
+        had_out,
+        n if in_block is None else in_block,
+        m if out_block is None else out_block,
+        QTIP_DENSE_MIN_ROWS,
+    )
+    return y.reshape(*lead, m)
