@@ -414,6 +414,29 @@ def test_layer_parameters_and_hadamard_buffers(tp1):
     assert linears.model.layers[1].self_attn.qkv_proj.qtip_had_in_0 is qkv.qtip_had_in_0
 
 
+def test_layers_compile_without_graph_breaks(tp1):
+    # vLLM compiles the model with dynamic batch sizes; the QTIP forward must
+    # trace as one graph (no host syncs, no Python-side state).
+    spec = TinyLlamaSpec(num_hidden_layers=1, skip_list=["0_v"], split_for_tp=True)
+    tensors = random_llama_tensors(spec)
+    cfg = QTIPConfig.from_config(
+        {"quant_method": "qtip", **quip_params(spec.code_params, **_spec_options(spec))}
+    )
+    linears = LlamaLinears(spec, cfg, torch.float16)
+    linears.load(tensors)
+    block = linears.model.layers[0]
+    for module, width in (
+        (block.self_attn.qkv_proj, spec.hidden_size),
+        (block.mlp.down_proj, spec.intermediate_size),
+    ):
+        compiled = torch.compile(
+            module, fullgraph=True, dynamic=True, backend="aot_eager"
+        )
+        for tokens in (3, 5):
+            x = torch.randn(tokens, width, dtype=torch.float16)
+            torch.testing.assert_close(compiled(x)[0], module(x)[0], rtol=0, atol=0)
+
+
 def _spec_options(spec: TinyLlamaSpec) -> dict:
     return dict(
         split_for_tp=spec.split_for_tp,

@@ -37,6 +37,9 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
+from vllm.model_executor.layers.quantization.utils.qtip_hadamard import (
+    hadamard_factor,
+)
 from vllm.model_executor.layers.quantization.utils.qtip_utils import (
     DECODE_MODES,
     QTIPCodeParams,
@@ -287,9 +290,7 @@ class QTIPConfig(QuantizationConfig):
     def hadamard_factor(self, k: int, device: torch.device) -> torch.Tensor:
         """H_K as fp32 on device, one tensor shared by every layer."""
         if (k, device) not in self._hadamard_factors:
-            _, had = get_hadamard_factor(k)
-            assert had is not None
-            self._hadamard_factors[(k, device)] = had.to(device=device)
+            self._hadamard_factors[(k, device)] = hadamard_factor(k, device=device)
         return self._hadamard_factors[(k, device)]
 
 
@@ -564,6 +565,8 @@ class QTIPLinearMethod(LinearMethodBase):
             shard.params,
             rcp=transform.rcp,
             tp_rank=transform.blocks,
+            had_in=getattr(layer, f"qtip_had_in_{shard.index}"),
+            had_out=getattr(layer, f"qtip_had_out_{shard.index}"),
         )
 
 

@@ -247,6 +247,9 @@ class TinyLlamaSpec:
     num_hidden_layers: int = 2
     vocab_size: int = 256
     max_position_embeddings: int = 256
+    # lm_head std times sqrt(hidden_size): the logits' std. Larger values
+    # make peaked next-token distributions, with fewer near-ties.
+    logit_scale: float = 2.0
     K: int = 2
     K_v_proj: int | None = None
     skip_list: Sequence[str] = ()
@@ -346,7 +349,7 @@ def random_llama_tensors(spec: TinyLlamaSpec) -> dict[str, torch.Tensor]:
     tensors["model.norm.weight"] = (1 + 0.1 * torch.randn(h, generator=gen)).to(
         spec.dtype
     )
-    tensors["lm_head.weight"] = randn(vocab, h, std=2 / math.sqrt(h))
+    tensors["lm_head.weight"] = randn(vocab, h, std=spec.logit_scale / math.sqrt(h))
     return tensors
 
 
