@@ -221,9 +221,8 @@ def block_ldlq(
                 if fb is not None:
                     part += err @ fb[:, cols]
             block_states, block_w = quantize(target)
-            states[:, b * params.td_y // params.V : (b + 1) * params.td_y // params.V] = (
-                block_states
-            )
+            groups = params.td_y // params.V
+            states[:, b * groups : (b + 1) * groups] = block_states
             w_hat[:, cols] = block_w
             error[:, cols] = weight[:, cols] - block_w
     return list(zip(states.split(rows), w_hat.split(rows)))

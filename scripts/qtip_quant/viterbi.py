@@ -57,14 +57,30 @@ def _step(
     return value, index.to(torch.uint8)
 
 
+def _eager_step(batch: int, grid: tuple[int, int, int], device) -> StepFn:
+    """_step with preallocated buffers: eager ops then allocate nothing, which
+    makes CPU runs about 3x faster."""
+    cost = torch.empty(batch, *grid, device=device)
+    value = torch.empty(batch, grid[1] * grid[2], device=device)
+    index = torch.empty(batch, grid[1] * grid[2], dtype=torch.int64, device=device)
+
+    def step(best, target, table_t, table_norm):
+        torch.add(table_norm, best.view(batch, grid[0], -1, 1), out=cost)
+        for v in range(target.shape[1]):
+            cost.addcmul_(target[:, v, None, None, None], table_t[v], value=-2.0)
+        torch.min(cost.view(batch, grid[0], -1), dim=1, out=(value, index))
+        # value becomes the next call's ``best``, read before min rewrites it.
+        return value, index.to(torch.uint8)
+
+    return step
+
+
 _compiled_step: StepFn | None = None
 
 
-def step_function(compile_step: bool) -> StepFn:
-    """The step, compiled once per process when asked (GPU runs)."""
+def _compiled() -> StepFn:
+    """_step compiled once per process (one fused kernel per step)."""
     global _compiled_step
-    if not compile_step:
-        return _step
     if _compiled_step is None:
         _compiled_step = torch.compile(_step, dynamic=True)
     return _compiled_step
@@ -95,17 +111,16 @@ def viterbi(
     B, S, V = targets.shape
     if table.shape != (1 << L, V):
         raise ValueError(
-            f"table has shape {tuple(table.shape)}, expected (2**L, V) = "
-            f"{(1 << L, V)}"
+            f"table has shape {tuple(table.shape)}, expected (2**L, V) = {(1 << L, V)}"
         )
     device = targets.device
     shift = L - kv
-    step = step_function(compile_step)
     table = table.to(device=device, dtype=torch.float32)
     grid = (1 << kv, 1 << (L - 2 * kv), 1 << kv)
     table_t = table.T.contiguous().view(V, *grid)
     table_norm = (table * table).sum(-1).view(grid)
     targets = targets.to(torch.float32)
+    step = _compiled() if compile_step else _eager_step(B, grid, device)
 
     best = torch.zeros(B, 1 << shift, device=device)
     if start_prefix is not None:
@@ -162,11 +177,12 @@ def tail_biting_viterbi(
 def bytes_per_sequence(L: int, kv: int, S: int, compile_step: bool) -> int:
     """Working memory of one sequence in ``viterbi``.
 
-    Back-pointers (S * 2**(L-kv) bytes) plus the per-step (2**L) float32
-    temporaries: eager runs keep about three alive, a compiled step none.
+    Back-pointers (S * 2**(L-kv) bytes), per-suffix costs and indices, and
+    for eager steps the (2**L) float32 cost buffer (a compiled step fuses it
+    away).
     """
-    temporaries = 0 if compile_step else 3
-    return S * (1 << (L - kv)) + (1 << L) * 4 * temporaries + (1 << (L - kv)) * 24
+    cost = 0 if compile_step else (1 << L) * 4
+    return S * (1 << (L - kv)) + (1 << (L - kv)) * 32 + cost
 
 
 def quantize_sequences(

@@ -1,0 +1,185 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Per-layer fine-tuning of SU, SV and the lookup table (qtip_format.md §4.4).
+
+After a decoder layer's projections are quantized, their trellis states are
+frozen and the continuous parameters (SU, SV, tlut of every projection) are
+trained with Adam so that the layer's output matches the original layer's
+output on calibration inputs. A held-out part of the inputs picks the best
+epoch (early stopping).
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .codec import QTIPCodeParams, qtip_utils
+
+
+@dataclass
+class QuantizedLinear:
+    """A quantized projection: frozen states and its continuous parameters.
+
+    states: (m, n/V) int64 trellis states; SU (n,), SV (m,) float32, SV
+    including Wscale; tlut (2**tlut_bits, V) float32 or None; rcp/tp_rank
+    as in the checkpoint; proxy: tr(dW H dW^T) / tr(W H W^T) before
+    fine-tuning.
+    """
+
+    states: torch.Tensor
+    SU: torch.Tensor
+    SV: torch.Tensor
+    tlut: torch.Tensor | None
+    rcp: int
+    tp_rank: int
+    proxy: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.SV.numel(), self.SU.numel()
+
+
+def hadamard_blocks(q: QuantizedLinear) -> tuple[int | None, int | None]:
+    """Block sizes of the input and output Hadamards for q's rcp."""
+    m, n = q.shape
+    return (
+        n // q.tp_rank if q.rcp == 1 else None,
+        m // q.tp_rank if q.rcp == 2 else None,
+    )
+
+
+class TrainableQTIPLinear(torch.nn.Module):
+    """Differentiable stand-in for nn.Linear during fine-tuning.
+
+    The dense weight ``diag(SV) Hm W_hat(tlut) Hn^T diag(SU)`` is rebuilt
+    each call from the frozen states, so gradients reach SU, SV and tlut.
+    """
+
+    def __init__(
+        self,
+        q: QuantizedLinear,
+        params: QTIPCodeParams,
+        hadamards: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.params = params
+        self.register_buffer("states", q.states)
+        self.register_buffer("h_in", hadamards[0].float())
+        self.register_buffer("h_out", hadamards[1].float())
+        self.SU = torch.nn.Parameter(q.SU.float().clone())
+        self.SV = torch.nn.Parameter(q.SV.float().clone())
+        self.tlut = (
+            None if q.tlut is None else torch.nn.Parameter(q.tlut.float().clone())
+        )
+
+    def weight(self) -> torch.Tensor:
+        m, n = self.SV.numel(), self.SU.numel()
+        w_hat = qtip_utils.decode_states(self.states, self.params, self.tlut)
+        w = self.h_out @ w_hat.reshape(m, n) @ self.h_in.T
+        return self.SV[:, None] * w * self.SU[None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype))
+
+
+def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module):
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class FinetuneOptions:
+    epochs: int = 5
+    lr: float = 1e-4
+    valid_fraction: float = 0.25
+    train_tlut: bool = True
+
+
+def finetune_layer(
+    layer: torch.nn.Module,
+    quantized: dict[str, QuantizedLinear],
+    params: QTIPCodeParams,
+    hadamards: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    inputs: list[torch.Tensor],
+    layer_kwargs: dict[str, Any],
+    options: FinetuneOptions,
+    desc: str = "finetune",
+) -> tuple[dict[str, QuantizedLinear], dict[str, float]]:
+    """Fine-tune the quantized projections of one decoder layer.
+
+    layer is the original decoder layer (left unchanged); quantized maps
+    projection paths ("self_attn.q_proj", ...) to their results; inputs are
+    batches of the layer's input hidden states. Returns updated copies of
+    the QuantizedLinears and the validation MSE before and after.
+    """
+    device = next(layer.parameters()).device
+    work = copy.deepcopy(layer).float()
+    work.requires_grad_(False)
+    with torch.no_grad():
+        targets = [
+            _layer_output(work(x.to(device).float(), **layer_kwargs)).cpu()
+            for x in inputs
+        ]
+    modules = {}
+    for path, q in quantized.items():
+        modules[path] = TrainableQTIPLinear(q, params, hadamards[path]).to(device)
+        if modules[path].tlut is not None and not options.train_tlut:
+            modules[path].tlut.requires_grad_(False)
+        _set_submodule(work, path, modules[path])
+    trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=options.lr)
+    num_valid = max(1, int(len(inputs) * options.valid_fraction))
+    if len(inputs) <= num_valid:
+        raise ValueError(
+            f"fine-tuning needs more than {num_valid} input batches, got "
+            f"{len(inputs)}: raise --ft-seqs"
+        )
+    train = list(range(len(inputs) - num_valid))
+    valid = list(range(len(inputs) - num_valid, len(inputs)))
+
+    def loss_of(index: int) -> torch.Tensor:
+        out = _layer_output(work(inputs[index].to(device).float(), **layer_kwargs))
+        return F.mse_loss(out, targets[index].to(device))
+
+    def validation() -> float:
+        with torch.no_grad():
+            return sum(loss_of(i).item() for i in valid) / len(valid)
+
+    def snapshot() -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            path: {k: v.detach().clone() for k, v in m.named_parameters()}
+            for path, m in modules.items()
+        }
+
+    start = best = validation()
+    best_params = snapshot()
+    generator = torch.Generator().manual_seed(0)
+    for _ in tqdm(range(options.epochs), desc=desc, leave=False):
+        for i in torch.randperm(len(train), generator=generator).tolist():
+            optimizer.zero_grad(set_to_none=True)
+            loss_of(train[i]).backward()
+            optimizer.step()
+        score = validation()
+        if score < best:
+            best, best_params = score, snapshot()
+    result = {}
+    for path, q in quantized.items():
+        trained = best_params[path]
+        result[path] = QuantizedLinear(
+            states=q.states,
+            SU=trained["SU"].cpu(),
+            SV=trained["SV"].cpu(),
+            tlut=trained["tlut"].cpu() if "tlut" in trained else q.tlut,
+            rcp=q.rcp,
+            tp_rank=q.tp_rank,
+            proxy=q.proxy,
+        )
+    return result, {"mse_before": start, "mse_after": best}

