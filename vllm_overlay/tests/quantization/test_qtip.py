@@ -46,7 +46,6 @@ from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import (
     TinyLlamaSpec,
     build_reference_model,
     checkpoint_qtip_params,
-    iterate_checkpoint,
     quip_params,
     random_llama_checkpoint,
     random_llama_tensors,
@@ -60,11 +59,10 @@ from vllm.model_executor.layers.quantization.utils.qtip_utils import (
     get_hadamard_factor,
     qtip_linear_forward,
 )
-from vllm.model_executor.model_loader.utils import process_weights_after_loading
+from vllm.model_executor.model_loader import get_model_loader
 from vllm.model_executor.model_loader.weight_utils import initialize_dummy_weights
 from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader
-from vllm.utils.torch_utils import set_default_torch_dtype
 
 # quip_params of a published relaxml checkpoint (Llama-2-7b-QTIP-2Bit).
 RELAXML_PARAMS = {
@@ -583,10 +581,12 @@ def load_vllm_llama(path, tmp_path, dtype=torch.float16) -> LlamaForCausalLM:
             backend="gloo",
         )
         initialize_model_parallel(1, 1)
-        with set_default_torch_dtype(dtype):
-            model = LlamaForCausalLM(vllm_config=vllm_config)
-        model.load_weights(iterate_checkpoint(path))
-        process_weights_after_loading(model, model_config, torch.device("cpu"))
+        # vLLM's own loader: builds the model, streams the safetensors
+        # files through load_weights and runs process_weights_after_loading.
+        model = get_model_loader(vllm_config.load_config).load_model(
+            vllm_config=vllm_config, model_config=model_config
+        )
+    assert isinstance(model, LlamaForCausalLM)
     return model
 
 
@@ -602,10 +602,18 @@ def test_llama_checkpoint_loads_through_model_classes(
     cpu_attention, tmp_path, spec, max_shard_bytes
 ):
     path = tmp_path / "ckpt"
+    tensors = random_llama_tensors(spec)
+    for entry in spec.skip_list:
+        # Scalars left for an unquantized (skip-listed) layer are ignored.
+        layer, key = entry.split("_")
+        if key == "down":
+            prefix = f"model.layers.{layer}.mlp.down_proj"
+            tensors[f"{prefix}.rcp"] = torch.tensor(0)
+            tensors[f"{prefix}.tp_rank"] = torch.tensor(8)
     write_checkpoint(
         path,
         spec.hf_config(),
-        random_llama_tensors(spec),
+        tensors,
         quip_params(spec.code_params, **_spec_options(spec)),
         layout=spec.layout,
         max_shard_bytes=max_shard_bytes,

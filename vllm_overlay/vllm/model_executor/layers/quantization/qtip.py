@@ -335,11 +335,15 @@ class QTIPTransform:
 
     ``rcp`` and ``blocks`` are passed to the reference forward as its rcp
     and tp_rank: ``blocks`` is the number of block-diagonal Hadamard blocks
-    within this rank's slice of the split dimension.
+    within this rank's slice of the split dimension. ``in_block`` and
+    ``out_block`` are the transforms' block sizes on this rank, and
+    ``in_factor`` / ``out_factor`` the K of their H_K factors (1: none).
     """
 
     rcp: int
     blocks: int
+    in_block: int
+    out_block: int
     in_factor: int
     out_factor: int
 
@@ -672,7 +676,12 @@ def _shard_transform(
         shard.out_size, block_sizes[_RCP_COL], prefix, shard.name, "output"
     )
     return QTIPTransform(
-        rcp=rcp, blocks=blocks, in_factor=in_factor, out_factor=out_factor
+        rcp=rcp,
+        blocks=blocks,
+        in_block=block_sizes[_RCP_ROW],
+        out_block=block_sizes[_RCP_COL],
+        in_factor=in_factor,
+        out_factor=out_factor,
     )
 
 
