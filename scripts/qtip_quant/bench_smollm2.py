@@ -9,6 +9,7 @@ collected once and shared by all QTIP variants.
 """
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -73,6 +74,10 @@ def _evaluate(model: Path, backend: str, args: argparse.Namespace) -> dict[str, 
         cmd += ["--max-windows", str(args.eval_windows)]
     if args.text_source:
         cmd += ["--text-source", args.text_source]
+    # The child engine sizes its memory from what is free on the GPU.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())

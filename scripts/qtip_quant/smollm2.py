@@ -71,6 +71,12 @@ def export_smollm2(
         model, tokenizer = _load_gguf(gguf, dtype)
     if model.config.model_type != "llama":
         raise ValueError(f"{gguf} is a {model.config.model_type!r} model, not llama")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    if type(q_proj) is not torch.nn.Linear or not q_proj.weight.is_floating_point():
+        raise RuntimeError(
+            f"transformers kept the GGUF weights packed ({type(q_proj).__name__}); "
+            "this transformers version cannot dequantize them for saving"
+        )
     # The dequantized weights are plain tensors now; keep no GGUF marker.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
