@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch.nn.parameter import Parameter
 from transformers import PretrainedConfig
 
-from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -51,8 +50,6 @@ from vllm.model_executor.utils import set_weight_attrs
 
 if TYPE_CHECKING:
     from vllm.model_executor.models.utils import WeightsMapper
-
-logger = init_logger(__name__)
 
 # Keys of quip_params / quantization_config that define the trellis code.
 _CODE_KEYS = ("L", "K", "V", "tlut_bits", "decode_mode", "td_x", "td_y")
@@ -287,7 +284,7 @@ class QTIPConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         return QTIPLinearMethod(self, specs)
 
-    def hadamard_factor(self, k: int, device: torch.device) -> torch.Tensor:
+    def shared_hadamard_factor(self, k: int, device: torch.device) -> torch.Tensor:
         """H_K as fp32 on device, one tensor shared by every layer."""
         if (k, device) not in self._hadamard_factors:
             self._hadamard_factors[(k, device)] = hadamard_factor(k, device=device)
@@ -305,7 +302,6 @@ class QTIPShard:
 
     name: str
     params: QTIPCodeParams | None
-    out_offset: int
     out_size: int
     out_full: int
     out_rank: int
@@ -418,7 +414,7 @@ class QTIPLinearMethod(LinearMethodBase):
 
         in_rank = tp_rank if is_row else 0
         shards: list[QTIPShard] = []
-        out_offset = sv_rows = dense_rows = words = 0
+        sv_rows = dense_rows = words = 0
         for s, ((name, params), out_size) in enumerate(
             zip(self.shard_specs, output_partition_sizes)
         ):
@@ -438,7 +434,6 @@ class QTIPLinearMethod(LinearMethodBase):
                 QTIPShard(
                     name=name,
                     params=params,
-                    out_offset=out_offset,
                     out_size=out_size,
                     out_full=out_full,
                     out_rank=out_rank,
@@ -449,7 +444,6 @@ class QTIPLinearMethod(LinearMethodBase):
                     block_cols=block[1],
                 )
             )
-            out_offset += out_size
 
         layer.qtip_shards = shards
         layer.qtip_in_size = input_size_per_partition
@@ -522,10 +516,14 @@ class QTIPLinearMethod(LinearMethodBase):
             transforms.append(_shard_transform(layer, shard, rcp, ckpt_tp, prefix))
         layer.qtip_transforms = transforms
 
+        # H_K factors live in buffers on the weights' device: looking them up
+        # inside the forward would copy them from the host, which CUDA graph
+        # capture does not allow.
         device = layer.trellis.device
         for i, transform in enumerate(transforms):
             for side, k in (("in", transform.in_factor), ("out", transform.out_factor)):
-                had = self.quant_config.hadamard_factor(k, device) if k > 1 else None
+                factor = self.quant_config.shared_hadamard_factor
+                had = factor(k, device) if k > 1 else None
                 layer.register_buffer(f"qtip_had_{side}_{i}", had, persistent=False)
 
     def apply(
