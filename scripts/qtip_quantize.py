@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rtn-group-size", type=int, default=128)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, help="cap on evaluation windows")
+    p.add_argument(
+        "--backends", nargs="+", choices=("vllm", "hf"), default=["vllm", "hf"]
+    )
     p.add_argument("--skip-eval", action="store_true")
     add_quantize_args(p)
     p.set_defaults(func=cmd_smollm2_table)

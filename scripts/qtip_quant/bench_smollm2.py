@@ -181,10 +181,10 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     for row, path in plan:
         if not args.skip_eval:
             start = time.time()
-            vllm = _evaluate(path, "vllm", args)
-            hf = _evaluate(path, "hf", args)
-            row.update(ppl_vllm=vllm["ppl"], ppl_hf=hf["ppl"])
-            result.update(eval_text=vllm["eval_text"], tokens=vllm["tokens"])
+            for backend in args.backends:
+                res = _evaluate(path, backend, args)
+                row[f"ppl_{backend}"] = res["ppl"]
+                result.update(eval_text=res["eval_text"], tokens=res["tokens"])
             print(f"{row['weights']}: evaluated in {time.time() - start:.0f} s")
         row["path"] = str(path)
         rows.append(row)
