@@ -154,13 +154,28 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
 
     copy_gbs = copy_bandwidth()
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, copy {copy_gbs:.0f} GB/s, activations {args.dtype}\n")
+    print(
+        "| m | n | K | batch | qtip_us | gemm_us | fp16_us | qtip GB/s "
+        "| % copy | gemm % copy | fp16/qtip |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     shapes = sorted({s for model in args.models for s in SHAPES[model]})
     rows = []
     for K in args.K:
         for m, n in shapes:
-            rows += bench_shape(m, n, K, args.batches, dtype)
+            try:
+                shape_rows = bench_shape(m, n, K, args.batches, dtype)
+            except RuntimeError as e:  # report and go on with the next shape
+                print(f"| {m} | {n} | {K} | failed: {e} |", flush=True)
+                torch.cuda.synchronize()
+                continue
+            for r in shape_rows:
+                rows.append(r)
+                print_row(r, copy_gbs)
     result = {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": gpu,
         "date": datetime.date.today().isoformat(),
         "copy_gbs": round(copy_gbs, 1),
         "dtype": args.dtype,
@@ -170,23 +185,19 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
-    print(f"{result['gpu']}, copy {copy_gbs:.0f} GB/s, activations {args.dtype}\n")
-    print(
-        "| m | n | K | batch | qtip_us | gemm_us | fp16_us | qtip GB/s "
-        "| % copy | gemm % copy | fp16/qtip |"
+
+def print_row(r: dict, copy_gbs: float) -> None:
+    gemm = "-" if r["gemm_us"] is None else f"{r['gemm_us']:.1f}"
+    gemm_pct = (
+        "-" if r["gemm_gbs"] is None else f"{100 * r['gemm_gbs'] / copy_gbs:.0f}%"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        gemm = "-" if r["gemm_us"] is None else f"{r['gemm_us']:.1f}"
-        gemm_pct = (
-            "-" if r["gemm_gbs"] is None else f"{100 * r['gemm_gbs'] / copy_gbs:.0f}%"
-        )
-        print(
-            f"| {r['m']} | {r['n']} | {r['K']} | {r['batch']} | "
-            f"{r['qtip_us']:.1f} | {gemm} | {r['fp16_us']:.1f} | "
-            f"{r['qtip_gbs']:.0f} | {100 * r['qtip_gbs'] / copy_gbs:.0f}% | "
-            f"{gemm_pct} | {r['fp16_us'] / r['qtip_us']:.2f} |"
-        )
+    print(
+        f"| {r['m']} | {r['n']} | {r['K']} | {r['batch']} | "
+        f"{r['qtip_us']:.1f} | {gemm} | {r['fp16_us']:.1f} | "
+        f"{r['qtip_gbs']:.0f} | {100 * r['qtip_gbs'] / copy_gbs:.0f}% | "
+        f"{gemm_pct} | {r['fp16_us'] / r['qtip_us']:.2f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -265,7 +265,8 @@ void launch_gemm(const __half* x, int rows, const TrellisShape& s,
   constexpr int kStages = NB <= 2 ? 3 : 2;
   auto kernel = qtip_gemm_kernel<K, NB, kStages>;
   const int smem = SignedLut<kCopies>::kBytes + NB * 8 * 32 * 4;
-  ensure_max_dynamic_smem(kernel);
+  static DeviceFlags smem_set;
+  ensure_max_dynamic_smem(kernel, smem_set);
   dim3 grid(splits, (unsigned)(s.m / 32));
   kernel<<<grid, kGemmThreads, smem, stream>>>(x, rows, (int)s.n, trellis,
                                                tlut, y, (int)s.m, splits,
@@ -286,6 +287,16 @@ void gemm_dispatch_nb(const __half* x, int rows, const TrellisShape& s,
   else
     launch_gemm<K, 4>(x, rows, s, trellis, tlut, y, splits, accumulate,
                          stream);
+}
+
+template <int K>
+void launch_decode(const uint8_t* trellis, const __half* tlut, __half* w,
+                   const TrellisShape& s, int grid, int smem,
+                   cudaStream_t stream) {
+  static DeviceFlags smem_set;
+  ensure_max_dynamic_smem(qtip_decode_kernel<K>, smem_set);
+  qtip_decode_kernel<K><<<grid, kDecodeThreads, smem, stream>>>(
+      trellis, tlut, w, (int)s.m, (int)s.n);
 }
 
 }  // namespace
@@ -370,24 +381,16 @@ torch::Tensor qtip_decode(const torch::Tensor& trellis,
   const auto* tr = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
   const auto* tl = reinterpret_cast<const __half*>(tlut.data_ptr());
   auto* wp = reinterpret_cast<__half*>(w.data_ptr());
-  const int m = (int)s.m, n = (int)s.n;
-#define QTIP_LAUNCH_DECODE(KK)                                             \
-  {                                                                        \
-    ensure_max_dynamic_smem(qtip_decode_kernel<KK>);                        \
-    qtip_decode_kernel<KK><<<grid, kDecodeThreads, smem, stream>>>(tr, tl, \
-                                                                   wp, m, n); \
-  }
   switch (s.K) {
     case 2:
-      QTIP_LAUNCH_DECODE(2);
+      launch_decode<2>(tr, tl, wp, s, grid, smem, stream);
       break;
     case 3:
-      QTIP_LAUNCH_DECODE(3);
+      launch_decode<3>(tr, tl, wp, s, grid, smem, stream);
       break;
     default:
-      QTIP_LAUNCH_DECODE(4);
+      launch_decode<4>(tr, tl, wp, s, grid, smem, stream);
   }
-#undef QTIP_LAUNCH_DECODE
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return w;
 }

@@ -242,7 +242,8 @@ void launch_hadamard(const torch::Tensor& x, const float* in_scale,
                      int rchunk, int p_splits, int threads, int smem,
                      cudaStream_t stream) {
   auto kernel = kernels::qtip_hadamard_kernel<InT, OutT>;
-  ensure_max_dynamic_smem(kernel);
+  static DeviceFlags smem_set;
+  ensure_max_dynamic_smem(kernel, smem_set);
   const int rchunks = K > 1 ? (K + rchunk - 1) / rchunk : 1;
   dim3 grid((unsigned)(x.size(0) * (n / b)), (unsigned)(rchunks * p_splits));
   kernel<<<grid, threads, smem, stream>>>(
