@@ -335,19 +335,32 @@ def check_layers_match_reference(
 
 
 @pytest.mark.parametrize(
-    "spec",
+    "spec, layer_dtype",
     [
-        TinyLlamaSpec(K=2),
-        TinyLlamaSpec(K=3, flat_trellis="all"),
-        TinyLlamaSpec(K=4, flat_trellis=["q", "up", "down"], with_rcp=False),
-        TinyLlamaSpec(K=2, skip_list=["0_v", "1_down", "1_gate"]),
-        TinyLlamaSpec(K=2, K_v_proj=4, skip_list=["1_v"]),
-        TinyLlamaSpec(K=3, split_for_tp=True),
-        TinyLlamaSpec(K=2, dtype=torch.bfloat16),
+        (TinyLlamaSpec(K=2), torch.float16),
+        (TinyLlamaSpec(K=3, flat_trellis="all"), torch.bfloat16),
+        (
+            TinyLlamaSpec(K=4, flat_trellis=["q", "up", "down"], with_rcp=False),
+            torch.float16,
+        ),
+        (TinyLlamaSpec(K=2, skip_list=["0_v", "1_down", "1_gate"]), torch.bfloat16),
+        (TinyLlamaSpec(K=2, K_v_proj=4, skip_list=["1_v"]), torch.float16),
+        (TinyLlamaSpec(K=3, split_for_tp=True), torch.bfloat16),
+        # Checkpoint floats in another dtype than the model's.
+        (TinyLlamaSpec(K=2, dtype=torch.bfloat16), torch.float16),
+        (TinyLlamaSpec(K=2, dtype=torch.float16), torch.bfloat16),
     ],
-    ids=["k2", "k3-flat", "k4-mixed-no-rcp", "skip", "k-v-proj", "split", "bf16"],
+    ids=[
+        "k2",
+        "k3-flat",
+        "k4-mixed-no-rcp",
+        "skip",
+        "k-v-proj",
+        "split",
+        "bf16-ckpt",
+        "fp16-ckpt-bf16-model",
+    ],
 )
-@pytest.mark.parametrize("layer_dtype", [torch.float16, torch.bfloat16])
 def test_layers_match_reference(tp1, spec, layer_dtype):
     tensors = random_llama_tensors(spec)
     params = quip_params(

@@ -269,10 +269,8 @@ class QTIPConfig(QuantizationConfig):
         layer_name = prefix.rsplit(".", 1)[-1]
         mapping = {**_DEFAULT_PACKED_MODULES, **self.packed_modules_mapping}
         shard_names = mapping.get(layer_name, [layer_name])
-        match = None
-        for match in _LAYER_INDEX.finditer(prefix):
-            pass
-        layer_index = match.group(1) if match is not None else None
+        indices = _LAYER_INDEX.findall(prefix)
+        layer_index = indices[-1] if indices else None
         specs = []
         for name in shard_names:
             key = name.removesuffix("_proj")
@@ -752,7 +750,7 @@ def _make_loader(method: QTIPLinearMethod, layer: torch.nn.Module, name: str):
                     f"QTIP layer {prefix}: {tensor} has shape "
                     f"{tuple(loaded.shape)}, expected a scalar"
                 )
-            param.data[shard.index] = loaded.reshape(())
+            param.data[shard.index].copy_(loaded.reshape(()))
         layer.qtip_loaded.add((name, shard.name))
 
     return load
