@@ -118,11 +118,10 @@ class QTIPConfig(QuantizationConfig):
     """
 
     # Per-projection scalars that a checkpoint may hold for layers vLLM
-    # runs unquantized.
+    # runs unquantized (tp_rank is renamed by get_cache_scale_mapper first).
     _ignore_unexpected_suffixes = (
         *QuantizationConfig._ignore_unexpected_suffixes,
         ".rcp",
-        ".tp_rank",
         f".{TP_RANK_PARAM}",
     )
 
