@@ -91,6 +91,16 @@ def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module):
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
+def _float_tensors(obj: Any) -> Any:
+    """Floating tensors (also inside tuples) as float32: the layer copy runs in
+    fp32 while the captured rotary embeddings and mask have the model dtype."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple | list):
+        return type(obj)(_float_tensors(x) for x in obj)
+    return obj
+
+
 def _layer_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
@@ -123,6 +133,7 @@ def finetune_layer(
     device = next(layer.parameters()).device
     work = copy.deepcopy(layer).float()
     work.requires_grad_(False)
+    layer_kwargs = {k: _float_tensors(v) for k, v in layer_kwargs.items()}
     with torch.no_grad():
         targets = [
             _layer_output(work(x.to(device).float(), **layer_kwargs)).cpu()
