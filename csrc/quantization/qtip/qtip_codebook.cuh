@@ -75,19 +75,21 @@ struct SignedLut {
   static_assert(kCopies == 16 || kCopies == 32, "16 or 32 LUT copies");
   static constexpr int kBytes = kLutEntries * kCopies * 4;
 
-  // Fills the replicated, sign-folded LUT from tlut (512 x 2 fp16). Each
-  // thread writes 16-byte vectors (4 copies of one entry).
+  // Fills the replicated, sign-folded LUT from tlut (512 x 2 fp16, 4-byte
+  // aligned rows). Each thread writes 16-byte vectors (4 copies of one
+  // entry); the loop is unrolled so that its global loads of tlut overlap
+  // (the fill is latency-bound, not bandwidth-bound).
   __device__ __forceinline__ static void fill(uint32_t* lut,
                                               const __half* __restrict__ tlut,
                                               int tid, int nthreads) {
-    const uint16_t* t = reinterpret_cast<const uint16_t*>(tlut);
+    const uint32_t* rows = reinterpret_cast<const uint32_t*>(tlut);
     constexpr int kVecPerEntry = kCopies / 4;
+#pragma unroll 8
     for (int i = tid; i < kLutEntries * kVecPerEntry; i += nthreads) {
-      int e = i / kVecPerEntry;
-      int idx = e & (kTlutRows - 1);
-      uint32_t w0 = __ldg(t + 2 * idx) ^ ((e >> 9) << 15);  // sign on w0
-      uint32_t w1 = __ldg(t + 2 * idx + 1);
-      uint32_t val = w0 | (w1 << 16);
+      const int e = i / kVecPerEntry;
+      // half2 (w0 low, w1 high); entries 512.. negate w0.
+      const uint32_t val =
+          __ldg(rows + (e & (kTlutRows - 1))) ^ ((uint32_t)(e >> 9) << 15);
       reinterpret_cast<uint4*>(lut)[i] = make_uint4(val, val, val, val);
     }
   }

@@ -17,9 +17,9 @@
 //    block streams contiguous memory. Warp partial sums are reduced in shared
 //    memory, then blocks of the same rows are combined with fp32 atomics
 //    (plain stores when there is one split).
-//  * The grid is sized from the SM count so that one wave fills the GPU: the
-//    number of splits is chosen so that (m/32) * splits ~ SMs * blocks/SM.
-//    Each block builds the LUT once, so fewer, longer blocks amortize it.
+//  * The grid is sized from the SM count: the number of splits is the largest
+//    with (m/32) * splits <= SMs * blocks/SM (one wave). Each block builds the
+//    LUT once, so fewer, longer blocks amortize it.
 //  * Trellis loads are 8/12/16-byte streaming loads (ld.global.cs), kept
 //    kStages deep in registers so several blocks are in flight per warp;
 //    activations are re-read through L1/L2 by every row block.
@@ -240,12 +240,16 @@ TrellisShape check_trellis(const torch::Tensor& trellis,
                   tlut.size(1) == 2,
               op, ": tlut must have shape (512, 2), got ", tlut.sizes());
   TORCH_CHECK(tlut.is_contiguous(), op, ": tlut must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(tlut.data_ptr()) % 4 == 0, op,
+              ": tlut data must be 4-byte aligned");
   check_device_capability(trellis, op);
   return {trellis.size(0) * 32, trellis.size(1) * 32, (int)(last / 64)};
 }
 
-// One wave: (m/32) * splits ~ SMs * blocks per SM, each warp keeping at
-// least two column blocks so the LUT build stays amortized.
+// At most one wave: the most splits with (m/32) * splits <= SMs * blocks per
+// SM, each warp keeping at least two column blocks. Short
+// blocks pay the LUT build and the epilogue (fp32 atomics) again, and a
+// second, partly filled wave idles SMs (H100 measurements in NOTES.md).
 int gemm_splits(const cudaDeviceProp& prop, const TrellisShape& s, int nb) {
   const int64_t rb = s.m / 32, cb = s.n / 32;
   const int smem = SignedLut<kCopies>::kBytes + nb * 8 * 32 * 4;
@@ -255,7 +259,7 @@ int gemm_splits(const cudaDeviceProp& prop, const TrellisShape& s, int nb) {
                                      (smem + 1024))));
   const int64_t target = (int64_t)prop.multiProcessorCount * per_sm;
   const int64_t max_splits = std::max<int64_t>(1, cb / (kGemmThreads / 32 * 2));
-  return (int)std::clamp<int64_t>((target + rb - 1) / rb, 1, max_splits);
+  return (int)std::clamp<int64_t>(target / rb, 1, max_splits);
 }
 
 template <int K, int NB>
