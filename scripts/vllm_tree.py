@@ -260,9 +260,9 @@ def patch_in_scratch(
 def write_files(tree: Path, contents: dict[str, bytes | None]) -> None:
     for rel, data in contents.items():
         dst = tree / rel
-        if data is None:
+        if data is None or dst.is_symlink():
             dst.unlink(missing_ok=True)
-        else:
+        if data is not None:
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(data)
 

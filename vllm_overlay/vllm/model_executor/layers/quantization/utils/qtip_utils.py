@@ -461,12 +461,11 @@ def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def get_hadamard_factor(n: int) -> tuple[int, torch.Tensor | None]:
-    """QTIP's factorization n = K * 2**a: (K, H_K as float32 +-1).
+def _hadamard_k(n: int) -> int:
+    """QTIP's factor K of n = K * 2**a (1 for powers of two).
 
-    Returns (1, None) for powers of two. Follows the reference exactly: the
-    first K of HADAMARD_K_ORDER dividing n is taken, and n/K must then be a
-    power of two (no fallback to a later K).
+    Follows the reference exactly: the first K of HADAMARD_K_ORDER dividing n
+    is taken, and n/K must then be a power of two (no fallback to a later K).
     """
     if n < 1:
         raise ValueError(f"Hadamard size n={n} must be positive")
@@ -478,13 +477,23 @@ def get_hadamard_factor(n: int) -> tuple[int, torch.Tensor | None]:
                     f"{n}: the reference factor K={k} divides it but "
                     f"{n}/{k} = {n // k} is not a power of two"
                 )
-            return k, hadamard_factor(k)
+            return k
     if _is_power_of_two(n):
-        return 1, None
+        return 1
     raise ValueError(
         f"QTIP Hadamard transform does not support dimension {n}: it must be "
         f"K * 2**a with K in {HADAMARD_FACTOR_SIZES} or a power of two"
     )
+
+
+def get_hadamard_factor(n: int) -> tuple[int, torch.Tensor | None]:
+    """QTIP's factorization n = K * 2**a: (K, H_K as float32 +-1).
+
+    Returns (1, None) for powers of two; raises naming n if QTIP has no
+    transform of that size.
+    """
+    k = _hadamard_k(n)
+    return k, (hadamard_factor(k) if k > 1 else None)
 
 
 def _sylvester_transform_(x: torch.Tensor) -> torch.Tensor:
@@ -528,20 +537,20 @@ def hadamard_transform(
         raise ValueError(
             f"Hadamard block_size={block_size} must divide the last dim of x ({size})"
         )
-    k, factor = get_hadamard_factor(block_size)
+    k = _hadamard_k(block_size)
     if had_k is None:
-        had_k = factor
-    elif factor is None or tuple(had_k.shape) != (k, k):
+        had_k = hadamard_factor(k) if k > 1 else None
+    elif k == 1 or tuple(had_k.shape) != (k, k):
         raise ValueError(
             f"had_k has shape {tuple(had_k.shape)}, but a Hadamard of size "
             f"{block_size} needs H_K with K={k}"
-            + (" (none: a power of two)" if factor is None else f", shape ({k}, {k})")
+            + (" (none: a power of two)" if k == 1 else f", shape ({k}, {k})")
         )
     if block_size != size:
         # The quantizer picks H_K from the block size but the reference
         # forward from the full size; only shapes where both agree are
         # well defined.
-        k_full, _ = get_hadamard_factor(size)
+        k_full = _hadamard_k(size)
         if k_full != k:
             raise ValueError(
                 f"Hadamard block_size={block_size} needs factor K={k} but the "
