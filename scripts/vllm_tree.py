@@ -315,7 +315,7 @@ def apply(tree: Path) -> None:
     for rel, src in overlay.items():
         data = src.read_bytes()
         dst = tree / rel
-        if not dst.is_file() or dst.read_bytes() != data:
+        if not dst.is_file() or dst.is_symlink() or dst.read_bytes() != data:
             writes[rel] = data
     for rel in old_files:
         if rel not in overlay:
