@@ -35,6 +35,7 @@ QTIP_TREE_TESTS := tests/quantization/test_qtip.py \
 	tests/quantization/test_qtip_detection.py \
 	tests/quantization/test_qtip_reference.py \
 	tests/kernels/quantization/test_qtip.py \
+	tests/kernels/quantization/test_qtip_fake.py \
 	tests/models/quantization/test_qtip.py
 VLLM_CPU_TESTS := tests/quantization/test_register_quantization_config.py::test_register_quantization_config \
 	tests/quantization/test_humming_ignore.py \

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parameter import Parameter
 from transformers import PretrainedConfig
 
+from vllm import _qtip_ops as qtip_ops
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -522,6 +523,15 @@ class QTIPLinearMethod(LinearMethodBase):
                 factor = self.quant_config.shared_hadamard_factor
                 had = factor(k, device) if k > 1 else None
                 layer.register_buffer(f"qtip_had_{side}_{i}", had, persistent=False)
+        # The CUDA kernels run the HYB code of the published checkpoints; any
+        # other code, or a device without them, uses the reference codec.
+        # Tests set this to False to compare the two paths.
+        layer.qtip_use_kernels = qtip_ops.qtip_kernels_available(device) and all(
+            _kernel_supports(shard.params, transform)
+            for shard, transform in zip(
+                [sh for sh in layer.qtip_shards if sh.params is not None], transforms
+            )
+        )
 
     def apply(
         self,
@@ -555,6 +565,21 @@ class QTIPLinearMethod(LinearMethodBase):
         rows = slice(shard.row_offset, shard.row_offset + shard.out_size)
         tlut = layer.tlut[shard.index] if shard.params.uses_tlut else None
         transform = layer.qtip_transforms[shard.index]
+        had_in = getattr(layer, f"qtip_had_in_{shard.index}")
+        had_out = getattr(layer, f"qtip_had_out_{shard.index}")
+        if layer.qtip_use_kernels:
+            return qtip_ops.qtip_matmul(
+                x,
+                trellis,
+                tlut,
+                layer.SU[shard.index],
+                layer.SV[rows],
+                had_in,
+                had_out,
+                shard.params.K,
+                in_block=transform.in_block,
+                out_block=transform.out_block,
+            )
         return qtip_linear_forward(
             x,
             trellis,
@@ -564,9 +589,30 @@ class QTIPLinearMethod(LinearMethodBase):
             shard.params,
             rcp=transform.rcp,
             tp_rank=transform.blocks,
-            had_in=getattr(layer, f"qtip_had_in_{shard.index}"),
-            had_out=getattr(layer, f"qtip_had_out_{shard.index}"),
+            had_in=had_in,
+            had_out=had_out,
         )
+
+
+def _kernel_supports(params: QTIPCodeParams, transform: QTIPTransform) -> bool:
+    """Whether the CUDA kernels implement this shard's code and transforms.
+
+    They decode the HYB code (L=16, V=2, 9-bit table) in the kernel layout,
+    and transform blocks of K * 2**a features with 2**a >= 8.
+    """
+    return (
+        params.decode_mode == "quantlut_sym"
+        and params.uses_kernel_layout
+        and params.K in qtip_ops.QTIP_KERNEL_K
+        and params.tlut_bits == 9
+        and all(
+            block // factor >= 8
+            for block, factor in (
+                (transform.in_block, transform.in_factor),
+                (transform.out_block, transform.out_factor),
+            )
+        )
+    )
 
 
 def _shard_extent(
