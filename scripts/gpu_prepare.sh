@@ -23,5 +23,6 @@ tar czf "$G/vllm-tests.tgz" -C "$G/vllm-0.26.0" tests && rm -rf "$G/vllm-0.26.0"
 cp -r "$SHARED/reference/goldens" "$SHARED/reference/qtip_hadamard_k.npz" "$G/ref/"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 -d "$G/whl" \
-  tblib==3.2.2 pytest-asyncio==1.5.0
+  tblib==3.2.2 pytest-asyncio==1.5.0 model-hosting-container-standards==0.1.16 \
+  jmespath==1.1.0 supervisor==4.3.0
 du -sh "$G"/*
