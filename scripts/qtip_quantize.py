@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--bits", type=int, required=True)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument(
+        "--group-size", type=int, default=0, help="0: one group per output channel"
+    )
     p.set_defaults(func=cmd_rtn)
 
     p = sub.add_parser(
@@ -121,7 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=("plain", "hessian", "hessian+ft", "plain+ft"),
     )
     p.add_argument("--rtn-bits", type=int, nargs="+", default=[2])
-    p.add_argument("--rtn-group-size", type=int, default=128)
+    p.add_argument(
+        "--rtn-group-sizes",
+        type=int,
+        nargs="+",
+        default=[0, 64],
+        help="RTN groups (0: per output channel, the same size as QTIP)",
+    )
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, help="cap on evaluation windows")
     p.add_argument(

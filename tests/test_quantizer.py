@@ -439,6 +439,10 @@ def test_rtn_baseline():
                 assert row.unique().numel() <= 1 << bits
         err = (q - weight).pow(2).mean() / weight.pow(2).mean()
         assert err < {2: 0.3, 3: 0.06, 4: 0.015}[bits]
+    # Group size 0: one group per output channel.
+    per_row = rtn_quantize(weight, 2, 0)
+    assert all(row.unique().numel() <= 4 for row in per_row)
+    assert torch.equal(per_row, rtn_quantize(weight, 2, 256))
 
 
 def test_text_splits_are_disjoint():

@@ -23,7 +23,7 @@ import torch
 
 from .cli import calibration_data, calibration_id, options_from_args
 from .codec import QTIPCodeParams
-from .quantize import bits_per_weight, quantize_model
+from .quantize import bits_per_weight, llama_projection_shapes, quantize_model
 from .rtn import rtn_model
 from .smollm2 import PACKAGE_VERSION, export_smollm2
 
@@ -127,7 +127,7 @@ class _Row:
     path: Path
     make: Callable[[], None]
     order: int  # position in the printed table
-    priority: tuple[int, int]  # processing order
+    priority: tuple[int, ...]  # processing order
 
 
 def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
@@ -155,8 +155,8 @@ def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
 
         return make
 
-    def rtn(bits: int, out: Path) -> Callable[[], None]:
-        return lambda: rtn_model(fp16, out, bits, args.rtn_group_size)
+    def rtn(bits: int, group: int, out: Path) -> Callable[[], None]:
+        return lambda: rtn_model(fp16, out, bits, group)
 
     rows = [
         _Row(
@@ -182,15 +182,22 @@ def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
             rows.append(
                 _Row(fields, out, qtip(bits, variant, out), len(rows), priority)
             )
+    linear_shapes = llama_projection_shapes(config).values()
+    weights = sum(m * n for m, n in linear_shapes)
     for bits in args.rtn_bits:
-        out = root / f"rtn-k{bits}-g{args.rtn_group_size}"
-        fields = {
-            "weights": f"RTN {bits}-bit g{args.rtn_group_size}",
-            "hessian": False,
-            "finetune": False,
-            "bits_per_weight": bits + 32 / args.rtn_group_size,
-        }
-        rows.append(_Row(fields, out, rtn(bits, out), len(rows), (2, -bits)))
+        for group in args.rtn_group_sizes:
+            name = f"g{group}" if group else "per-channel"
+            out = root / f"rtn-k{bits}-{name}"
+            # fp16 scale and zero per group.
+            groups = sum(m * (n // (group or n)) for m, n in linear_shapes)
+            fields = {
+                "weights": f"RTN {bits}-bit {name}",
+                "hessian": False,
+                "finetune": False,
+                "bits_per_weight": bits + 32 * groups / weights,
+            }
+            priority = (2, -bits, group)
+            rows.append(_Row(fields, out, rtn(bits, group, out), len(rows), priority))
     return rows
 
 

@@ -3,7 +3,9 @@
 """Round-to-nearest baseline: per-group asymmetric RTN of the same projections.
 
 Each group of ``group_size`` consecutive input weights of a row gets an fp16
-scale and zero point (bits + 32/group_size bits per weight). The result is
+scale and zero point (bits + 32/group_size bits per weight); group_size 0
+means one group per row (per output channel: bits + 32/in_features, the
+same size as QTIP's K bits plus its small per-linear overhead). The result is
 written dequantized ("fake quantized") as a plain fp16 checkpoint, so any
 engine evaluates it; only the projections QTIP quantizes are rounded.
 """
@@ -20,6 +22,7 @@ from .quantize import TOKENIZER_FILES, check_model
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Round each group of a row to 2**bits levels between its min and max."""
     m, n = weight.shape
+    group_size = group_size or n
     if n % group_size:
         raise ValueError(
             f"in_features={n} is not a multiple of group size {group_size}"
@@ -36,7 +39,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tens
 
 
 def rtn_model(
-    model_dir: str | Path, out_dir: str | Path, bits: int, group_size: int = 128
+    model_dir: str | Path, out_dir: str | Path, bits: int, group_size: int = 0
 ) -> Path:
     """Write the RTN-rounded model as an fp16 checkpoint (with tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM
