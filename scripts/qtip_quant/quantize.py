@@ -547,7 +547,10 @@ def write_qtip_checkpoint(
 ) -> None:
     """Assemble the saved layers and the unquantized tensors; copy the tokenizer."""
     config = json.loads((model_dir / "config.json").read_text())
-    dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype")))
+    # Unquantized tensors and SU keep the model's dtype (fp16 if unnamed).
+    dtype = getattr(
+        torch, config.get("dtype") or config.get("torch_dtype") or "float16"
+    )
     tied = config.get("tie_word_embeddings", False)
     tensors: dict[str, torch.Tensor] = {}
     quantized_prefixes = set()
