@@ -316,7 +316,9 @@ def test_quantize_write_load_roundtrip(tmp_path):
     original = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
     expected = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
     params = QTIPCodeParams(K=2)
-    for path, (m, n) in quantize.llama_projection_shapes(original.config).items():
+    for path, (m, n) in qtip_checkpoint.llama_projection_shapes(
+        original.config
+    ).items():
         prefix = f"model.layers.0.{path}"
         assert tensors[f"{prefix}.trellis"].shape == (m * n // 256, 32)
         assert tensors[f"{prefix}.SU"].dtype == torch.float16

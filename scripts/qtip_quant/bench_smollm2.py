@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from .cli import calibration_data, calibration_id, options_from_args
-from .codec import QTIPCodeParams
-from .quantize import bits_per_weight, llama_projection_shapes, quantize_model
+from .codec import QTIPCodeParams, qtip_checkpoint
+from .quantize import bits_per_weight, quantize_model
 from .rtn import rtn_model
 from .smollm2 import PACKAGE_VERSION, export_smollm2
 
@@ -182,7 +182,7 @@ def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
             rows.append(
                 _Row(fields, out, qtip(bits, variant, out), len(rows), priority)
             )
-    linear_shapes = llama_projection_shapes(config).values()
+    linear_shapes = qtip_checkpoint.llama_projection_shapes(config).values()
     weights = sum(m * n for m, n in linear_shapes)
     for bits in args.rtn_bits:
         for group in args.rtn_group_sizes:

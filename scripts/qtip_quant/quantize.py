@@ -90,23 +90,6 @@ class RunOptions:
     layout: str = "relaxml"
 
 
-def llama_projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each projection of a Llama layer."""
-    h, i = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q = config.num_attention_heads * head_dim
-    kv = config.num_key_value_heads * head_dim
-    return {
-        "self_attn.q_proj": (q, h),
-        "self_attn.k_proj": (kv, h),
-        "self_attn.v_proj": (kv, h),
-        "self_attn.o_proj": (h, q),
-        "mlp.gate_proj": (i, h),
-        "mlp.up_proj": (i, h),
-        "mlp.down_proj": (h, i),
-    }
-
-
 def check_model(config: Any, tp_split: int = 0) -> None:
     """Raise ValueError for an architecture or shape QTIP cannot quantize."""
     archs = getattr(config, "architectures", None) or []
@@ -122,7 +105,7 @@ def check_model(config: Any, tp_split: int = 0) -> None:
         )
     for group, projections in LLAMA_GROUPS.items():
         for path in projections:
-            m, n = llama_projection_shapes(config)[path]
+            m, n = qtip_checkpoint.llama_projection_shapes(config)[path]
             if m % 32 or n % 32:
                 raise ValueError(
                     f"{path} ({m}x{n}): QTIP's kernel layout needs out_features "
@@ -590,7 +573,7 @@ def write_qtip_checkpoint(
 
 def bits_per_weight(config: Any, params: QTIPCodeParams) -> float:
     """K plus the per-linear SU, SV and tlut overhead, over the linears."""
-    shapes = llama_projection_shapes(config).values()
+    shapes = qtip_checkpoint.llama_projection_shapes(config).values()
     weights = sum(m * n for m, n in shapes)
     table = 16 * (1 << params.tlut_bits) * params.V
     extra = sum(16 * n + 32 * m + table for m, n in shapes)

@@ -16,22 +16,12 @@ from vllm.model_executor.layers.quantization import (
     get_quantization_config,
 )
 from vllm.model_executor.layers.quantization.qtip import QTIPConfig
+from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import quip_params
+from vllm.model_executor.layers.quantization.utils.qtip_utils import QTIPCodeParams
 from vllm.transformers_utils.config import get_config
 
 # The quip_params of a published relaxml checkpoint (Llama-2-7b-QTIP-2Bit).
-QUIP_PARAMS = {
-    "codebook": "bitshift",
-    "codebook_version": 0,
-    "L": 16,
-    "K": 2,
-    "V": 2,
-    "tlut_bits": 9,
-    "decode_mode": "quantlut_sym",
-    "td_x": 16,
-    "td_y": 16,
-    "split_for_tp": False,
-    "skip_list": None,
-}
+QUIP_PARAMS = quip_params(QTIPCodeParams(K=2))
 
 
 def write_llama_config(path, **extra) -> str:

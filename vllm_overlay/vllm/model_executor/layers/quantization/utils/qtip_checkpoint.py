@@ -57,6 +57,26 @@ SPLIT_TP_RANK = 8
 TLUT_STD = 0.9682458365518543
 
 
+def llama_projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each projection of a Llama layer.
+
+    ``config`` is an HF LlamaConfig or anything with its size attributes.
+    """
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = config.num_key_value_heads * head_dim
+    return {
+        "self_attn.q_proj": (q, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, q),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+
+
 def quip_params(
     params: QTIPCodeParams,
     *,
@@ -292,18 +312,7 @@ class TinyLlamaSpec:
 
     def projection_shape(self, module: str) -> tuple[int, int]:
         """(out_features, in_features) of a Llama projection."""
-        h, i = self.hidden_size, self.intermediate_size
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        return {
-            "self_attn.q_proj": (q, h),
-            "self_attn.k_proj": (kv, h),
-            "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q),
-            "mlp.gate_proj": (i, h),
-            "mlp.up_proj": (i, h),
-            "mlp.down_proj": (h, i),
-        }[module]
+        return llama_projection_shapes(self)[module]
 
 
 def random_llama_tensors(spec: TinyLlamaSpec) -> dict[str, torch.Tensor]:
