@@ -141,7 +141,8 @@ def nll_vllm(
     llm = LLM(
         model=str(model_dir),
         dtype="float16",
-        max_model_len=windows.shape[1],
+        # Room for the one generated token that prompt logprobs need.
+        max_model_len=windows.shape[1] + 1,
         enforce_eager=enforce_eager,
         gpu_memory_utilization=gpu_memory_utilization,
         enable_prefix_caching=False,
