@@ -122,6 +122,21 @@ def qtip_kernels_available(device: torch.device | str | int | None = None) -> bo
     return _device_capability(index) >= QTIP_MIN_CAPABILITY
 
 
+def qtip_hadamard_supported(
+    block_size: int, K: int, device: torch.device | str | int
+) -> bool:
+    """Whether qtip_hadamard takes blocks of ``block_size = K * 2**a`` on device.
+
+    The kernel needs 2**a >= 8 and holds a whole block, plus at least 8 rows of
+    H_K, in shared memory: about 57k features on Hopper, 25k on sm_86/89.
+    Queried once per layer, not per call.
+    """
+    if block_size // K < 8:
+        return False
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return (block_size + (8 * K if K > 1 else 0)) * 4 <= limit
+
+
 def _check_trellis(trellis: torch.Tensor, tlut: torch.Tensor, m: int, n: int, K: int):
     if K not in QTIP_KERNEL_K:
         raise ValueError(f"QTIP kernels support K in {QTIP_KERNEL_K}, got K={K}")

@@ -527,7 +527,7 @@ class QTIPLinearMethod(LinearMethodBase):
         # other code, or a device without them, uses the reference codec.
         # Tests set this to False to compare the two paths.
         layer.qtip_use_kernels = qtip_ops.qtip_kernels_available(device) and all(
-            _kernel_supports(shard.params, transform)
+            _kernel_supports(shard.params, transform, device)
             for shard, transform in zip(
                 [sh for sh in layer.qtip_shards if sh.params is not None], transforms
             )
@@ -594,23 +594,24 @@ class QTIPLinearMethod(LinearMethodBase):
         )
 
 
-def _kernel_supports(params: QTIPCodeParams, transform: QTIPTransform) -> bool:
+def _kernel_supports(
+    params: QTIPCodeParams, transform: QTIPTransform, device: torch.device
+) -> bool:
     """Whether the CUDA kernels implement this shard's code and transforms.
 
     They decode the HYB code (L=16, V=2, 9-bit table) in the kernel layout,
-    and transform blocks of K * 2**a features with 2**a >= 8.
+    and transform blocks that qtip_hadamard takes on this device.
     """
     return (
         params.decode_mode == "quantlut_sym"
         and params.uses_kernel_layout
         and params.K in qtip_ops.QTIP_KERNEL_K
         and params.tlut_bits == 9
-        and all(
-            block // factor >= 8
-            for block, factor in (
-                (transform.in_block, transform.in_factor),
-                (transform.out_block, transform.out_factor),
-            )
+        and qtip_ops.qtip_hadamard_supported(
+            transform.in_block, transform.in_factor, device
+        )
+        and qtip_ops.qtip_hadamard_supported(
+            transform.out_block, transform.out_factor, device
         )
     )
 
