@@ -550,9 +550,24 @@ def test_dummy_weights_run(tp1):
             module.quant_method.process_weights_after_loading(module)
     qkv = linears.model.layers[0].self_attn.qkv_proj
     assert qkv.rcp.tolist() == [2, 2, 2]
-    out, _ = qkv(torch.randn(2, 192, dtype=torch.float16))
-    assert out.shape == (2, 192 + 64 + 64)
+    # A numerically sane model: random trellis states, N(0, 1) codewords,
+    # +-1 input signs, and outputs with about the inputs' spread
+    # (W entries ~ 1/sqrt(n)).
+    assert qkv.trellis.unique().numel() > qkv.trellis.numel() // 2
+    assert 0.9 < qkv.tlut.float().std() < 1.1
+    assert set(qkv.SU.unique().tolist()) == {-1.0, 1.0}
+    x = torch.randn(64, 192, dtype=torch.float16)
+    out, _ = qkv(x)
+    assert out.shape == (64, 192 + 64 + 64)
     assert torch.isfinite(out).all()
+    assert 0.7 < out.float().std() / x.float().std() < 1.4
+    # Seeded by layer name: the same on every rank and run, distinct per layer.
+    again = LlamaLinears(ONE_LAYER, cfg, torch.float16)
+    again_qkv = again.model.layers[0].self_attn.qkv_proj
+    again_qkv.quant_method.process_weights_after_loading(again_qkv)
+    assert torch.equal(again_qkv.trellis, qkv.trellis)
+    down = linears.model.layers[0].mlp.down_proj
+    assert not torch.equal(down.SU[0, :64], qkv.SU[0, :64])
 
 
 # ---------------------------------------------------------------------------

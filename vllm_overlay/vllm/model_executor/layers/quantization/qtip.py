@@ -15,6 +15,7 @@ therefore keeps its own tensors and its own input transform.
 
 import dataclasses
 import re
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -490,10 +491,8 @@ class QTIPLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         prefix = getattr(layer, "prefix", "")
         if not self.quant_config.loaded_any_tensor:
-            # Dummy weights: keep whatever was initialized, with the rcp and
-            # tp_rank the config implies.
-            layer.rcp.data.fill_(layer.qtip_expected_rcp)
-            layer.qtip_tp_rank.data.fill_(_DEFAULT_TP_RANK)
+            # load_format="dummy": no tensor arrived.
+            _init_dummy_weights(layer, prefix)
         else:
             _check_loaded(layer, prefix)
         rcps = layer.rcp.tolist()
@@ -592,6 +591,42 @@ class QTIPLinearMethod(LinearMethodBase):
             had_in=had_in,
             had_out=had_out,
         )
+
+
+def _init_dummy_weights(layer: torch.nn.Module, prefix: str) -> None:
+    """Random but realistic QTIP tensors, for load_format="dummy" benchmarks.
+
+    vLLM's dummy loader leaves integer tensors at zero and fills floats with
+    U(-1e-3, 1e-3), which would decode every weight to the same table entry.
+    Here the trellis gets uniform random bits (every state equally likely,
+    as in a real checkpoint), the table N(0, 1) codewords like the k-means
+    HYB table, SU random signs, and SV random signs scaled so that W has the
+    1/sqrt(n) spread of an initialized Llama projection (the Hadamards are
+    orthonormal, so W's entries are SV * table values). Seeded from the
+    layer name: every rank and every run gets the same model.
+    """
+    gen = torch.Generator(device=layer.trellis.device)
+    gen.manual_seed(zlib.crc32(prefix.encode()))
+
+    def fill(param: torch.Tensor, values: torch.Tensor) -> None:
+        param.data.copy_(values.to(param.dtype))
+
+    def signs(shape: torch.Size) -> torch.Tensor:
+        bits = torch.randint(0, 2, shape, generator=gen, device=gen.device)
+        return bits.float() * 2 - 1
+
+    words = torch.randint(
+        -(1 << 15), 1 << 15, layer.trellis.shape, generator=gen, device=gen.device
+    )
+    fill(layer.trellis, words)
+    if hasattr(layer, "tlut"):
+        fill(
+            layer.tlut, torch.randn(layer.tlut.shape, generator=gen, device=gen.device)
+        )
+    fill(layer.SU, signs(layer.SU.shape))
+    fill(layer.SV, signs(layer.SV.shape) * layer.qtip_in_full**-0.5)
+    layer.rcp.data.fill_(layer.qtip_expected_rcp)
+    layer.qtip_tp_rank.data.fill_(_DEFAULT_TP_RANK)
 
 
 def _kernel_supports(
