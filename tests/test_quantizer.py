@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from qtip_quant import ldlq, quantize, viterbi  # noqa: E402
 from qtip_quant.codebook import TLUT_STD, initial_tlut  # noqa: E402
 from qtip_quant.codec import QTIPCodeParams, qtip_checkpoint, qtip_utils  # noqa: E402
+from qtip_quant.e2e import E2EOptions, norm_names  # noqa: E402
 from qtip_quant.finetune import FinetuneOptions  # noqa: E402
 from qtip_quant.rtn import rtn_quantize  # noqa: E402
 from qtip_quant.text import (  # noqa: E402
@@ -378,6 +379,118 @@ def test_quantize_hessian_finetune_and_resume(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "again" / "config.json").read_text())["quip_params"]
     with pytest.raises(ValueError, match="other options"):
         quantize.quantize_model(src, out, seqs, _quick(K=3), quantize.RunOptions())
+
+
+def _mean_kl(teacher, student, ids: torch.Tensor) -> float:
+    p = _logits(teacher, ids).log_softmax(-1)
+    q = _logits(student, ids).log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_e2e_finetune_lowers_kl_and_writes_what_it_trained(tmp_path, monkeypatch):
+    """End-to-end fine-tuning after the last layer (tied embeddings): it
+    reuses the per-layer work, lowers the KL to the original model on
+    held-out sequences, and the checkpoint (projections and norms) computes
+    exactly the trained model; a rerun reuses the saved result."""
+    from transformers import LlamaForCausalLM
+
+    src = _tiny_llama(tmp_path / "fp16", tie_word_embeddings=True)
+    seqs = torch.randint(0, 64, (24, 32), generator=torch.Generator().manual_seed(0))
+    work = tmp_path / "work"
+    e2e = E2EOptions(seqs=24, epochs=4, lr=1e-2, batch_size=2)
+    base = dict(K=2, hessian=False, e2e=e2e)
+    plain = tmp_path / "plain"
+    run = quantize.RunOptions()
+    quantize.quantize_model(src, plain, seqs, _quick(**base), run, work_dir=work)
+
+    trained = []
+    run_e2e = quantize.finetune_e2e
+
+    def capture(*args, **kwargs):
+        result = run_e2e(*args, **kwargs)
+        trained.append(result.student)
+        return result
+
+    def fail(*args, **kwargs):
+        raise AssertionError("finished work was done again")
+
+    monkeypatch.setattr(quantize, "block_ldlq", fail)
+    monkeypatch.setattr(quantize, "finetune_e2e", capture)
+    out = tmp_path / "e2e"
+    options = _quick(e2e_finetune=True, **base)
+    stats = quantize.quantize_model(src, out, seqs, options, run, work_dir=work)
+    # Held out: the last 6 sequences, never trained on.
+    assert stats["e2e"]["valid_seqs"] == 6
+    assert stats["e2e"]["kl_after"] < 0.7 * stats["e2e"]["kl_before"]
+
+    original = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ref_plain = qtip_checkpoint.build_reference_model(plain)
+    ref = qtip_checkpoint.build_reference_model(out)
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    fresh = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(7))
+    kl_plain = _mean_kl(original, ref_plain, fresh)
+    assert _mean_kl(original, ref, fresh) < 0.8 * kl_plain
+    # The checkpoint computes the trained model (up to the reference
+    # forward's fp16 rounding of the transformed input).
+    assert _rel(_logits(ref, fresh), _logits(trained[0], fresh)) < 5e-3
+    # eval_ppl's HF path reads it through the reference model, densified.
+    from eval_ppl import dequantized_qtip_model
+
+    dense = dequantized_qtip_model(out, torch.float32)
+    assert dense.lm_head.weight is dense.model.embed_tokens.weight
+    assert _rel(_logits(dense, fresh), _logits(ref, fresh)) < 5e-3
+    _, tensors = qtip_checkpoint.read_checkpoint(out)
+    assert "lm_head.weight" not in tensors
+    for name in norm_names(1):
+        assert not torch.equal(tensors[name], original.get_parameter(name).half())
+        assert torch.equal(tensors[name].float(), trained[0].get_parameter(name))
+
+    monkeypatch.setattr(quantize, "finetune_e2e", fail)
+    again = quantize.quantize_model(
+        src, tmp_path / "again", seqs, options, run, work_dir=work
+    )
+    assert again["e2e"] == stats["e2e"]
+    _, rerun = qtip_checkpoint.read_checkpoint(tmp_path / "again")
+    assert all(torch.equal(rerun[k], t) for k, t in tensors.items())
+
+
+def test_table_reruns_chosen_rows(tmp_path):
+    """smollm2-table --rows: only the named rows, merged into the earlier
+    JSON rows by (weights, hessian, finetune); a model made with other
+    options (here: before end-to-end fine-tuning existed) is made again."""
+    import qtip_quantize
+    from qtip_quant import bench_smollm2 as bench
+
+    src = _tiny_llama(tmp_path / "fp16")
+    args = qtip_quantize.build_parser().parse_args(
+        ["smollm2-table", "--root", str(tmp_path), "--rows", "qtip-k4-hessian+ft"]
+    )
+    plan = bench._plan(args, tmp_path, src)
+    [row] = bench._select(plan, args.rows)
+    assert row.key == ("QTIP 4-bit", True, True)
+    with pytest.raises(ValueError, match="not rows of this table"):
+        bench._select(plan, ["qtip4-h-ft"])
+
+    def entry(weights, hessian, finetune, ppl):
+        return dict(weights=weights, hessian=hessian, finetune=finetune, ppl_vllm=ppl)
+
+    earlier = [
+        entry("fp16", False, False, 23.4),
+        entry("QTIP 4-bit", True, True, 24.1),
+        entry("RTN 2-bit g64", False, False, 6e5),
+    ]
+    merged = bench._merge(plan, {row.order: entry(*row.key, 23.9)}, earlier)
+    assert [r["ppl_vllm"] for r in merged] == [23.4, 23.9, 6e5]
+
+    row.path.mkdir()
+    stats = {"options": row.options["layers"], "e2e_options": row.options["e2e"]}
+    (row.path / "quantize_stats.json").write_text(json.dumps(stats))
+    bench._drop_if_stale(row, tmp_path)
+    assert row.path.exists()
+    stats["e2e_options"] = None
+    (row.path / "quantize_stats.json").write_text(json.dumps(stats))
+    bench._drop_if_stale(row, tmp_path)
+    assert not row.path.exists()
 
 
 @pytest.mark.parametrize("rcp", [1, 2])

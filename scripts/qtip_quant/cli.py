@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from .e2e import E2EOptions
 from .finetune import FinetuneOptions
 from .quantize import QuantizeOptions, RunOptions
 
@@ -44,6 +45,26 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--ft-epochs", type=int, default=5)
     f.add_argument("--ft-lr", type=float, default=1e-4)
     f.add_argument("--ft-no-tlut", action="store_true", help="keep tlut fixed")
+    e = parser.add_argument_group(
+        "end-to-end fine-tuning",
+        "SU, SV, tlut of every projection and the RMSNorm weights, trained "
+        "against the original model's logits (KL) after the last layer",
+    )
+    e.add_argument(
+        "--e2e-seqs",
+        type=int,
+        default=128,
+        help="calibration sequences used (25%% held out)",
+    )
+    e.add_argument("--e2e-epochs", type=int, default=4)
+    e.add_argument("--e2e-lr", type=float, default=2e-5)
+    e.add_argument(
+        "--e2e-batch-size",
+        type=int,
+        default=4,
+        help="sequences per optimizer step (one forward each)",
+    )
+    e.add_argument("--e2e-fp32", action="store_true", help="no bf16 autocast on CUDA")
     r = parser.add_argument_group("run")
     r.add_argument("--device", default=_default_device())
     r.add_argument(
@@ -69,7 +90,7 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(
-    args: argparse.Namespace, bits: int, hessian: bool, finetune: bool
+    args: argparse.Namespace, bits: int, hessian: bool, finetune: bool, e2e: bool
 ) -> tuple[QuantizeOptions, RunOptions]:
     options = QuantizeOptions(
         K=bits,
@@ -85,6 +106,15 @@ def options_from_args(
             epochs=args.ft_epochs, lr=args.ft_lr, train_tlut=not args.ft_no_tlut
         ),
         ft_seqs=args.ft_seqs,
+        e2e_finetune=e2e,
+        e2e=E2EOptions(
+            seqs=args.e2e_seqs,
+            epochs=args.e2e_epochs,
+            lr=args.e2e_lr,
+            batch_size=args.e2e_batch_size,
+            autocast=not args.e2e_fp32,
+            seed=args.seed,
+        ),
     )
     run = RunOptions(
         device=args.device,

@@ -83,7 +83,11 @@ class TrainableQTIPLinear(torch.nn.Module):
         return self.SV[:, None] * w * self.SU[None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype))
+        # The weight is rebuilt in fp32 even under autocast: bf16 Hadamard
+        # products would add rounding error of the size of the 4-bit code's.
+        with torch.autocast(x.device.type, enabled=False):
+            weight = self.weight()
+        return F.linear(x, weight.to(x.dtype))
 
 
 def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module):

@@ -5,11 +5,13 @@
 Pipeline (qtip_format.md §4): Hessians on calibration text -> per group of
 projections sharing an input: random signs + Hadamards + Wscale ->
 BlockLDLQ with the tail-biting Viterbi -> optional per-layer fine-tuning ->
-the relaxml checkpoint layout through the project's writer.
+optional end-to-end fine-tuning -> the relaxml checkpoint layout through the
+project's writer.
 
 Work files (``--work-dir``) make the run resumable: Hessians are stored per
-layer, and each finished layer's tensors are saved before the next chunk
-starts, so a restarted run skips what is done.
+layer, each finished layer's tensors are saved before the next chunk
+starts, and the end-to-end result once it is done, so a restarted run skips
+what is done.
 """
 
 import dataclasses
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .codebook import initial_tlut
 from .codec import QTIPCodeParams, qtip_checkpoint, qtip_utils
+from .e2e import E2EOptions, E2EResult, finetune_e2e
 from .finetune import (
     FinetuneOptions,
     QuantizedLinear,
@@ -72,6 +75,10 @@ class QuantizeOptions:
     tlut_iters: int = 25
     ft: FinetuneOptions = field(default_factory=FinetuneOptions)
     ft_seqs: int = 64
+    # End-to-end fine-tuning runs after the last layer and is kept apart in
+    # the work dir, so these two are not part of the per-layer fingerprint.
+    e2e_finetune: bool = False
+    e2e: E2EOptions = field(default_factory=E2EOptions)
 
     @property
     def code(self) -> QTIPCodeParams:
@@ -130,13 +137,17 @@ def check_model(config: Any, tp_split: int = 0) -> None:
 class _Hadamards:
     """Dense Hadamard matrices, built once per (size, block, device)."""
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(
+        self, device: torch.device | str, dtype: torch.dtype = torch.float64
+    ) -> None:
         self.device = device
+        self.dtype = dtype
         self.cache: dict[tuple[int, int | None], torch.Tensor] = {}
 
     def __call__(self, n: int, block: int | None) -> torch.Tensor:
         if (n, block) not in self.cache:
-            self.cache[(n, block)] = hadamard_matrix(n, block, self.device)
+            h = hadamard_matrix(n, block, self.device).to(self.dtype)
+            self.cache[(n, block)] = h
         return self.cache[(n, block)]
 
 
@@ -311,9 +322,71 @@ class WorkDir:
         return self.path / "layers" / f"layer_{layer:03d}.pt"
 
     def save_layer(self, layer: int, data: dict[str, Any]) -> None:
-        tmp = self.layer_file(layer).with_suffix(".tmp")
-        torch.save(data, tmp)
-        tmp.replace(self.layer_file(layer))
+        _save(data, self.layer_file(layer))
+
+    @property
+    def e2e_file(self) -> Path:
+        return self.path / "e2e.pt"
+
+    def load_e2e(self, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+        """The saved end-to-end result if it was made with these options."""
+        if not self.e2e_file.exists():
+            return None
+        data = torch.load(self.e2e_file)
+        return data if data["options"] == fingerprint else None
+
+
+def _save(data: Any, file: Path) -> None:
+    tmp = file.with_suffix(".tmp")
+    torch.save(data, tmp)
+    tmp.replace(file)
+
+
+def _load_quantized(
+    work: WorkDir, num_layers: int, params: QTIPCodeParams
+) -> dict[int, dict[str, QuantizedLinear]]:
+    """Every layer's saved projections, trellis states unpacked."""
+    out: dict[int, dict[str, QuantizedLinear]] = {}
+    for i in range(num_layers):
+        data = torch.load(work.layer_file(i))
+        out[i] = {}
+        for path, t in data["linears"].items():
+            m, n = t["SV"].numel(), t["SU"].numel()
+            states = qtip_utils.unpack_trellis(t["trellis"], m, n, params).long()
+            out[i][path] = QuantizedLinear(
+                states=states,
+                SU=t["SU"].float(),
+                SV=t["SV"].float(),
+                tlut=None if t["tlut"] is None else t["tlut"].float(),
+                rcp=t["rcp"],
+                tp_rank=t["tp_rank"],
+                proxy=data["stats"]["proxy"][path],
+            )
+    return out
+
+
+def options_fingerprint(
+    options: QuantizeOptions,
+    model_dir: Path,
+    sequences_shape: list[int],
+    calibration_id: str,
+) -> dict[str, dict[str, Any]]:
+    """What a run's result depends on: {"layers": ..., "e2e": ... or None}.
+
+    "layers" is checked against the work dir's options.json; "e2e" is kept
+    with the end-to-end result (a change redoes only that stage).
+    """
+    layers = dataclasses.asdict(options)
+    e2e = layers.pop("e2e")
+    layers.pop("e2e_finetune")
+    layers |= {
+        "model": str(model_dir.resolve()),
+        "calibration": calibration_id,
+        "calibration_shape": list(sequences_shape),
+    }
+    if not options.e2e_finetune:
+        return {"layers": layers, "e2e": None}
+    return {"layers": layers, "e2e": e2e | {"calibration": calibration_id}}
 
 
 def _layer_tensors(quantized: dict[str, QuantizedLinear], params: QTIPCodeParams):
@@ -375,13 +448,15 @@ def quantize_model(
         Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work"),
         Path(hessian_dir) if hessian_dir else None,
     )
-    fingerprint = dataclasses.asdict(options) | {
-        "model": str(model_dir.resolve()),
-        "calibration": calibration_id,
-        "calibration_shape": list(sequences.shape),
+    fingerprints = options_fingerprint(
+        options, model_dir, list(sequences.shape), calibration_id
+    )
+    work.check_options(fingerprints["layers"])
+    stats: dict[str, Any] = {
+        "options": fingerprints["layers"],
+        "e2e_options": fingerprints["e2e"],
+        "layers": {},
     }
-    work.check_options(fingerprint)
-    stats: dict[str, Any] = {"options": fingerprint, "layers": {}}
     t_start = time.time()
 
     # fp16 matmuls are slow or missing on CPUs.
@@ -390,6 +465,9 @@ def quantize_model(
     model.to(device).eval()
     num_layers = config.num_hidden_layers
     pending = [i for i in range(num_layers) if not work.layer_file(i).exists()]
+    if pending:
+        # End-to-end results are only valid for the layers they started from.
+        work.e2e_file.unlink(missing_ok=True)
 
     # 1. Calibration: Hessians that are missing, and fine-tuning inputs.
     calibration = None
@@ -503,14 +581,61 @@ def quantize_model(
             work.save_layer(i, {"linears": linears, "stats": layer_stats})
             stats["layers"][i] = layer_stats
 
-    # 4. The checkpoint.
-    write_qtip_checkpoint(model, model_dir, out_dir, work, params, options, run)
+    # 4. End-to-end fine-tuning of all layers together, once.
+    calibration = None  # the per-layer inputs are no longer needed
+    e2e = None
+    if fingerprints["e2e"] is not None:
+        e2e = work.load_e2e(fingerprints["e2e"])
+        if e2e is None:
+            result = _run_e2e(model, model_dir, work, params, sequences, options)
+            e2e = {
+                "options": fingerprints["e2e"],
+                "linears": {
+                    i: _layer_tensors(layer, params)
+                    for i, layer in result.linears.items()
+                },
+                "norms": result.norms,
+                "stats": result.stats,
+            }
+            _save(e2e, work.e2e_file)
+        stats["e2e"] = e2e["stats"]
+
+    # 5. The checkpoint.
+    write_qtip_checkpoint(model, model_dir, out_dir, work, params, options, run, e2e)
     stats["total_s"] = time.time() - t_start
     stats["layers"] = {
         i: torch.load(work.layer_file(i))["stats"] for i in range(num_layers)
     }
     (out_dir / "quantize_stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def _run_e2e(
+    model: torch.nn.Module,
+    model_dir: Path,
+    work: WorkDir,
+    params: QTIPCodeParams,
+    sequences: torch.Tensor,
+    options: QuantizeOptions,
+) -> E2EResult:
+    config = json.loads((model_dir / "config.json").read_text())
+    device = next(model.parameters()).device
+    result = finetune_e2e(
+        model,
+        _load_quantized(work, config["num_hidden_layers"], params),
+        params,
+        _Hadamards(device, torch.float32),
+        sequences,
+        options.e2e,
+        _store_dtype(config),
+    )
+    del result.student  # only the tensors are kept
+    return result
+
+
+def _store_dtype(config: dict[str, Any]) -> torch.dtype:
+    """Dtype of SU and the unquantized tensors: the model's (fp16 if unnamed)."""
+    return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float16")
 
 
 def _hessian_ok(file: Path, calibration_id: str) -> bool:
@@ -527,18 +652,23 @@ def write_qtip_checkpoint(
     params: QTIPCodeParams,
     options: QuantizeOptions,
     run: RunOptions,
+    e2e: dict[str, Any] | None = None,
 ) -> None:
-    """Assemble the saved layers and the unquantized tensors; copy the tokenizer."""
+    """Assemble the saved layers and the unquantized tensors; copy the tokenizer.
+
+    With an end-to-end result, its projections and norms replace the
+    per-layer ones.
+    """
     config = json.loads((model_dir / "config.json").read_text())
-    # Unquantized tensors and SU keep the model's dtype (fp16 if unnamed).
-    dtype = getattr(
-        torch, config.get("dtype") or config.get("torch_dtype") or "float16"
-    )
+    dtype = _store_dtype(config)
     tied = config.get("tie_word_embeddings", False)
     tensors: dict[str, torch.Tensor] = {}
     quantized_prefixes = set()
     for i in range(config["num_hidden_layers"]):
-        linears = torch.load(work.layer_file(i))["linears"]
+        if e2e is not None:
+            linears = e2e["linears"][i]
+        else:
+            linears = torch.load(work.layer_file(i))["linears"]
         for path, t in linears.items():
             prefix = f"model.layers.{i}.{path}"
             quantized_prefixes.add(prefix)
@@ -558,6 +688,8 @@ def write_qtip_checkpoint(
             continue
         if tied and name == "lm_head.weight":
             continue
+        if e2e is not None and name in e2e["norms"]:
+            tensor = e2e["norms"][name]
         tensors[name] = tensor.to(dtype)
     qtip_checkpoint.write_checkpoint(
         out_dir,

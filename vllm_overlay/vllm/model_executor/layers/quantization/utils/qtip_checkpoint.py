@@ -476,16 +476,22 @@ def build_reference_model(
                 attr,
                 QTIPReferenceLinear(_projection_tensors(tensors, prefix), params),
             )
-    for name in (
+    names = [
         "model.embed_tokens.weight",
         "model.norm.weight",
-        "lm_head.weight",
         *(
             f"model.layers.{i}.{norm}.weight"
             for i in range(hf_config.num_hidden_layers)
             for norm in ("input_layernorm", "post_attention_layernorm")
         ),
-    ):
+    ]
+    # With tied embeddings lm_head is embed_tokens (as in vLLM's loader): a
+    # stored lm_head.weight is not read, and none is needed.
+    if not hf_config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for name in names:
+        if name not in tensors:
+            raise ValueError(f"checkpoint {path} lacks {name}")
         dense[name] = tensors[name]
     missing, unexpected = model.load_state_dict(dense, strict=False)
     assert not unexpected, unexpected
