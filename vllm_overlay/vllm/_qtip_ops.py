@@ -47,15 +47,20 @@ if _has_op("qtip_gemm"):
 
     @register_fake("_qtip_C::qtip_gemm")
     def _qtip_gemm_fake(
-        x: torch.Tensor, trellis: torch.Tensor, tlut: torch.Tensor
+        x: torch.Tensor,
+        trellis: torch.Tensor,
+        tlut: torch.Tensor,
+        shard_rows: list[int],
     ) -> torch.Tensor:
-        return x.new_empty((x.shape[0], trellis.shape[0] * 32), dtype=torch.float32)
+        return x.new_empty((x.shape[-2], trellis.shape[0] * 32), dtype=torch.float32)
 
 
 if _has_op("qtip_decode"):
 
     @register_fake("_qtip_C::qtip_decode")
-    def _qtip_decode_fake(trellis: torch.Tensor, tlut: torch.Tensor) -> torch.Tensor:
+    def _qtip_decode_fake(
+        trellis: torch.Tensor, tlut: torch.Tensor, shard_rows: list[int]
+    ) -> torch.Tensor:
         return trellis.new_empty(
             (trellis.shape[0] * 32, trellis.shape[1] * 32), dtype=torch.float16
         )
@@ -70,10 +75,13 @@ if _has_op("qtip_hadamard"):
         out_scale: torch.Tensor | None,
         had_k: torch.Tensor | None,
         transpose: bool,
-        block_size: int,
+        block_sizes: list[int],
+        segment_sizes: list[int],
         factor: float,
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
+        if in_scale is not None and in_scale.dim() == 2:
+            return x.new_empty((in_scale.shape[0], *x.shape), dtype=out_dtype)
         return x.new_empty(x.shape, dtype=out_dtype)
 
 
@@ -89,7 +97,8 @@ if _has_op("qtip_linear"):
         had_in: torch.Tensor | None,
         had_out: torch.Tensor | None,
         in_block: int,
-        out_block: int,
+        out_blocks: list[int],
+        shard_rows: list[int],
         dense_min_rows: int,
     ) -> torch.Tensor:
         return x.new_empty((x.shape[0], SV.shape[0]))
@@ -137,7 +146,9 @@ def qtip_hadamard_supported(
     return (block_size + (8 * K if K > 1 else 0)) * 4 <= limit
 
 
-def _check_trellis(trellis: torch.Tensor, tlut: torch.Tensor, m: int, n: int, K: int):
+def _check_trellis(
+    trellis: torch.Tensor, tlut: torch.Tensor, m: int, n: int, K: int, shards: int = 1
+):
     if K not in QTIP_KERNEL_K:
         raise ValueError(f"QTIP kernels support K in {QTIP_KERNEL_K}, got K={K}")
     if m % 32 != 0 or n % 32 != 0:
@@ -154,10 +165,13 @@ def _check_trellis(trellis: torch.Tensor, tlut: torch.Tensor, m: int, n: int, K:
         )
     if not trellis.is_contiguous():
         raise ValueError("trellis must be contiguous")
-    if tlut.dtype != torch.float16 or tuple(tlut.shape) != QTIP_TLUT_SHAPE:
+    tlut_shapes = [(shards, *QTIP_TLUT_SHAPE)]
+    if shards == 1:
+        tlut_shapes.append(QTIP_TLUT_SHAPE)
+    if tlut.dtype != torch.float16 or tuple(tlut.shape) not in tlut_shapes:
         raise ValueError(
-            f"tlut must be float16 of shape {QTIP_TLUT_SHAPE}, got {tlut.dtype} "
-            f"{tuple(tlut.shape)}"
+            f"tlut must be float16 of shape {' or '.join(map(str, tlut_shapes))}, "
+            f"got {tlut.dtype} {tuple(tlut.shape)}"
         )
     if trellis.device != tlut.device:
         raise ValueError(
@@ -185,7 +199,7 @@ def qtip_gemm(
 ) -> torch.Tensor:
     """x (B, n) fp16 @ W_hat^T -> (B, m) fp32, W_hat decoded on the fly."""
     trellis3 = _check_trellis(trellis, tlut, m, x.shape[-1], K)
-    return torch.ops._qtip_C.qtip_gemm(x, trellis3, tlut)
+    return torch.ops._qtip_C.qtip_gemm(x, trellis3, tlut, [m])
 
 
 def qtip_decode(
@@ -193,7 +207,7 @@ def qtip_decode(
 ) -> torch.Tensor:
     """The Hadamard-domain weight W_hat (m, n) in fp16."""
     trellis3 = _check_trellis(trellis, tlut, m, n, K)
-    return torch.ops._qtip_C.qtip_decode(trellis3, tlut)
+    return torch.ops._qtip_C.qtip_decode(trellis3, tlut, [m])
 
 
 def qtip_hadamard(
@@ -221,7 +235,8 @@ def qtip_hadamard(
         out_scale,
         had_k,
         transpose,
-        n if block_size is None else block_size,
+        [n if block_size is None else block_size],
+        [n],
         factor,
         x.dtype if out_dtype is None else out_dtype,
     )
@@ -239,7 +254,8 @@ def qtip_matmul(
     K: int,
     *,
     in_block: int | None = None,
-    out_block: int | None = None,
+    out_blocks: list[int] | None = None,
+    shard_rows: list[int] | None = None,
 ) -> torch.Tensor:
     """One QTIP linear: y = SV * (Hm @ W_hat @ Hn^T @ (SU * x)).
 
@@ -249,24 +265,44 @@ def qtip_matmul(
     published kernel layout (any shape, e.g. (m/32, n/32, 64K)), tlut is
     (512, 2) fp16, SU (n,) and SV (m,) fp32, had_in / had_out the H_K factors
     of Hn / Hm (float32 K x K on x's device, None for powers of two).
-    in_block / out_block make Hn / Hm block-diagonal (TP-split checkpoints).
-    Below QTIP_DENSE_MIN_ROWS rows the fused decode + GEMM kernel runs,
-    from there on W_hat is decoded to fp16 and multiplied by cuBLAS; the
-    choice happens inside one op, so torch.compile sees no branch.
+
+    A fused layer (q/k/v, gate/up) runs all its shards in one call, three
+    launches in all: ``shard_rows`` lists their row counts (m in total),
+    their trellises are back to back, tlut is (shards, 512, 2), SU
+    (shards, n) and SV their concatenated output scales; the output is the
+    shards' outputs side by side, as vLLM's fused layers return them.
+    in_block / out_blocks (one per shard) make Hn / Hm block-diagonal
+    (TP-split checkpoints). Below QTIP_DENSE_MIN_ROWS rows the fused decode +
+    GEMM kernel runs, from there on W_hat is decoded to fp16 and multiplied
+    by cuBLAS; the choice happens inside one op, so torch.compile sees no
+    branch.
     """
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
     if not x.is_cuda:
         raise ValueError(f"x must be a CUDA tensor, got device {x.device}")
-    if SU.dim() != 1 or SV.dim() != 1:
+    if SU.dim() not in (1, 2) or SV.dim() != 1:
         raise ValueError(
-            f"SU and SV must be 1-D, got shapes {tuple(SU.shape)} and {tuple(SV.shape)}"
+            f"SU must be (n,) or (shards, n) and SV (m,), got shapes "
+            f"{tuple(SU.shape)} and {tuple(SV.shape)}"
         )
-    m, n = SV.shape[0], SU.shape[0]
+    m, n = SV.shape[0], SU.shape[-1]
+    shard_rows = [m] if shard_rows is None else list(shard_rows)
+    su2 = SU.reshape(-1, n)
+    if su2.shape[0] != len(shard_rows) or sum(shard_rows) != m:
+        raise ValueError(
+            f"shard_rows {shard_rows} must have one entry per SU row "
+            f"({su2.shape[0]}) and sum to m = len(SV) = {m}"
+        )
+    out_blocks = list(shard_rows) if out_blocks is None else list(out_blocks)
+    if len(out_blocks) != len(shard_rows):
+        raise ValueError(
+            f"out_blocks {out_blocks} must have one entry per shard {shard_rows}"
+        )
     if x.shape[-1] != n:
         raise ValueError(
             f"x has {x.shape[-1]} features (shape {tuple(x.shape)}), expected "
-            f"n = len(SU) = {n}"
+            f"n = SU.shape[-1] = {n}"
         )
     for name, t in (("SU", SU), ("SV", SV)):
         if t.dtype != torch.float32:
@@ -277,18 +313,19 @@ def qtip_matmul(
     _check_factor(had_out, "had_out", x.device)
     if trellis.device != x.device:
         raise ValueError(f"trellis must be on {x.device}, got {trellis.device}")
-    trellis3 = _check_trellis(trellis, tlut, m, n, K)
+    trellis3 = _check_trellis(trellis, tlut, m, n, K, len(shard_rows))
     lead = x.shape[:-1]
     y = torch.ops._qtip_C.qtip_linear(
         x.reshape(-1, n).contiguous(),
         trellis3,
-        tlut,
-        SU,
+        tlut.reshape(len(shard_rows), *QTIP_TLUT_SHAPE),
+        su2,
         SV,
         had_in,
         had_out,
         n if in_block is None else in_block,
-        m if out_block is None else out_block,
+        out_blocks,
+        shard_rows,
         QTIP_DENSE_MIN_ROWS,
     )
     return y.reshape(*lead, m)

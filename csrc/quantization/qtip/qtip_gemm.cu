@@ -59,6 +59,7 @@ constexpr int gemm_blocks_per_sm() {
 template <int K, int NB, int kStages>
 __global__ void __launch_bounds__(kGemmThreads, gemm_blocks_per_sm<NB>())
     qtip_gemm_kernel(const __half* __restrict__ x, int rows, int n,
+                     int64_t x_shard_stride, ShardRows shards,
                      const uint8_t* __restrict__ trellis,
                      const __half* __restrict__ tlut, float* __restrict__ y,
                      int m, int splits, bool accumulate) {
@@ -74,6 +75,11 @@ __global__ void __launch_bounds__(kGemmThreads, gemm_blocks_per_sm<NB>())
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int split = blockIdx.x, bi = blockIdx.y;
   const int nblk = n / 32;
+  // The shard of this row block: its activations (x * SU_s, transformed)
+  // and its table.
+  const int shard = shards.shard_of(bi);
+  x += shard * x_shard_stride;
+  tlut += shard * kTlutRows * 2;
   const int c0 = (int)((int64_t)split * nblk / splits);
   const int c1 = (int)((int64_t)(split + 1) * nblk / splits);
 
@@ -172,19 +178,23 @@ template <int K>
 __global__ void __launch_bounds__(kDecodeThreads)
     qtip_decode_kernel(const uint8_t* __restrict__ trellis,
                        const __half* __restrict__ tlut, __half* __restrict__ w,
-                       int m, int n) {
+                       int n, ShardRows shards) {
   using Lut = SignedLut<kCopies>;
   using Blk = TrellisBlock<K>;
   constexpr int kWarps = kDecodeThreads / 32;
   extern __shared__ __align__(16) char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  Lut::fill(reinterpret_cast<uint32_t*>(smem), tlut, tid, kDecodeThreads);
+  // blockIdx.y is the shard: one table per block.
+  const int shard = blockIdx.y;
+  Lut::fill(reinterpret_cast<uint32_t*>(smem), tlut + shard * kTlutRows * 2,
+            tid, kDecodeThreads);
   __syncthreads();
   const uint32_t lane_term = Lut::lane_term(lane);
   const int g = lane >> 2, q = lane & 3;
   const int nblk = n / 32;
-  const int64_t total = (int64_t)(m / 32) * nblk;
-  for (int64_t t = (int64_t)blockIdx.x * kWarps + warp; t < total;
+  const int64_t first = (int64_t)shards.rb0[shard] * nblk;
+  const int64_t total = (int64_t)shards.rb0[shard + 1] * nblk;
+  for (int64_t t = first + (int64_t)blockIdx.x * kWarps + warp; t < total;
        t += (int64_t)gridDim.x * kWarps) {
     uint32_t ws[K];
     load_lane<K>(trellis + t * Blk::kBytes + lane * Blk::kLaneBytes, ws);
@@ -216,8 +226,7 @@ struct TrellisShape {
   int K;
 };
 
-TrellisShape check_trellis(const torch::Tensor& trellis,
-                           const torch::Tensor& tlut, const char* op) {
+TrellisShape check_trellis(const torch::Tensor& trellis, const char* op) {
   TORCH_CHECK(trellis.is_cuda(), op, ": trellis must be a CUDA tensor");
   TORCH_CHECK(trellis.scalar_type() == at::kShort, op,
               ": trellis must be int16, got ", trellis.scalar_type());
@@ -232,16 +241,6 @@ TrellisShape check_trellis(const torch::Tensor& trellis,
               ": trellis is empty, shape ", trellis.sizes());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(trellis.data_ptr()) % 16 == 0, op,
               ": trellis data must be 16-byte aligned");
-  TORCH_CHECK(tlut.is_cuda() && tlut.device() == trellis.device(), op,
-              ": tlut must be on the trellis device ", trellis.device());
-  TORCH_CHECK(tlut.scalar_type() == at::kHalf, op,
-              ": tlut must be float16, got ", tlut.scalar_type());
-  TORCH_CHECK(tlut.dim() == 2 && tlut.size(0) == kTlutRows &&
-                  tlut.size(1) == 2,
-              op, ": tlut must have shape (512, 2), got ", tlut.sizes());
-  TORCH_CHECK(tlut.is_contiguous(), op, ": tlut must be contiguous");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(tlut.data_ptr()) % 4 == 0, op,
-              ": tlut data must be 4-byte aligned");
   check_device_capability(trellis, op);
   return {trellis.size(0) * 32, trellis.size(1) * 32, (int)(last / 64)};
 }
@@ -262,45 +261,72 @@ int gemm_splits(const cudaDeviceProp& prop, const TrellisShape& s, int nb) {
   return (int)std::clamp<int64_t>(target / rb, 1, max_splits);
 }
 
+// Arguments of one fused GEMM launch (one chunk of at most 32 batch rows).
+struct GemmArgs {
+  const __half* x;
+  int rows;
+  int64_t x_shard_stride;
+  ShardRows shards;
+  const uint8_t* trellis;
+  const __half* tlut;
+  float* y;
+  int splits;
+  bool accumulate;
+};
+
 template <int K, int NB>
-void launch_gemm(const __half* x, int rows, const TrellisShape& s,
-                 const uint8_t* trellis, const __half* tlut, float* y,
-                 int splits, bool accumulate, cudaStream_t stream) {
+void launch_gemm(const GemmArgs& a, const TrellisShape& s,
+                 cudaStream_t stream) {
   constexpr int kStages = NB <= 2 ? 3 : 2;
   auto kernel = qtip_gemm_kernel<K, NB, kStages>;
   const int smem = SignedLut<kCopies>::kBytes + NB * 8 * 32 * 4;
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(kernel, smem_set);
-  dim3 grid(splits, (unsigned)(s.m / 32));
-  kernel<<<grid, kGemmThreads, smem, stream>>>(x, rows, (int)s.n, trellis,
-                                               tlut, y, (int)s.m, splits,
-                                               accumulate);
+  dim3 grid(a.splits, (unsigned)(s.m / 32));
+  kernel<<<grid, kGemmThreads, smem, stream>>>(
+      a.x, a.rows, (int)s.n, a.x_shard_stride, a.shards, a.trellis, a.tlut,
+      a.y, (int)s.m, a.splits, a.accumulate);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int K>
-void gemm_dispatch_nb(const __half* x, int rows, const TrellisShape& s,
-                      const uint8_t* trellis, const __half* tlut, float* y,
-                      int splits, bool accumulate, cudaStream_t stream) {
-  if (rows <= 8)
-    launch_gemm<K, 1>(x, rows, s, trellis, tlut, y, splits, accumulate,
-                         stream);
-  else if (rows <= 16)
-    launch_gemm<K, 2>(x, rows, s, trellis, tlut, y, splits, accumulate,
-                         stream);
+void gemm_dispatch_nb(const GemmArgs& a, const TrellisShape& s,
+                      cudaStream_t stream) {
+  if (a.rows <= 8)
+    launch_gemm<K, 1>(a, s, stream);
+  else if (a.rows <= 16)
+    launch_gemm<K, 2>(a, s, stream);
   else
-    launch_gemm<K, 4>(x, rows, s, trellis, tlut, y, splits, accumulate,
-                         stream);
+    launch_gemm<K, 4>(a, s, stream);
 }
 
 template <int K>
 void launch_decode(const uint8_t* trellis, const __half* tlut, __half* w,
-                   const TrellisShape& s, int grid, int smem,
-                   cudaStream_t stream) {
+                   const TrellisShape& s, const ShardRows& shards, int grid,
+                   int smem, cudaStream_t stream) {
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(qtip_decode_kernel<K>, smem_set);
-  qtip_decode_kernel<K><<<grid, kDecodeThreads, smem, stream>>>(
-      trellis, tlut, w, (int)s.m, (int)s.n);
+  dim3 blocks((unsigned)grid, (unsigned)shards.count);
+  qtip_decode_kernel<K><<<blocks, kDecodeThreads, smem, stream>>>(
+      trellis, tlut, w, (int)s.n, shards);
+}
+
+// tlut: (512, 2) for one shard or (shards, 512, 2).
+void check_tlut(const torch::Tensor& tlut, const torch::Tensor& trellis,
+                int64_t shards, const char* op) {
+  TORCH_CHECK(tlut.is_cuda() && tlut.device() == trellis.device(), op,
+              ": tlut must be on the trellis device ", trellis.device());
+  TORCH_CHECK(tlut.scalar_type() == at::kHalf, op,
+              ": tlut must be float16, got ", tlut.scalar_type());
+  const bool one = tlut.dim() == 2 && shards == 1;
+  const bool stacked = tlut.dim() == 3 && tlut.size(0) == shards;
+  TORCH_CHECK((one || stacked) && tlut.size(-2) == kTlutRows &&
+                  tlut.size(-1) == 2,
+              op, ": tlut must have shape (", shards,
+              ", 512, 2) (or (512, 2) for one shard), got ", tlut.sizes());
+  TORCH_CHECK(tlut.is_contiguous(), op, ": tlut must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(tlut.data_ptr()) % 4 == 0, op,
+              ": tlut data must be 4-byte aligned");
 }
 
 }  // namespace
@@ -316,23 +342,30 @@ void check_device_capability(const torch::Tensor& t, const char* op) {
 }
 
 torch::Tensor qtip_gemm(const torch::Tensor& x, const torch::Tensor& trellis,
-                        const torch::Tensor& tlut) {
-  const TrellisShape s = check_trellis(trellis, tlut, "qtip_gemm");
+                        const torch::Tensor& tlut,
+                        c10::IntArrayRef shard_rows) {
+  const TrellisShape s = check_trellis(trellis, "qtip_gemm");
+  const ShardRows shards = make_shard_rows(shard_rows, s.m, "qtip_gemm");
+  check_tlut(tlut, trellis, shards.count, "qtip_gemm");
   TORCH_CHECK(x.is_cuda() && x.device() == trellis.device(),
               "qtip_gemm: x must be on the trellis device ", trellis.device());
   TORCH_CHECK(x.scalar_type() == at::kHalf,
               "qtip_gemm: x must be float16 (the Hadamard-domain "
               "activations), got ",
               x.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == s.n,
-              "qtip_gemm: x must have shape (B, n) with n = 32 * "
+  const bool per_shard = x.dim() == 3;
+  TORCH_CHECK(((x.dim() == 2 && shards.count == 1) ||
+               (per_shard && x.size(0) == shards.count)) &&
+                  x.size(-1) == s.n,
+              "qtip_gemm: x must have shape (", shards.count,
+              ", B, n) (or (B, n) for one shard) with n = 32 * "
               "trellis.size(1) = ",
               s.n, ", got ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), "qtip_gemm: x must be contiguous");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0,
               "qtip_gemm: x data must be 4-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0);
+  const int64_t rows = x.size(-2);
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int nb_first = rows <= 8 ? 1 : rows <= 16 ? 2 : 4;
   const int splits = gemm_splits(*prop, s, nb_first);
@@ -343,33 +376,38 @@ torch::Tensor qtip_gemm(const torch::Tensor& x, const torch::Tensor& trellis,
                : torch::empty({rows, s.m}, x.options().dtype(at::kFloat));
   if (rows == 0) return y;
   auto stream = at::cuda::getCurrentCUDAStream();
-  const auto* tr = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
-  const auto* tl = reinterpret_cast<const __half*>(tlut.data_ptr());
+  GemmArgs a{};
+  a.x_shard_stride = rows * s.n;
+  a.shards = shards;
+  a.trellis = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
+  a.tlut = reinterpret_cast<const __half*>(tlut.data_ptr());
+  a.splits = splits;
+  a.accumulate = accumulate;
   // Batches above 32 rows run in chunks of 32 (each re-decodes W_hat).
   for (int64_t r0 = 0; r0 < rows; r0 += 32) {
-    const int chunk = (int)std::min<int64_t>(32, rows - r0);
-    const auto* xp = reinterpret_cast<const __half*>(x.data_ptr()) + r0 * s.n;
-    float* yp = y.data_ptr<float>() + r0 * s.m;
+    a.rows = (int)std::min<int64_t>(32, rows - r0);
+    a.x = reinterpret_cast<const __half*>(x.data_ptr()) + r0 * s.n;
+    a.y = y.data_ptr<float>() + r0 * s.m;
     switch (s.K) {
       case 2:
-        gemm_dispatch_nb<2>(xp, chunk, s, tr, tl, yp, splits, accumulate,
-                            stream);
+        gemm_dispatch_nb<2>(a, s, stream);
         break;
       case 3:
-        gemm_dispatch_nb<3>(xp, chunk, s, tr, tl, yp, splits, accumulate,
-                            stream);
+        gemm_dispatch_nb<3>(a, s, stream);
         break;
       default:
-        gemm_dispatch_nb<4>(xp, chunk, s, tr, tl, yp, splits, accumulate,
-                            stream);
+        gemm_dispatch_nb<4>(a, s, stream);
     }
   }
   return y;
 }
 
 torch::Tensor qtip_decode(const torch::Tensor& trellis,
-                          const torch::Tensor& tlut) {
-  const TrellisShape s = check_trellis(trellis, tlut, "qtip_decode");
+                          const torch::Tensor& tlut,
+                          c10::IntArrayRef shard_rows) {
+  const TrellisShape s = check_trellis(trellis, "qtip_decode");
+  const ShardRows shards = make_shard_rows(shard_rows, s.m, "qtip_decode");
+  check_tlut(tlut, trellis, shards.count, "qtip_decode");
   const c10::cuda::CUDAGuard guard(trellis.device());
   auto w = torch::empty({s.m, s.n}, trellis.options().dtype(at::kHalf));
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
@@ -377,23 +415,28 @@ torch::Tensor qtip_decode(const torch::Tensor& trellis,
   const int per_sm = std::max<int>(
       1, std::min<int>(prop->maxThreadsPerMultiProcessor / kDecodeThreads,
                        (int)(prop->sharedMemPerMultiprocessor / (smem + 1024))));
-  const int64_t blocks_needed =
-      (s.m / 32) * (s.n / 32) / (kDecodeThreads / 32) + 1;
-  const int grid = (int)std::min<int64_t>(
-      blocks_needed, (int64_t)prop->multiProcessorCount * per_sm);
+  // One wave over all shards; each shard gets blocks in proportion to its
+  // rows (grid.y is the shard, so use the largest shard's share).
+  int64_t max_rb = 0;
+  for (int i = 0; i < shards.count; ++i)
+    max_rb = std::max<int64_t>(max_rb, shards.rb0[i + 1] - shards.rb0[i]);
+  const int64_t blocks_needed = max_rb * (s.n / 32) / (kDecodeThreads / 32) + 1;
+  const int64_t wave = (int64_t)prop->multiProcessorCount * per_sm;
+  const int grid = (int)std::max<int64_t>(
+      1, std::min<int64_t>(blocks_needed, wave / shards.count));
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto* tr = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
   const auto* tl = reinterpret_cast<const __half*>(tlut.data_ptr());
   auto* wp = reinterpret_cast<__half*>(w.data_ptr());
   switch (s.K) {
     case 2:
-      launch_decode<2>(tr, tl, wp, s, grid, smem, stream);
+      launch_decode<2>(tr, tl, wp, s, shards, grid, smem, stream);
       break;
     case 3:
-      launch_decode<3>(tr, tl, wp, s, grid, smem, stream);
+      launch_decode<3>(tr, tl, wp, s, shards, grid, smem, stream);
       break;
     default:
-      launch_decode<4>(tr, tl, wp, s, grid, smem, stream);
+      launch_decode<4>(tr, tl, wp, s, shards, grid, smem, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return w;

@@ -11,8 +11,13 @@
 // the output side is out_scale = SV, factor = 32, the activation dtype out.
 // Everything is computed in fp32 as in the reference.
 //
-// One thread block per (row, Hadamard block), the block's b values in fp32
-// shared memory (so b <= ~57k on Hopper):
+// Fused layers: x's columns may be split into segments (the shards' outputs
+// of q/k/v or gate/up), each with its own block size, and in_scale may have
+// one row per shard (SU_s), giving one transformed copy of x per shard; all
+// in one launch.
+//
+// One thread block per (copy, row, Hadamard block), the block's b values in
+// fp32 shared memory (so b <= ~57k on Hopper):
 //  1. load 8 consecutive values per thread (16/32-byte loads), scale them and
 //     do the first three butterfly stages in registers;
 //  2. the remaining log2(P) - 3 stages in radix-8 passes over shared memory
@@ -31,6 +36,7 @@
 #include <torch/all.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "qtip_launch.cuh"
 #include "qtip_ops.h"
@@ -122,21 +128,40 @@ __device__ __forceinline__ void smem_pass(float* X, int b, int bit) {
   }
 }
 
+// Column segments of a row: segment s starts at column col[s] and is made of
+// Hadamard blocks of b[s] = K * 2^log2P[s] columns, numbered blk0[s]...
+struct HadSegments {
+  int count;
+  int col[kMaxShards];
+  int b[kMaxShards];
+  int log2P[kMaxShards];
+  int blk0[kMaxShards + 1];
+  float mult[kMaxShards];  // factor / sqrt(b)
+};
+
 template <typename InT, typename OutT>
 __global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
     const InT* __restrict__ x, const float* __restrict__ in_scale,
     const float* __restrict__ out_scale, const float* __restrict__ had,
-    OutT* __restrict__ y, int n, int b, int K, int log2P, bool transpose,
-    float mult, int rchunk, int p_splits) {
+    OutT* __restrict__ y, int rows, int n, HadSegments segs, int K,
+    bool transpose, int rchunk, int p_splits) {
   extern __shared__ __align__(16) float X[];
-  const int nblk = n / b;
-  const int row = blockIdx.x / nblk, blk = blockIdx.x % nblk;
-  const int64_t off0 = (int64_t)row * n + (int64_t)blk * b;
-  const int col0 = blk * b;
+  const int per_row = segs.blk0[segs.count];
+  const int copy_row = blockIdx.x / per_row, j = blockIdx.x % per_row;
+  const int copy = copy_row / rows, row = copy_row % rows;
+  int seg = 0;
+  while (seg + 1 < segs.count && j >= segs.blk0[seg + 1]) ++seg;
+  const int b = segs.b[seg], log2P = segs.log2P[seg];
+  const int col0 = segs.col[seg] + (j - segs.blk0[seg]) * b;
+  // x is shared by the copies; copy c is scaled by in_scale row c.
+  x += (int64_t)row * n + col0;
+  if (in_scale != nullptr) in_scale += (int64_t)copy * n;
+  const int64_t off0 = (int64_t)copy_row * n + col0;
+  const float mult = segs.mult[seg];
 
   for (int g = threadIdx.x; g < b / 8; g += blockDim.x) {
     float v[8];
-    load8(x + off0 + g * 8, v);
+    load8(x + g * 8, v);
     if (in_scale != nullptr) {
       float s[8];
       load8(in_scale + col0 + g * 8, s);
@@ -219,59 +244,65 @@ __global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
 
 namespace {
 
+// A per-column scale (n,); in_scale may also be (copies, n).
 void check_scale(const std::optional<torch::Tensor>& s, const char* name,
-                 const torch::Tensor& x) {
+                 const torch::Tensor& x, bool allow_copies) {
   if (!s.has_value()) return;
   const torch::Tensor& t = *s;
   TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "qtip_hadamard: ",
               name, " must be on the device of x (", x.device(), ")");
   TORCH_CHECK(t.scalar_type() == at::kFloat, "qtip_hadamard: ", name,
               " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(-1), "qtip_hadamard: ",
-              name, " must have shape (", x.size(-1), ",), got ", t.sizes());
+  const bool ok = (t.dim() == 1 || (allow_copies && t.dim() == 2 &&
+                                    t.size(0) >= 1 && t.size(0) <= kMaxShards)) &&
+                  t.size(-1) == x.size(-1);
+  TORCH_CHECK(ok, "qtip_hadamard: ", name, " must have shape (",
+              x.size(-1), ",)", allow_copies ? " or (shards, n)" : "",
+              ", got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "qtip_hadamard: ", name,
               " must be contiguous");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
               "qtip_hadamard: ", name, " data must be 16-byte aligned");
 }
 
+// Launch arguments shared by every dtype instantiation.
+struct HadArgs {
+  const void* x;
+  const float* in_scale;
+  const float* out_scale;
+  const float* had;
+  void* y;
+  int copies, rows, n, K;
+  kernels::HadSegments segs;
+  bool transpose;
+  int rchunk, p_splits, threads, smem;
+};
+
 template <typename InT, typename OutT>
-void launch_hadamard(const torch::Tensor& x, const float* in_scale,
-                     const float* out_scale, const float* had, torch::Tensor& y,
-                     int n, int b, int K, int log2P, bool transpose, float mult,
-                     int rchunk, int p_splits, int threads, int smem,
-                     cudaStream_t stream) {
+void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
   auto kernel = kernels::qtip_hadamard_kernel<InT, OutT>;
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(kernel, smem_set);
-  const int rchunks = K > 1 ? (K + rchunk - 1) / rchunk : 1;
-  dim3 grid((unsigned)(x.size(0) * (n / b)), (unsigned)(rchunks * p_splits));
-  kernel<<<grid, threads, smem, stream>>>(
-      reinterpret_cast<const InT*>(x.data_ptr()), in_scale, out_scale, had,
-      reinterpret_cast<OutT*>(y.data_ptr()), n, b, K, log2P, transpose, mult,
-      rchunk, p_splits);
+  const int rchunks = a.K > 1 ? (a.K + a.rchunk - 1) / a.rchunk : 1;
+  dim3 grid((unsigned)((int64_t)a.copies * a.rows * a.segs.blk0[a.segs.count]),
+            (unsigned)(rchunks * a.p_splits));
+  kernel<<<grid, a.threads, a.smem, stream>>>(
+      reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale, a.had,
+      reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.segs, a.K, a.transpose,
+      a.rchunk, a.p_splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename InT>
-void dispatch_out(at::ScalarType out_dtype, const torch::Tensor& x,
-                  const float* in_scale, const float* out_scale,
-                  const float* had, torch::Tensor& y, int n, int b, int K,
-                  int log2P, bool transpose, float mult, int rchunk,
-                  int p_splits, int threads, int smem, cudaStream_t stream) {
+void dispatch_out(at::ScalarType out_dtype, const HadArgs& a,
+                  cudaStream_t stream) {
   switch (out_dtype) {
     case at::kHalf:
-      return launch_hadamard<InT, __half>(x, in_scale, out_scale, had, y, n, b,
-                                          K, log2P, transpose, mult, rchunk,
-                                          p_splits, threads, smem, stream);
+      return launch_hadamard<InT, __half>(a, stream);
     case at::kBFloat16:
-      return launch_hadamard<InT, __nv_bfloat16>(
-          x, in_scale, out_scale, had, y, n, b, K, log2P, transpose, mult,
-          rchunk, p_splits, threads, smem, stream);
+      return launch_hadamard<InT, __nv_bfloat16>(a, stream);
     default:
-      return launch_hadamard<InT, float>(x, in_scale, out_scale, had, y, n, b,
-                                         K, log2P, transpose, mult, rchunk,
-                                         p_splits, threads, smem, stream);
+      return launch_hadamard<InT, float>(a, stream);
   }
 }
 
@@ -281,7 +312,8 @@ torch::Tensor qtip_hadamard(const torch::Tensor& x,
                             const std::optional<torch::Tensor>& in_scale,
                             const std::optional<torch::Tensor>& out_scale,
                             const std::optional<torch::Tensor>& had_k,
-                            bool transpose, int64_t block_size, double factor,
+                            bool transpose, c10::IntArrayRef block_sizes,
+                            c10::IntArrayRef segment_sizes, double factor,
                             at::ScalarType out_dtype) {
   TORCH_CHECK(x.is_cuda(), "qtip_hadamard: x must be a CUDA tensor");
   const auto in_dtype = x.scalar_type();
@@ -301,10 +333,6 @@ torch::Tensor qtip_hadamard(const torch::Tensor& x,
               "qtip_hadamard: x data must be 16-byte aligned");
   check_device_capability(x, "qtip_hadamard");
   const int64_t n = x.size(1);
-  TORCH_CHECK(block_size > 0 && n % block_size == 0,
-              "qtip_hadamard: block_size=", block_size,
-              " must divide the last dim of x (", n, ")");
-  const int64_t b = block_size;
   int64_t K = 1;
   const float* had = nullptr;
   if (had_k.has_value()) {
@@ -320,60 +348,101 @@ torch::Tensor qtip_hadamard(const torch::Tensor& x,
     K = h.size(0);
     had = h.data_ptr<float>();
   }
-  TORCH_CHECK(b % K == 0, "qtip_hadamard: block_size=", b,
-              " is not a multiple of the had_k size K=", K);
-  const int64_t P = b / K;
-  TORCH_CHECK(P >= 8 && (P & (P - 1)) == 0, "qtip_hadamard: block_size/K = ",
-              b, "/", K, " = ", P, " must be a power of two >= 8");
-  check_scale(in_scale, "in_scale", x);
-  check_scale(out_scale, "out_scale", x);
+  TORCH_CHECK(!segment_sizes.empty() &&
+                  (int64_t)segment_sizes.size() <= kMaxShards &&
+                  block_sizes.size() == segment_sizes.size(),
+              "qtip_hadamard: block_sizes ", block_sizes,
+              " and segment_sizes ", segment_sizes,
+              " must have the same length, 1 to ", kMaxShards);
+  kernels::HadSegments segs{};
+  segs.count = (int)segment_sizes.size();
+  int64_t col = 0, max_b = 0, min_P = std::numeric_limits<int64_t>::max();
+  for (int s = 0; s < segs.count; ++s) {
+    const int64_t len = segment_sizes[s], b = block_sizes[s];
+    TORCH_CHECK(b > 0 && len > 0 && len % b == 0, "qtip_hadamard: block_size=",
+                b, " must divide the segment size ", len, " (segment ", s,
+                " of the last dim of x)");
+    TORCH_CHECK(b % K == 0, "qtip_hadamard: block_size=", b,
+                " is not a multiple of the had_k size K=", K);
+    const int64_t P = b / K;
+    TORCH_CHECK(P >= 8 && (P & (P - 1)) == 0, "qtip_hadamard: block_size/K = ",
+                b, "/", K, " = ", P, " must be a power of two >= 8");
+    int log2P = 0;
+    while ((int64_t{1} << log2P) < P) ++log2P;
+    segs.col[s] = (int)col;
+    segs.b[s] = (int)b;
+    segs.log2P[s] = log2P;
+    segs.blk0[s + 1] = segs.blk0[s] + (int)(len / b);
+    segs.mult[s] = (float)(factor / std::sqrt((double)b));
+    col += len;
+    max_b = std::max(max_b, b);
+    min_P = std::min(min_P, P);
+  }
+  TORCH_CHECK(col == n, "qtip_hadamard: segment_sizes ", segment_sizes,
+              " sum to ", col, ", but x has ", n, " columns");
+  check_scale(in_scale, "in_scale", x, true);
+  check_scale(out_scale, "out_scale", x, false);
+  // One transformed copy of x per row of a 2-D in_scale (per shard).
+  const bool copies_out = in_scale.has_value() && in_scale->dim() == 2;
+  const int64_t copies = copies_out ? in_scale->size(0) : 1;
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int64_t smem_limit = (int64_t)prop->sharedMemPerBlockOptin;
   // Rows of H_K per block: 32, or fewer when shared memory is tight.
   int rchunk = 32;
-  while (K > 1 && rchunk > 8 && (b + K * rchunk) * 4 > smem_limit) rchunk /= 2;
-  const int64_t smem = (b + (K > 1 ? K * rchunk : 0)) * 4;
-  TORCH_CHECK(smem <= smem_limit, "qtip_hadamard: block_size=", b,
+  while (K > 1 && rchunk > 8 && (max_b + K * rchunk) * 4 > smem_limit)
+    rchunk /= 2;
+  const int64_t smem = (max_b + (K > 1 ? K * rchunk : 0)) * 4;
+  TORCH_CHECK(smem <= smem_limit, "qtip_hadamard: block_size=", max_b,
               " needs ", smem, " bytes of shared memory, this GPU allows ",
               smem_limit);
 
-  auto y = torch::empty({x.size(0), n}, x.options().dtype(out_dtype));
-  if (x.size(0) == 0) return y;
-  int log2P = 0;
-  while ((int64_t{1} << log2P) < P) ++log2P;
+  const int64_t rows = x.size(0);
+  auto y = copies_out
+               ? torch::empty({copies, rows, n}, x.options().dtype(out_dtype))
+               : torch::empty({rows, n}, x.options().dtype(out_dtype));
+  if (rows == 0) return y;
+  const int64_t max_P = max_b / K;
   int p_splits = 1;
   if (K > 1) {
     // Spread the K*b FMAs of the H_K step over about two waves of blocks.
-    const int64_t base = x.size(0) * (n / b) * ((K + rchunk - 1) / rchunk);
+    const int64_t base =
+        copies * rows * segs.blk0[segs.count] * ((K + rchunk - 1) / rchunk);
     const int64_t want = (2 * prop->multiProcessorCount + base - 1) / base;
-    p_splits = (int)std::clamp<int64_t>(want, 1, std::max<int64_t>(1, P / 32));
+    p_splits =
+        (int)std::clamp<int64_t>(want, 1, std::max<int64_t>(1, min_P / 32));
   }
   const int64_t work = std::max<int64_t>(
-      b / 8, K > 1 ? (rchunk / 8) * ((P + p_splits - 1) / p_splits) : 0);
-  const int threads =
-      (int)std::clamp<int64_t>((work + 31) / 32 * 32, 64, kernels::kHadMaxThreads);
-  const float mult = (float)(factor / std::sqrt((double)b));
-  const float* in_s = in_scale ? in_scale->data_ptr<float>() : nullptr;
-  const float* out_s = out_scale ? out_scale->data_ptr<float>() : nullptr;
+      max_b / 8,
+      K > 1 ? (rchunk / 8) * ((max_P + p_splits - 1) / p_splits) : 0);
+  HadArgs a{};
+  a.x = x.data_ptr();
+  a.in_scale = in_scale ? in_scale->data_ptr<float>() : nullptr;
+  a.out_scale = out_scale ? out_scale->data_ptr<float>() : nullptr;
+  a.had = had;
+  a.y = y.data_ptr();
+  a.copies = (int)copies;
+  a.rows = (int)rows;
+  a.n = (int)n;
+  a.K = (int)K;
+  a.segs = segs;
+  a.transpose = transpose;
+  a.rchunk = rchunk;
+  a.p_splits = p_splits;
+  a.threads = (int)std::clamp<int64_t>((work + 31) / 32 * 32, 64,
+                                       kernels::kHadMaxThreads);
+  a.smem = (int)smem;
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int ni = (int)n, bi = (int)b, Ki = (int)K, sm = (int)smem;
   switch (in_dtype) {
     case at::kHalf:
-      dispatch_out<__half>(out_dtype, x, in_s, out_s, had, y, ni, bi, Ki, log2P,
-                           transpose, mult, rchunk, p_splits, threads, sm,
-                           stream);
+      dispatch_out<__half>(out_dtype, a, stream);
       break;
     case at::kBFloat16:
-      dispatch_out<__nv_bfloat16>(out_dtype, x, in_s, out_s, had, y, ni, bi, Ki,
-                                  log2P, transpose, mult, rchunk, p_splits,
-                                  threads, sm, stream);
+      dispatch_out<__nv_bfloat16>(out_dtype, a, stream);
       break;
     default:
-      dispatch_out<float>(out_dtype, x, in_s, out_s, had, y, ni, bi, Ki, log2P,
-                          transpose, mult, rchunk, p_splits, threads, sm,
-                          stream);
+      dispatch_out<float>(out_dtype, a, stream);
   }
   return y;
 }

@@ -7,6 +7,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <torch/all.h>
 
 #include <atomic>
 
@@ -14,6 +15,44 @@ namespace vllm {
 namespace qtip {
 
 constexpr int kMaxDevices = 64;
+
+// Shards of one fused layer (q/k/v, gate/up) that run in one launch: their
+// trellises back to back, one table and one SU row each.
+constexpr int kMaxShards = 8;
+
+// Rows of each shard, in 32-row trellis blocks: shard s owns row blocks
+// [rb0[s], rb0[s + 1]). Passed by value (kernel parameter space).
+struct ShardRows {
+  int count;
+  int rb0[kMaxShards + 1];
+
+  __host__ __device__ int shard_of(int row_block) const {
+    int s = 0;
+    while (s + 1 < count && row_block >= rb0[s + 1]) ++s;
+    return s;
+  }
+};
+
+// Builds ShardRows from the shards' row counts; names the op on bad input.
+inline ShardRows make_shard_rows(c10::IntArrayRef rows, int64_t m,
+                                 const char* op) {
+  TORCH_CHECK(!rows.empty() && (int64_t)rows.size() <= kMaxShards, op,
+              ": shard_rows must list 1 to ", kMaxShards,
+              " shard row counts, got ", rows.size());
+  ShardRows t{};
+  t.count = (int)rows.size();
+  int64_t total = 0;
+  for (int s = 0; s < t.count; ++s) {
+    TORCH_CHECK(rows[s] > 0 && rows[s] % 32 == 0, op, ": shard_rows[", s,
+                "] = ", rows[s], " must be a positive multiple of 32");
+    t.rb0[s] = (int)(total / 32);
+    total += rows[s];
+  }
+  t.rb0[t.count] = (int)(total / 32);
+  TORCH_CHECK(total == m, op, ": shard_rows ", rows, " sum to ", total,
+              ", but the trellis has m = ", m, " rows");
+  return t;
+}
 
 // Per-device "already done" flags; each launcher template keeps its own
 // (a static local), since kernels of one signature share a function type.

@@ -183,8 +183,70 @@ def test_block_diagonal_linear():
     params = QTIPCodeParams(K=K)
     x = torch.randn(4, n, device=DEVICE).half()
     ref = qtip_linear_forward(x, trellis, SU, SV, tlut, params, rcp=2, tp_rank=8)
-    y = qtip_matmul(x, trellis, tlut, SU, SV, None, factor(m // 8), K, out_block=m // 8)
+    y = qtip_matmul(
+        x, trellis, tlut, SU, SV, None, factor(m // 8), K, out_blocks=[m // 8]
+    )
     assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize(
+    "shard_rows, n, out_blocks",
+    [
+        ([4096, 1024, 1024], 4096, None),  # Llama-3 q/k/v (GQA)
+        ([11008, 11008], 4096, None),  # Llama-2 gate/up (K=172 output)
+        ([512, 128, 128], 576, [64, 16, 16]),  # TP-split blocks per shard
+    ],
+    ids=["qkv-gqa", "gate-up", "blocks"],
+)
+@pytest.mark.parametrize("batch", [1, 16, QTIP_DENSE_MIN_ROWS])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_layer_matches_its_shards(shard_rows, n, out_blocks, batch, dtype):
+    # One call for all shards of a fused layer equals each shard's reference
+    # forward, side by side.
+    K = 2
+    blocks = shard_rows if out_blocks is None else out_blocks
+    shards = [random_layer(m, n, K, seed=10 + i) for i, m in enumerate(shard_rows)]
+    x = torch.randn(batch, n, device=DEVICE).to(dtype)
+    had_in, had_out = factor(n), factor(blocks[0])
+    params = QTIPCodeParams(K=K)
+    ref = torch.cat(
+        [
+            qtip_linear_forward(
+                x,
+                t,
+                su,
+                sv,
+                tl,
+                params,
+                rcp=0 if out_blocks is None else 2,
+                tp_rank=8 if out_blocks is None else m // b,
+                had_in=had_in,
+                had_out=had_out,
+            )
+            for (t, tl, su, sv), m, b in zip(shards, shard_rows, blocks)
+        ],
+        dim=-1,
+    )
+    y = qtip_matmul(
+        x,
+        torch.cat([t for t, _, _, _ in shards]),
+        torch.stack([tl for _, tl, _, _ in shards]),
+        torch.stack([su for _, _, su, _ in shards]),
+        torch.cat([sv for _, _, _, sv in shards]),
+        had_in,
+        had_out,
+        K,
+        out_blocks=blocks,
+        shard_rows=shard_rows,
+    )
+    assert y.shape == (batch, sum(shard_rows)) and y.dtype == dtype
+    assert rel_err(y, ref) < TOL[dtype]
+    # Each shard on its own, too (no bleeding across shard boundaries).
+    start = 0
+    for (t, tl, su, sv), m, b in zip(shards, shard_rows, blocks):
+        alone = qtip_matmul(x, t, tl, su, sv, had_in, had_out, K, out_blocks=[b])
+        assert rel_err(y[:, start : start + m], alone) < TOL[dtype]
+        start += m
 
 
 # ---------------------------------------------------------------------------

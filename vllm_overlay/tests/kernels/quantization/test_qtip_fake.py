@@ -62,6 +62,19 @@ def test_fakes_give_the_real_shapes(K, batch, dtype):
         h = ops.qtip_hadamard(x, had_in, transpose=True, out_dtype=torch.float16)
         assert (h.shape, h.dtype) == ((batch, n), torch.float16)
 
+        # A fused q/k/v layer in one call: one input copy per shard.
+        rows = [m, 256, 256]
+        fused = torch.empty(sum(rows) * n * K // 16, dtype=torch.int16, device="cuda")
+        tluts = torch.empty(3, 512, 2, dtype=torch.float16, device="cuda")
+        su3 = torch.empty(3, n, dtype=torch.float32, device="cuda")
+        sv3 = torch.empty(sum(rows), dtype=torch.float32, device="cuda")
+        y = ops.qtip_matmul(x, fused, tluts, su3, sv3, had_in, None, K, shard_rows=rows)
+        assert (y.shape, y.dtype) == ((batch, sum(rows)), dtype)
+        copies = torch.ops._qtip_C.qtip_hadamard(
+            x, su3, None, had_in, True, [n], [n], 1.0, torch.float16
+        )
+        assert copies.shape == (3, batch, n)
+
 
 def test_wrapper_rejects_a_truncated_trellis():
     m, n, K = 64, 64, 2

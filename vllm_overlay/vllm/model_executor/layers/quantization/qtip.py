@@ -525,12 +525,12 @@ class QTIPLinearMethod(LinearMethodBase):
         # The CUDA kernels run the HYB code of the published checkpoints; any
         # other code, or a device without them, uses the reference codec.
         # Tests set this to False to compare the two paths.
+        quantized = [sh for sh in layer.qtip_shards if sh.params is not None]
         layer.qtip_use_kernels = qtip_ops.qtip_kernels_available(device) and all(
             _kernel_supports(shard.params, transform, device)
-            for shard, transform in zip(
-                [sh for sh in layer.qtip_shards if sh.params is not None], transforms
-            )
+            for shard, transform in zip(quantized, transforms)
         )
+        layer.qtip_fused_call = _fused_call(layer.qtip_shards, transforms)
 
     def apply(
         self,
@@ -538,6 +538,23 @@ class QTIPLinearMethod(LinearMethodBase):
         x: torch.Tensor,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        call = layer.qtip_fused_call
+        if layer.qtip_use_kernels and call is not None:
+            # All shards in one kernel call (three launches).
+            y = qtip_ops.qtip_matmul(
+                x,
+                layer.trellis,
+                layer.tlut,
+                layer.SU,
+                layer.SV,
+                layer.qtip_had_in_0,
+                layer.qtip_had_out_0,
+                call.K,
+                in_block=call.in_block,
+                out_blocks=call.out_blocks,
+                shard_rows=call.shard_rows,
+            )
+            return y if bias is None else y + bias
         outputs = []
         for shard in layer.qtip_shards:
             if shard.params is None:
@@ -577,7 +594,7 @@ class QTIPLinearMethod(LinearMethodBase):
                 had_out,
                 shard.params.K,
                 in_block=transform.in_block,
-                out_block=transform.out_block,
+                out_blocks=[transform.out_block],
             )
         return qtip_linear_forward(
             x,
@@ -627,6 +644,40 @@ def _init_dummy_weights(layer: torch.nn.Module, prefix: str) -> None:
     fill(layer.SV, signs(layer.SV.shape) * layer.qtip_in_full**-0.5)
     layer.rcp.data.fill_(layer.qtip_expected_rcp)
     layer.qtip_tp_rank.data.fill_(_DEFAULT_TP_RANK)
+
+
+@dataclasses.dataclass(frozen=True)
+class QTIPFusedCall:
+    """Static arguments of one qtip_matmul call over all of a layer's shards."""
+
+    K: int
+    in_block: int
+    out_blocks: list[int]
+    shard_rows: list[int]
+
+
+def _fused_call(
+    shards: list[QTIPShard], transforms: list[QTIPTransform]
+) -> QTIPFusedCall | None:
+    """The whole-layer kernel call, if the shards can share one.
+
+    They can when every shard is quantized with the same K (their trellises
+    then form one (m/32, n/32, 64K) array) and their output transforms share
+    one H_K factor; skip-listed shards or a different K for v_proj run shard
+    by shard.
+    """
+    if any(sh.params is None for sh in shards) or len(shards) > 8:
+        return None
+    if len({sh.params.K for sh in shards}) != 1:
+        return None
+    if len({t.out_factor for t in transforms}) != 1:
+        return None
+    return QTIPFusedCall(
+        K=shards[0].params.K,
+        in_block=transforms[0].in_block,
+        out_blocks=[t.out_block for t in transforms],
+        shard_rows=[sh.out_size for sh in shards],
+    )
 
 
 def _kernel_supports(
