@@ -9,7 +9,10 @@ token with one 2048-token prompt.
     python scripts/bench_e2e.py --out benchmarks/e2e_h100.json
 
 writes the JSON (`{"gpu", "date", "vllm", "rows": [{"model", "weights",
-"batch", "tok_s", "ttft_ms"}]}`) and prints a Markdown table.
+"batch", "tok_s", "ttft_ms"}]}`) and prints a Markdown table. The JSON is
+rewritten after every configuration; ``--resume`` keeps the configurations
+already in it (same GPU), so a run cut by a time limit continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -148,6 +151,9 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", default=list(WEIGHTS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the configurations in --out"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child: model dir
     args = parser.parse_args()
     if args.one:
@@ -158,10 +164,27 @@ def main() -> None:
 
     import vllm
 
-    rows = []
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "vllm": vllm.__version__,
+        "rows": [],
+    }
+    if args.resume and args.out and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        if previous["gpu"] != result["gpu"]:
+            raise SystemExit(
+                f"--resume: {args.out} was measured on {previous['gpu']}, "
+                f"this is {result['gpu']}"
+            )
+        result = previous
+    rows = result["rows"]
+    done = {(r["model"], r["weights"]) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for weights in args.weights:
+                if (model, weights) in done:
+                    continue
                 model_dir = write_model_dir(Path(tmp), model, weights)
                 cmd = [
                     sys.executable,
@@ -188,14 +211,8 @@ def main() -> None:
                 for row in json.loads(found[-1][5:]):
                     rows.append({"model": model, "weights": weights, **row})
                     print(rows[-1], flush=True)
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "vllm": vllm.__version__,
-        "rows": rows,
-    }
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+                if args.out:
+                    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"\n{result['gpu']}, {result['date']}, vLLM {result['vllm']}, decode tok/s "
         f"({PROMPT_LEN}-token prompts, {GEN_LEN} new tokens); "

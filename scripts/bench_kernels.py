@@ -7,14 +7,18 @@
 For the linear shapes of Llama-2-7B and Llama-3.1-8B, every K and batch size,
 it times one whole QTIP linear (qtip_matmul: input Hadamard, fused GEMM or
 decode + cuBLAS, output Hadamard), the trellis GEMM alone (batches below the
-dense crossover), and torch.matmul with an fp16 weight of the same shape. The
+dense crossover), the same layer as three separate ops (qtip_hadamard,
+qtip_gemm, qtip_hadamard: what qtip_matmul runs unless the GEMM fuses the
+input transform, at up to 8 rows with a power-of-two n), and torch.matmul
+with an fp16 weight of the same shape. Fused layers (q/k/v, gate/up) are
+timed as one qtip_matmul call for all shards against one call per shard. The
 device-to-device copy bandwidth is measured in the same run. Each time is the
 median over replays of a CUDA graph that runs the op on rotating copies of the
 weights (more bytes than L2 holds), divided by the number of ops in the graph.
 
 Writes {"gpu", "date", "copy_gbs", "rows": [{"m", "n", "K", "batch", "qtip_us",
-"fp16_us", "qtip_gbs", ...}]} and prints a Markdown table. qtip_gbs is the
-compressed weight bytes (m*n*K/8) over qtip_us.
+"fp16_us", "qtip_gbs", ...}], "fused_layers": [...]} and prints Markdown
+tables. qtip_gbs is the compressed weight bytes (m*n*K/8) over qtip_us.
 """
 
 import argparse
@@ -28,6 +32,7 @@ import torch
 from vllm._qtip_ops import (
     QTIP_DENSE_MIN_ROWS,
     qtip_gemm,
+    qtip_hadamard,
     qtip_kernels_available,
     qtip_matmul,
 )
@@ -40,6 +45,13 @@ SHAPES = {
     "Llama-2-7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "Llama-3.1-8B": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
 }
+# Fused layers: (model, layer, shard rows, n).
+FUSED_LAYERS = [
+    ("Llama-2-7B", "qkv_proj", [4096, 4096, 4096], 4096),
+    ("Llama-2-7B", "gate_up_proj", [11008, 11008], 4096),
+    ("Llama-3.1-8B", "qkv_proj", [4096, 1024, 1024], 4096),
+    ("Llama-3.1-8B", "gate_up_proj", [14336, 14336], 4096),
+]
 ROTATE_BYTES = 256 << 20  # > 4x the 50 MB L2 of an H100
 
 
@@ -111,11 +123,27 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
                 for t in trellises
             ]
         )
-        gemm_us = None
+        gemm_us = unfused_us = None
         if batch < QTIP_DENSE_MIN_ROWS:
             gemm_us = time_graph(
                 [lambda t=t, xh=xh: qtip_gemm(xh, t, tlut, m, K) for t in trellises]
             )
+
+            def unfused(t, x=x):
+                xh = qtip_hadamard(
+                    x,
+                    had_in,
+                    transpose=True,
+                    in_scale=SU,
+                    factor=1 / 32,
+                    out_dtype=torch.float16,
+                )
+                acc = qtip_gemm(xh, t, tlut, m, K)
+                return qtip_hadamard(
+                    acc, had_out, out_scale=SV, factor=32.0, out_dtype=x.dtype
+                )
+
+            unfused_us = time_graph([lambda t=t: unfused(t) for t in trellises])
         fp16_us = time_graph([lambda w=w, xh=xh: torch.matmul(xh, w.t()) for w in w16])
         rows.append(
             {
@@ -127,12 +155,79 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
                 "fp16_us": round(fp16_us, 2),
                 "qtip_gbs": round(nbytes / (qtip_us * 1e-6) / 1e9, 1),
                 "gemm_us": None if gemm_us is None else round(gemm_us, 2),
+                "unfused_us": None if unfused_us is None else round(unfused_us, 2),
                 "gemm_gbs": None
                 if gemm_us is None
                 else round(nbytes / (gemm_us * 1e-6) / 1e9, 1),
             }
         )
     del trellises, w16
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_fused_layer(
+    model: str, layer: str, shard_rows: list[int], n: int, K: int, batches, dtype
+) -> list[dict]:
+    """One qtip_matmul call for all shards vs one call per shard."""
+    m = sum(shard_rows)
+    copies = max(2, math.ceil(ROTATE_BYTES / (m * n * K // 8)))
+    trellises = [
+        torch.randint(-(2**15), 2**15, (m * n * K // 16,), device="cuda").to(
+            torch.int16
+        )
+        for _ in range(copies)
+    ]
+    S = len(shard_rows)
+    tlut = torch.randn(S, 512, 2, device="cuda").half()
+    SU = torch.randn(S, n, device="cuda")
+    SV = torch.rand(m, device="cuda") * 0.01
+    had_in, had_out = factor(n), factor(shard_rows[0])
+    starts = [sum(shard_rows[:i]) for i in range(S)]
+
+    def per_shard(t, x):
+        return torch.cat(
+            [
+                qtip_matmul(
+                    x,
+                    t[r0 * n * K // 16 : (r0 + r) * n * K // 16],
+                    tlut[i],
+                    SU[i],
+                    SV[r0 : r0 + r],
+                    had_in,
+                    had_out,
+                    K,
+                )
+                for i, (r0, r) in enumerate(zip(starts, shard_rows))
+            ],
+            dim=-1,
+        )
+
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, n, device="cuda").to(dtype)
+        one = time_graph(
+            [
+                lambda t=t, x=x: qtip_matmul(
+                    x, t, tlut, SU, SV, had_in, had_out, K, shard_rows=shard_rows
+                )
+                for t in trellises
+            ]
+        )
+        each = time_graph([lambda t=t, x=x: per_shard(t, x) for t in trellises])
+        rows.append(
+            {
+                "model": model,
+                "layer": layer,
+                "shard_rows": shard_rows,
+                "n": n,
+                "K": K,
+                "batch": batch,
+                "one_call_us": round(one, 2),
+                "per_shard_us": round(each, 2),
+            }
+        )
+    del trellises
     torch.cuda.empty_cache()
     return rows
 
@@ -157,10 +252,10 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, copy {copy_gbs:.0f} GB/s, activations {args.dtype}\n")
     print(
-        "| m | n | K | batch | qtip_us | gemm_us | fp16_us | qtip GB/s "
+        "| m | n | K | batch | qtip_us | 3 ops us | gemm_us | fp16_us | qtip GB/s "
         "| % copy | gemm % copy | fp16/qtip |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     shapes = sorted({s for model in args.models for s in SHAPES[model]})
     rows = []
     for K in args.K:
@@ -174,6 +269,24 @@ def main() -> None:
             for r in shape_rows:
                 rows.append(r)
                 print_row(r, copy_gbs)
+    print(
+        "\nFused layers, K=2: one qtip_matmul for all shards vs one per shard\n\n"
+        "| model | layer | shards x n | batch | one call us | per shard us |\n"
+        "|---|---|---|---|---|---|"
+    )
+    fused = []
+    for model, layer, shard_rows, n in FUSED_LAYERS:
+        if model not in args.models:
+            continue
+        for r in bench_fused_layer(
+            model, layer, shard_rows, n, 2, [b for b in args.batches if b <= 64], dtype
+        ):
+            fused.append(r)
+            print(
+                f"| {model} | {layer} | {'+'.join(map(str, shard_rows))} x {n} | "
+                f"{r['batch']} | {r['one_call_us']:.1f} | {r['per_shard_us']:.1f} |",
+                flush=True,
+            )
     result = {
         "gpu": gpu,
         "date": datetime.date.today().isoformat(),
@@ -181,6 +294,7 @@ def main() -> None:
         "dtype": args.dtype,
         "torch": torch.__version__,
         "rows": rows,
+        "fused_layers": fused,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -188,12 +302,13 @@ def main() -> None:
 
 def print_row(r: dict, copy_gbs: float) -> None:
     gemm = "-" if r["gemm_us"] is None else f"{r['gemm_us']:.1f}"
+    unfused = "-" if r["unfused_us"] is None else f"{r['unfused_us']:.1f}"
     gemm_pct = (
         "-" if r["gemm_gbs"] is None else f"{100 * r['gemm_gbs'] / copy_gbs:.0f}%"
     )
     print(
         f"| {r['m']} | {r['n']} | {r['K']} | {r['batch']} | "
-        f"{r['qtip_us']:.1f} | {gemm} | {r['fp16_us']:.1f} | "
+        f"{r['qtip_us']:.1f} | {unfused} | {gemm} | {r['fp16_us']:.1f} | "
         f"{r['qtip_gbs']:.0f} | {100 * r['qtip_gbs'] / copy_gbs:.0f}% | "
         f"{gemm_pct} | {r['fp16_us'] / r['qtip_us']:.2f} |",
         flush=True,

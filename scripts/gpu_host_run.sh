@@ -9,7 +9,11 @@
 #   tests   the kernel, codec and detection tests
 #   models  the end-to-end model tests (LLM.generate vs the HF reference)
 #   bench   scripts/bench_kernels.py -> $OUT/kernels_h100.json
-#   e2e     scripts/bench_e2e.py -> $OUT/e2e_h100.json (E2E_ARGS narrows it)
+#   profile scripts/profile_decode.py: one decode step of Llama-2-7B, QTIP
+#           2-bit and FP16, batch 1 -> $OUT/profile_*.json
+#   e2e     scripts/bench_e2e.py -> /tmp/e2e_h100.json, copied to $OUT
+#           (resumes: rerun the step on the same machine to finish the table;
+#           E2E_ARGS narrows it)
 # Logs go to $OUT (or /tmp/qtip-out).
 #   usage: scripts/gpu_host_run.sh setup tests models bench e2e
 set -uo pipefail
@@ -83,9 +87,18 @@ step_bench() {
     2>&1 | tee "$OUT/bench_kernels.log" | tail -60
 }
 
+step_profile() {
+  for weights in qtip2 fp16; do
+    timeout "${PROFILE_TIMEOUT:-150}" python3 scripts/profile_decode.py \
+      --model llama-2-7b --weights $weights --batch 1 \
+      --out "$OUT/profile_$weights.json" 2>&1 | tee "$OUT/profile_$weights.log" | tail -25
+  done
+}
+
 step_e2e() {
-  timeout "${E2E_TIMEOUT:-420}" python3 scripts/bench_e2e.py --out "$OUT/e2e_h100.json" \
-    ${E2E_ARGS:-} 2>&1 | tee "$OUT/bench_e2e.log" | tail -30
+  timeout "${E2E_TIMEOUT:-420}" python3 scripts/bench_e2e.py --out /tmp/e2e_h100.json \
+    --resume ${E2E_ARGS:-} 2>&1 | tee -a "$OUT/bench_e2e.log" | tail -30
+  cp /tmp/e2e_h100.json "$OUT/" 2>/dev/null
 }
 
 for step in "$@"; do
