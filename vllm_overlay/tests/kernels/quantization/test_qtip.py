@@ -321,29 +321,66 @@ def test_opcheck():
     m, n, trellis, tlut, SU, SV = _small_layer()
     x16 = torch.randn(5, n, device=DEVICE).half()
     ops = torch.ops._qtip_C
-    torch.library.opcheck(ops.qtip_gemm.default, (x16, trellis, tlut))
-    torch.library.opcheck(ops.qtip_decode.default, (trellis, tlut))
+    torch.library.opcheck(ops.qtip_gemm.default, (x16, trellis, tlut, [m]))
+    torch.library.opcheck(ops.qtip_decode.default, (trellis, tlut, [m]))
     torch.library.opcheck(
         ops.qtip_hadamard.default,
-        (x16, SU, None, factor(n), True, n, 1 / 32, torch.float16),
+        (x16, SU, None, factor(n), True, [n], [n], 1 / 32, torch.float16),
     )
+    # Two shards: one input copy per SU row; output segments with own blocks.
+    SU2 = torch.stack([SU, -SU])
+    torch.library.opcheck(
+        ops.qtip_hadamard.default,
+        (x16, SU2, None, factor(n), True, [n], [n], 1 / 32, torch.float16),
+    )
+    torch.library.opcheck(
+        ops.qtip_hadamard.default,
+        (x16.float(), None, None, None, False, [64, 16], [512, 64], 1.0, torch.half),
+    )
+    trellis2 = torch.cat([trellis, trellis.flip(0)])
+    tlut2 = torch.stack([tlut, tlut.flip(0)])
+    torch.library.opcheck(
+        ops.qtip_gemm.default,
+        (torch.stack([x16, -x16]), trellis2, tlut2, [m, m]),
+    )
+    torch.library.opcheck(ops.qtip_decode.default, (trellis2, tlut2, [m, m]))
+    # A power-of-two n at batch 1 takes the fused input transform.
+    m8, n8 = 64, 512
+    t8, l8, su8, sv8 = random_layer(m8, n8, 2, seed=12)
+    t8 = t8.view(m8 // 32, n8 // 32, 128)
+    cases = [
+        (x16, trellis, tlut[None], SU[None], SV, factor(n), factor(m), n, [m], [m]),
+        (
+            x16,
+            trellis2,
+            tlut2,
+            SU2,
+            torch.cat([SV, SV]),
+            factor(n),
+            factor(m),
+            n,
+            [m, m],
+            [m, m],
+        ),
+        (
+            torch.randn(1, n8, device=DEVICE).half(),
+            t8,
+            l8[None],
+            su8[None],
+            sv8,
+            None,
+            None,
+            n8,
+            [m8],
+            [m8],
+        ),
+    ]
     for dtype in (torch.float16, torch.bfloat16):
-        for dense_min_rows in (64, 1):
-            torch.library.opcheck(
-                ops.qtip_linear.default,
-                (
-                    x16.to(dtype),
-                    trellis,
-                    tlut,
-                    SU,
-                    SV,
-                    factor(n),
-                    factor(m),
-                    n,
-                    m,
-                    dense_min_rows,
-                ),
-            )
+        for x, *rest in cases:
+            for dense_min_rows in (64, 1):
+                torch.library.opcheck(
+                    ops.qtip_linear.default, (x.to(dtype), *rest, dense_min_rows)
+                )
 
 
 def test_cuda_graph():
@@ -402,7 +439,7 @@ def test_bad_inputs():
 
     with pytest.raises(ValueError, match="x must be float16 or bfloat16"):
         call(x=x.float())
-    with pytest.raises(ValueError, match="expected n = len\\(SU\\)"):
+    with pytest.raises(ValueError, match="expected n = SU.shape"):
         call(x=x[:, :64].contiguous())
     with pytest.raises(ValueError, match="trellis has shape"):
         call(trellis=flat[:-16])
@@ -414,16 +451,26 @@ def test_bad_inputs():
         call(SU=SU.half())
     with pytest.raises(ValueError, match="had_in must be a float32"):
         call(had_in=factor(n)[:3])
+    with pytest.raises(ValueError, match="shard_rows"):
+        call(shard_rows=[64, 32])
     ops = torch.ops._qtip_C
     with pytest.raises(RuntimeError, match="x must be float16"):
-        ops.qtip_gemm(x.float(), trellis, tlut)
+        ops.qtip_gemm(x.float(), trellis, tlut, [m])
     with pytest.raises(RuntimeError, match="trellis must be int16"):
-        ops.qtip_decode(trellis.int(), tlut)
+        ops.qtip_decode(trellis.int(), tlut, [m])
     with pytest.raises(RuntimeError, match="tlut must have shape"):
-        ops.qtip_decode(trellis, tlut[:256])
+        ops.qtip_decode(trellis, tlut[:256], [m])
+    with pytest.raises(RuntimeError, match="shard_rows .* sum to 64"):
+        ops.qtip_gemm(x, trellis, tlut, [32, 32])
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.qtip_decode(trellis, tlut[None].expand(2, -1, -1).contiguous(), [80, 16])
+    with pytest.raises(RuntimeError, match="x must have shape \\(2, B, n\\)"):
+        ops.qtip_gemm(x, trellis, torch.stack([tlut, tlut]), [64, 32])
     with pytest.raises(RuntimeError, match="block_size=100 must divide"):
-        ops.qtip_hadamard(x, None, None, None, False, 100, 1.0, torch.half)
+        ops.qtip_hadamard(x, None, None, None, False, [100], [n], 1.0, torch.half)
     with pytest.raises(RuntimeError, match="must be a power of two"):
-        ops.qtip_hadamard(x, None, None, None, False, n, 1.0, torch.half)
+        ops.qtip_hadamard(x, None, None, None, False, [n], [n], 1.0, torch.half)
+    with pytest.raises(RuntimeError, match="segment_sizes .* sum to 512"):
+        ops.qtip_hadamard(x, None, None, None, False, [64], [512], 1.0, torch.half)
     with pytest.raises(RuntimeError, match="in_scale must have shape"):
-        ops.qtip_hadamard(x, SU[:64], None, factor(n), False, n, 1.0, torch.half)
+        ops.qtip_hadamard(x, SU[:64], None, factor(n), False, [n], [n], 1.0, torch.half)
