@@ -403,7 +403,8 @@ def test_cuda_graph():
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        assert rel_err(y, fwd(x)) < 1e-6
+        # Warps reduce through shared-memory atomics: fp32 order may differ.
+        assert rel_err(y, fwd(x)) < 1e-4
 
 
 def test_torch_compile():
