@@ -8,8 +8,8 @@ For the linear shapes of Llama-2-7B and Llama-3.1-8B, every K and batch size,
 it times one whole QTIP linear (qtip_matmul: input Hadamard, fused GEMM or
 decode + cuBLAS, output Hadamard), the trellis GEMM alone (batches below the
 dense crossover), the same layer as three separate ops (qtip_hadamard,
-qtip_gemm, qtip_hadamard: what qtip_matmul runs unless the GEMM fuses the
-input transform, at up to 8 rows with a power-of-two n), and torch.matmul
+qtip_gemm, qtip_hadamard: the baseline a fusion inside qtip_matmul must beat;
+BENCHMARKS.md has the measured fused-prologue experiment), and torch.matmul
 with an fp16 weight of the same shape. Fused layers (q/k/v, gate/up) are
 timed as one qtip_matmul call for all shards against one call per shard. The
 device-to-device copy bandwidth is measured in the same run. Each time is the

@@ -23,13 +23,6 @@
 //  * Trellis loads are 8/12/16-byte streaming loads (ld.global.cs), kept
 //    kStages deep in registers so several blocks are in flight per warp;
 //    activations are re-read through L1/L2 by every row block.
-//  * Fused input transform (a few rows, power-of-two input transform): each
-//    block computes x_h = fp16(H(SU_s * x) / (32 sqrt(b))) itself, in the
-//    shared memory the LUT later occupies, while its first trellis loads are
-//    in flight, and reads the activations from shared memory. That replaces
-//    the input Hadamard launch, which at batch 1 is a latency-bound
-//    one-block kernel; the arithmetic is the same as qtip_hadamard's, so
-//    x_h is bit-identical.
 // fp32 accumulation throughout, as in the reference kernel.
 
 #include <ATen/cuda/CUDAContext.h>
@@ -37,10 +30,8 @@
 #include <torch/all.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "qtip_codebook.cuh"
-#include "qtip_hadamard.cuh"
 #include "qtip_launch.cuh"
 #include "qtip_ops.h"
 
@@ -65,33 +56,13 @@ constexpr int gemm_blocks_per_sm() {
   return NB <= 2 ? 3 : 2;
 }
 
-// The untransformed activations of the fused input transform: x (rows, n),
-// SU (shards, n), Sylvester blocks of 2^log2b, scale 1 / (32 sqrt(2^log2b)).
-struct FusedInput {
-  const void* x;
-  const float* su;
-  int log2b;
-  float mult;
-};
-
-template <bool kShared>
-__device__ __forceinline__ uint32_t load_x_u32(const __half* p) {
-  if constexpr (kShared)
-    return *reinterpret_cast<const uint32_t*>(p);
-  else
-    return ldg_u32(p);
-}
-
-// InT: void when x already holds the transformed fp16 activations, else the
-// dtype of the raw activations that the block transforms itself.
-template <int K, int NB, int kStages, typename InT>
+template <int K, int NB, int kStages>
 __global__ void __launch_bounds__(kGemmThreads, gemm_blocks_per_sm<NB>())
     qtip_gemm_kernel(const __half* __restrict__ x, int rows, int n,
                      int64_t x_shard_stride, ShardRows shards,
                      const uint8_t* __restrict__ trellis,
                      const __half* __restrict__ tlut, float* __restrict__ y,
-                     int m, int splits, bool accumulate, FusedInput fin) {
-  constexpr bool kFused = !std::is_void_v<InT>;
+                     int m, int splits, bool accumulate) {
   using Lut = SignedLut<kCopies>;
   using Blk = TrellisBlock<K>;
   constexpr int kWarps = kGemmThreads / 32;
@@ -100,8 +71,6 @@ __global__ void __launch_bounds__(kGemmThreads, gemm_blocks_per_sm<NB>())
   extern __shared__ __align__(16) char smem[];
   char* lut = smem;
   float* red = reinterpret_cast<float*>(smem + Lut::kBytes);  // [kCols][32]
-  // Fused input: the transformed activations (rows, n) in fp16.
-  __half* xs = reinterpret_cast<__half*>(smem + Lut::kBytes + kCols * 32 * 4);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int split = blockIdx.x, bi = blockIdx.y;
@@ -109,10 +78,7 @@ __global__ void __launch_bounds__(kGemmThreads, gemm_blocks_per_sm<NB>())
   // The shard of this row block: its activations (x * SU_s, transformed)
   // and its table.
   const int shard = shards.shard_of(bi);
-  if constexpr (kFused)
-    x = xs;
-  else
-    x += shard * x_shard_stride;
+  x += shard * x_shard_stride;
   tlut += shard * kTlutRows * 2;
   const int c0 = (int)((int64_t)split * nblk / splits);
   const int c1 = (int)((int64_t)(split + 1) * nblk / splits);
@@ -133,64 +99,21 @@ __global__ void __launch_bounds__(kGemmThreads, gemm_blocks_per_sm<NB>())
 
   uint32_t w[kStages][K];
   uint32_t bf[kStages][2][NB][2];
-  auto load_x = [&](int cb, uint32_t(&bs)[2][NB][2]) {
+  auto load = [&](int cb, uint32_t(&ws)[K], uint32_t(&bs)[2][NB][2]) {
+    load_lane<K>(row_ptr + (size_t)cb * Blk::kBytes, ws);
 #pragma unroll
     for (int kc = 0; kc < 2; ++kc)
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
         const __half* p = xrow[nb] + cb * 32 + kc * 16;
-        bs[kc][nb][0] = xvalid[nb] ? load_x_u32<kFused>(p) : 0u;
-        bs[kc][nb][1] = xvalid[nb] ? load_x_u32<kFused>(p + 8) : 0u;
+        bs[kc][nb][0] = xvalid[nb] ? ldg_u32(p) : 0u;
+        bs[kc][nb][1] = xvalid[nb] ? ldg_u32(p + 8) : 0u;
       }
-  };
-  auto load = [&](int cb, uint32_t(&ws)[K], uint32_t(&bs)[2][NB][2]) {
-    load_lane<K>(row_ptr + (size_t)cb * Blk::kBytes, ws);
-    load_x(cb, bs);
   };
 #pragma unroll
   for (int st = 0; st < kStages; ++st) {
     const int cb = c0 + warp + st * kWarps;
-    if (cb < c1) {
-      if constexpr (kFused)
-        load_lane<K>(row_ptr + (size_t)cb * Blk::kBytes, w[st]);
-      else
-        load(cb, w[st], bf[st]);
-    }
-  }
-
-  if constexpr (kFused) {
-    // x_h = fp16(H(SU_s * x) * mult), in the LUT's space before the LUT:
-    // stages 0-2 in registers while loading, the rest in shared memory.
-    float* X = reinterpret_cast<float*>(lut);
-    const InT* xin = static_cast<const InT*>(fin.x);
-    const float* su = fin.su + (int64_t)shard * n;
-    const int groups = rows * n / 8;
-    for (int gi = tid; gi < groups; gi += kGemmThreads) {
-      float v[8], sc[8];
-      load8(xin + gi * 8, v);
-      load8(su + (gi * 8) % n, sc);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] *= sc[i];
-      butterflies<8>(v);
-      reinterpret_cast<float4*>(X + gi * 8)[0] =
-          make_float4(v[0], v[1], v[2], v[3]);
-      reinterpret_cast<float4*>(X + gi * 8)[1] =
-          make_float4(v[4], v[5], v[6], v[7]);
-    }
-    __syncthreads();
-    sylvester_smem_stages(X, rows * n, fin.log2b);
-    for (int gi = tid; gi < groups; gi += kGemmThreads) {
-      float v[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = X[gi * 8 + i] * fin.mult;
-      store8(xs + gi * 8, v);
-    }
-    __syncthreads();  // X (the LUT's space) is free, xs complete
-#pragma unroll
-    for (int st = 0; st < kStages; ++st) {
-      const int cb = c0 + warp + st * kWarps;
-      if (cb < c1) load_x(cb, bf[st]);
-    }
+    if (cb < c1) load(cb, w[st], bf[st]);
   }
 
   Lut::fill(reinterpret_cast<uint32_t*>(lut), tlut, tid, kGemmThreads);
@@ -326,14 +249,9 @@ TrellisShape check_trellis(const torch::Tensor& trellis, const char* op) {
 // SM, each warp keeping at least two column blocks. Short
 // blocks pay the LUT build and the epilogue (fp32 atomics) again, and a
 // second, partly filled wave idles SMs (H100 measurements in NOTES.md).
-int gemm_smem(int nb, int fused_x_bytes) {
-  return SignedLut<kCopies>::kBytes + nb * 8 * 32 * 4 + fused_x_bytes;
-}
-
-int gemm_splits(const cudaDeviceProp& prop, const TrellisShape& s, int nb,
-                int fused_x_bytes) {
+int gemm_splits(const cudaDeviceProp& prop, const TrellisShape& s, int nb) {
   const int64_t rb = s.m / 32, cb = s.n / 32;
-  const int smem = gemm_smem(nb, fused_x_bytes);
+  const int smem = SignedLut<kCopies>::kBytes + nb * 8 * 32 * 4;
   const int bounds = nb <= 2 ? gemm_blocks_per_sm<1>() : gemm_blocks_per_sm<4>();
   const int per_sm = std::max<int>(
       1, std::min<int>(bounds, (int)(prop.sharedMemPerMultiprocessor /
@@ -354,22 +272,20 @@ struct GemmArgs {
   float* y;
   int splits;
   bool accumulate;
-  FusedInput fin;  // with InT != void
 };
 
-template <int K, int NB, typename InT = void>
+template <int K, int NB>
 void launch_gemm(const GemmArgs& a, const TrellisShape& s,
                  cudaStream_t stream) {
   constexpr int kStages = NB <= 2 ? 3 : 2;
-  auto kernel = qtip_gemm_kernel<K, NB, kStages, InT>;
-  const int fused_x_bytes = std::is_void_v<InT> ? 0 : a.rows * (int)s.n * 2;
-  const int smem = gemm_smem(NB, fused_x_bytes);
+  auto kernel = qtip_gemm_kernel<K, NB, kStages>;
+  const int smem = SignedLut<kCopies>::kBytes + NB * 8 * 32 * 4;
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(kernel, smem_set);
   dim3 grid(a.splits, (unsigned)(s.m / 32));
   kernel<<<grid, kGemmThreads, smem, stream>>>(
       a.x, a.rows, (int)s.n, a.x_shard_stride, a.shards, a.trellis, a.tlut,
-      a.y, (int)s.m, a.splits, a.accumulate, a.fin);
+      a.y, (int)s.m, a.splits, a.accumulate);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -452,7 +368,7 @@ torch::Tensor qtip_gemm(const torch::Tensor& x, const torch::Tensor& trellis,
   const int64_t rows = x.size(-2);
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int nb_first = rows <= 8 ? 1 : rows <= 16 ? 2 : 4;
-  const int splits = gemm_splits(*prop, s, nb_first, 0);
+  const int splits = gemm_splits(*prop, s, nb_first);
   // Chunks of 32 rows write disjoint rows of y; splits add into them.
   const bool accumulate = splits > 1;
   auto y = accumulate
@@ -482,70 +398,6 @@ torch::Tensor qtip_gemm(const torch::Tensor& x, const torch::Tensor& trellis,
       default:
         gemm_dispatch_nb<4>(a, s, stream);
     }
-  }
-  return y;
-}
-
-bool gemm_fuses_input(const torch::Tensor& x, int64_t in_block,
-                      bool has_had_in) {
-  const int64_t rows = x.size(0), n = x.size(1);
-  return !has_had_in && rows >= 1 && rows <= 8 &&
-         rows * n <= kMaxFusedInputElems && in_block >= 8 &&
-         (in_block & (in_block - 1)) == 0 && n % in_block == 0 &&
-         x.is_contiguous() &&
-         reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-}
-
-torch::Tensor qtip_gemm_fused_input(const torch::Tensor& x,
-                                    const torch::Tensor& su, int64_t in_block,
-                                    const torch::Tensor& trellis,
-                                    const torch::Tensor& tlut,
-                                    c10::IntArrayRef shard_rows) {
-  // Called by qtip_linear after gemm_fuses_input and its own shape checks.
-  const TrellisShape s = check_trellis(trellis, "qtip_linear");
-  const ShardRows shards = make_shard_rows(shard_rows, s.m, "qtip_linear");
-  check_tlut(tlut, trellis, shards.count, "qtip_linear");
-  TORCH_CHECK(su.is_cuda() && su.device() == trellis.device() &&
-                  su.scalar_type() == at::kFloat && su.is_contiguous() &&
-                  su.dim() == 2 && su.size(0) == shards.count &&
-                  su.size(1) == s.n,
-              "qtip_linear: SU must be contiguous float32 (", shards.count,
-              ", ", s.n, ") on ", trellis.device(), ", got ", su.sizes());
-  TORCH_CHECK(x.size(1) == s.n, "qtip_linear: x has ", x.size(1),
-              " features, the trellis ", s.n);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0);
-  const int fused_x_bytes = (int)(rows * s.n * 2);
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  GemmArgs a{};
-  a.rows = (int)rows;
-  a.shards = shards;
-  a.trellis = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
-  a.tlut = reinterpret_cast<const __half*>(tlut.data_ptr());
-  a.splits = gemm_splits(*prop, s, 1, fused_x_bytes);
-  a.accumulate = a.splits > 1;
-  int log2b = 0;
-  while ((int64_t{1} << log2b) < in_block) ++log2b;
-  a.fin = {x.data_ptr(), su.data_ptr<float>(), log2b,
-           (float)(1.0 / 32.0 / std::sqrt((double)in_block))};
-  auto y = a.accumulate
-               ? torch::zeros({rows, s.m}, x.options().dtype(at::kFloat))
-               : torch::empty({rows, s.m}, x.options().dtype(at::kFloat));
-  a.y = y.data_ptr<float>();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  switch (s.K) {
-    case 2:
-      bf16 ? launch_gemm<2, 1, __nv_bfloat16>(a, s, stream)
-           : launch_gemm<2, 1, __half>(a, s, stream);
-      break;
-    case 3:
-      bf16 ? launch_gemm<3, 1, __nv_bfloat16>(a, s, stream)
-           : launch_gemm<3, 1, __half>(a, s, stream);
-      break;
-    default:
-      bf16 ? launch_gemm<4, 1, __nv_bfloat16>(a, s, stream)
-           : launch_gemm<4, 1, __half>(a, s, stream);
   }
   return y;
 }

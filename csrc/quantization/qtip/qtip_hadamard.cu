@@ -38,7 +38,6 @@
 #include <algorithm>
 #include <limits>
 
-#include "qtip_hadamard.cuh"
 #include "qtip_launch.cuh"
 #include "qtip_ops.h"
 
@@ -48,6 +47,86 @@ namespace qtip {
 namespace kernels {
 
 constexpr int kHadMaxThreads = 1024;
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+__device__ __forceinline__ float to_float(float v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+
+// 8 consecutive elements (16 or 32 bytes, aligned).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(h[i]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint4 u;
+    T* h = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) h[i] = from_float<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = u;
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void butterflies(float* v) {
+#pragma unroll
+  for (int h = 1; h < R; h <<= 1)
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+      if (!(i & h)) {
+        const float a = v[i], c = v[i + h];
+        v[i] = a + c;
+        v[i + h] = a - c;
+      }
+}
+
+// Stages bit .. bit+log2(R)-1 of the Sylvester transform over shared memory.
+template <int R>
+__device__ __forceinline__ void smem_pass(float* X, int b, int bit) {
+  constexpr int r = R == 8 ? 3 : R == 4 ? 2 : 1;
+  const int h = 1 << bit;
+  for (int gid = threadIdx.x; gid < (b >> r); gid += blockDim.x) {
+    const int base = ((gid >> bit) << (bit + r)) | (gid & (h - 1));
+    float v[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) v[j] = X[base + j * h];
+    butterflies<R>(v);
+#pragma unroll
+    for (int j = 0; j < R; ++j) X[base + j * h] = v[j];
+  }
+}
 
 // Column segments of a row: segment s starts at column col[s] and is made of
 // Hadamard blocks of b[s] = K * 2^log2P[s] columns, numbered blk0[s]...
@@ -94,7 +173,16 @@ __global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
     reinterpret_cast<float4*>(X + g * 8)[1] = make_float4(v[4], v[5], v[6], v[7]);
   }
   __syncthreads();
-  sylvester_smem_stages(X, b, log2P);
+  for (int bit = 3; bit < log2P; bit += 3) {
+    const int r = min(3, log2P - bit);
+    if (r == 3)
+      smem_pass<8>(X, b, bit);
+    else if (r == 2)
+      smem_pass<4>(X, b, bit);
+    else
+      smem_pass<2>(X, b, bit);
+    __syncthreads();
+  }
 
   if (K == 1) {
     for (int g = threadIdx.x; g < b / 8; g += blockDim.x) {

@@ -9,9 +9,7 @@
 //
 // The batch dispatch lives here, inside one opaque op, so torch.compile
 // never guards on the number of rows:
-//  * rows < dense_min_rows: fused trellis-decode GEMM (qtip_gemm); for a
-//    few rows with a power-of-two input transform the GEMM also does that
-//    transform (qtip_gemm_fused_input: two launches instead of three);
+//  * rows < dense_min_rows: fused trellis-decode GEMM (qtip_gemm);
 //  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
 //    fp16 output is the reference's fallback-GEMM numerics.
 
@@ -47,17 +45,11 @@ torch::Tensor qtip_linear(const torch::Tensor& x, const torch::Tensor& trellis,
               "qtip_linear: trellis ", trellis.sizes(),
               " must be (m/32, n/32, 64K) with m = len(SV) = ", sv.size(0),
               " and n = SU.size(1) = ", su.size(1));
-  const int64_t n = su.size(1);
-  torch::Tensor acc;
-  if (x.size(0) < dense_min_rows &&
-      gemm_fuses_input(x, in_block, had_in.has_value())) {
-    acc = qtip_gemm_fused_input(x, su, in_block, trellis, tlut, shard_rows);
-    return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
-                         shard_rows, 32.0, x.scalar_type());
-  }
   // x * SU_s, Hn^T, / 32, fp16: one copy per shard, (shards, rows, n).
+  const int64_t n = su.size(1);
   torch::Tensor xh = qtip_hadamard(x, su, std::nullopt, had_in, true,
                                    {in_block}, {n}, 1.0 / 32.0, at::kHalf);
+  torch::Tensor acc;
   if (x.size(0) < dense_min_rows) {
     acc = qtip_gemm(xh, trellis, tlut, shard_rows);
   } else {

@@ -50,19 +50,6 @@ torch::Tensor qtip_linear(const torch::Tensor& x, const torch::Tensor& trellis,
                           int64_t in_block, c10::IntArrayRef out_blocks,
                           c10::IntArrayRef shard_rows, int64_t dense_min_rows);
 
-// qtip_linear's fused input transform (kernel notes in qtip_gemm.cu): for
-// up to 8 rows and rows * n <= kMaxFusedInputElems with a power-of-two input
-// transform, the GEMM blocks transform x themselves; same result as
-// qtip_hadamard + qtip_gemm, one launch fewer.
-constexpr int64_t kMaxFusedInputElems = 8192;
-bool gemm_fuses_input(const torch::Tensor& x, int64_t in_block,
-                      bool has_had_in);
-torch::Tensor qtip_gemm_fused_input(const torch::Tensor& x,
-                                    const torch::Tensor& su, int64_t in_block,
-                                    const torch::Tensor& trellis,
-                                    const torch::Tensor& tlut,
-                                    c10::IntArrayRef shard_rows);
-
 // Shared host helpers.
 void check_device_capability(const torch::Tensor& t, const char* op);
 

@@ -344,7 +344,7 @@ def test_opcheck():
         (torch.stack([x16, -x16]), trellis2, tlut2, [m, m]),
     )
     torch.library.opcheck(ops.qtip_decode.default, (trellis2, tlut2, [m, m]))
-    # A power-of-two n at batch 1 takes the fused input transform.
+    # Batch 1 on a layer with power-of-two transforms (no H_K factors).
     m8, n8 = 64, 512
     t8, l8, su8, sv8 = random_layer(m8, n8, 2, seed=12)
     t8 = t8.view(m8 // 32, n8 // 32, 128)
