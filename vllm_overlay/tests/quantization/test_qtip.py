@@ -38,6 +38,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import get_quantization_config
 from vllm.model_executor.layers.quantization.qtip import (
     QTIPConfig,
+    QTIPFusedCall,
     QTIPLinearMethod,
 )
 from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import (
@@ -423,6 +424,34 @@ def test_layer_parameters_and_hadamard_buffers(tp1):
     assert [(t.rcp, t.blocks) for t in down.qtip_transforms] == [(1, 8)]
     # All layers share one tensor per Hadamard factor.
     assert linears.model.layers[1].self_attn.qkv_proj.qtip_had_in_0 is qkv.qtip_had_in_0
+    # Kernel calls: q/k/v mixes K=3, K=4 and a dense shard, so it runs shard by
+    # shard; gate/up (both K=3) is one call with per-shard output blocks.
+    assert qkv.qtip_fused_call is None
+    gate_up = linears.model.layers[0].mlp.gate_up_proj
+    i = spec.intermediate_size
+    assert gate_up.qtip_fused_call == QTIPFusedCall(
+        K=3, in_block=h, out_blocks=[i // 8, i // 8], shard_rows=[i, i]
+    )
+
+
+def test_fused_kernel_call_of_a_plain_checkpoint(tp1):
+    spec = TinyLlamaSpec(K=2)
+    cfg = QTIPConfig.from_config(
+        {"quant_method": "qtip", **quip_params(spec.code_params)}
+    )
+    linears = LlamaLinears(spec, cfg, torch.float16)
+    linears.load(random_llama_tensors(spec))
+    h, i = spec.hidden_size, spec.intermediate_size
+    block = linears.model.layers[0]
+    assert block.mlp.gate_up_proj.qtip_fused_call == QTIPFusedCall(
+        K=2, in_block=h, out_blocks=[i, i], shard_rows=[i, i]
+    )
+    assert block.mlp.down_proj.qtip_fused_call == QTIPFusedCall(
+        K=2, in_block=i, out_blocks=[h], shard_rows=[h]
+    )
+    # q's 192 outputs transform with H_12, k/v's 64 with none: the output
+    # transform takes one H_K per call, so q/k/v runs shard by shard.
+    assert block.self_attn.qkv_proj.qtip_fused_call is None
 
 
 def test_layers_compile_without_graph_breaks(tp1):

@@ -78,6 +78,8 @@ _DEFAULT_TP_RANK = 8
 # split) or on the output (column-parallel split).
 _RCP_ROW = 1
 _RCP_COL = 2
+# Shards one kernel call takes (kMaxShards in csrc/quantization/qtip).
+_MAX_FUSED_SHARDS = 8
 
 
 def _validate_code_params(params: QTIPCodeParams, k_key: str = "K") -> None:
@@ -666,14 +668,15 @@ def _fused_call(
     one H_K factor; skip-listed shards or a different K for v_proj run shard
     by shard.
     """
-    if any(sh.params is None for sh in shards) or len(shards) > 8:
+    params = [sh.params for sh in shards if sh.params is not None]
+    if len(params) != len(shards) or len(shards) > _MAX_FUSED_SHARDS:
         return None
-    if len({sh.params.K for sh in shards}) != 1:
+    if len({p.K for p in params}) != 1:
         return None
     if len({t.out_factor for t in transforms}) != 1:
         return None
     return QTIPFusedCall(
-        K=shards[0].params.K,
+        K=params[0].K,
         in_block=transforms[0].in_block,
         out_blocks=[t.out_block for t in transforms],
         shard_rows=[sh.out_size for sh in shards],
