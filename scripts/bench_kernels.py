@@ -96,15 +96,20 @@ def factor(size: int):
     return None if had is None else had.cuda()
 
 
-def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
-    nbytes = m * n * K // 8
-    copies = max(2, math.ceil(ROTATE_BYTES / nbytes))
-    trellises = [
+def random_trellises(m: int, n: int, K: int) -> list[torch.Tensor]:
+    """Enough random m x n trellis copies to rotate through more than L2."""
+    copies = max(2, math.ceil(ROTATE_BYTES / (m * n * K // 8)))
+    return [
         torch.randint(-(2**15), 2**15, (m * n * K // 16,), device="cuda").to(
             torch.int16
         )
         for _ in range(copies)
     ]
+
+
+def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
+    nbytes = m * n * K // 8
+    trellises = random_trellises(m, n, K)
     tlut = torch.randn(512, 2, device="cuda").half()
     SU = torch.randn(n, device="cuda")
     SV = torch.rand(m, device="cuda") * 0.01
@@ -171,13 +176,7 @@ def bench_fused_layer(
 ) -> list[dict]:
     """One qtip_matmul call for all shards vs one call per shard."""
     m = sum(shard_rows)
-    copies = max(2, math.ceil(ROTATE_BYTES / (m * n * K // 8)))
-    trellises = [
-        torch.randint(-(2**15), 2**15, (m * n * K // 16,), device="cuda").to(
-            torch.int16
-        )
-        for _ in range(copies)
-    ]
+    trellises = random_trellises(m, n, K)
     S = len(shard_rows)
     tlut = torch.randn(S, 512, 2, device="cuda").half()
     SU = torch.randn(S, n, device="cuda")

@@ -415,8 +415,9 @@ torch::Tensor qtip_decode(const torch::Tensor& trellis,
   const int per_sm = std::max<int>(
       1, std::min<int>(prop->maxThreadsPerMultiProcessor / kDecodeThreads,
                        (int)(prop->sharedMemPerMultiprocessor / (smem + 1024))));
-  // One wave over all shards; each shard gets blocks in proportion to its
-  // rows (grid.y is the shard, so use the largest shard's share).
+  // About one wave over all shards: grid.y is the shard and every shard
+  // gets the same grid.x, sized for the largest shard (smaller ones finish
+  // early).
   int64_t max_rb = 0;
   for (int i = 0; i < shards.count; ++i)
     max_rb = std::max<int64_t>(max_rb, shards.rb0[i + 1] - shards.rb0[i]);

@@ -212,18 +212,23 @@ def test_model_config_detects_relaxml_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+def init_gloo_tp_group(store: str, world_size: int = 1, rank: int = 0) -> None:
+    """vLLM's process groups over gloo (CPU), tensor parallel over all ranks."""
+    init_distributed_environment(
+        world_size=world_size,
+        rank=rank,
+        local_rank=rank,
+        distributed_init_method=f"file://{store}",
+        backend="gloo",
+    )
+    initialize_model_parallel(world_size, 1)
+
+
 @pytest.fixture
 def tp1(tmp_path):
     """A gloo process group of one rank, as in a TP=1 CPU run."""
     with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            local_rank=0,
-            distributed_init_method=f"file://{tmp_path}/dist_store",
-            backend="gloo",
-        )
-        initialize_model_parallel(1, 1)
+        init_gloo_tp_group(f"{tmp_path}/dist_store")
         yield
         cleanup_dist_env_and_memory()
 
@@ -630,14 +635,7 @@ def load_vllm_llama(path, tmp_path, dtype=torch.float16) -> LlamaForCausalLM:
         load_config=LoadConfig(),
     )
     with set_current_vllm_config(vllm_config):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            local_rank=0,
-            distributed_init_method=f"file://{tmp_path}/dist_store",
-            backend="gloo",
-        )
-        initialize_model_parallel(1, 1)
+        init_gloo_tp_group(f"{tmp_path}/dist_store")
         # vLLM's own loader: builds the model, streams the safetensors
         # files through load_weights and runs process_weights_after_loading.
         model = get_model_loader(vllm_config.load_config).load_model(
@@ -821,14 +819,7 @@ def _tp2_worker(rank: int, store: str, ckpt: str, errors) -> None:
         with set_current_vllm_config(
             VllmConfig(device_config=DeviceConfig(device="cpu"))
         ):
-            init_distributed_environment(
-                world_size=2,
-                rank=rank,
-                local_rank=rank,
-                distributed_init_method=f"file://{store}",
-                backend="gloo",
-            )
-            initialize_model_parallel(2, 1)
+            init_gloo_tp_group(store, world_size=2, rank=rank)
             _tp2_checks(rank, ckpt)
             cleanup_dist_env_and_memory()
     except BaseException:
