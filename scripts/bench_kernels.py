@@ -91,6 +91,44 @@ def copy_bandwidth() -> float:
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
+def kernel_us(fn, trellises, name: str) -> float:
+    """Mean device time of the kernels whose name contains `name`, from the
+    torch profiler over one eager call per rotated trellis."""
+    for t in trellises[:2]:
+        fn(t)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        for t in trellises:
+            fn(t)
+        torch.cuda.synchronize()
+    total = count = 0
+    for evt in prof.key_averages():
+        if name in evt.key:
+            total += evt.self_device_time_total
+            count += evt.count
+    return total / max(count, 1)
+
+
+def linear_on_path(x, t, tlut, SU, SV, had_in, had_out, K, fused: bool):
+    """qtip_linear forced onto the fused (True) or the dense (False) path."""
+    m, n = SV.shape[0], SU.shape[-1]
+    return torch.ops._qtip_C.qtip_linear(
+        x,
+        t.view(m // 32, n // 32, 64 * K),
+        tlut.reshape(1, 512, 2),
+        SU.reshape(1, n),
+        SV,
+        had_in,
+        had_out,
+        n,
+        [m],
+        [m],
+        1 << 30 if fused else 0,
+    )
+
+
 def factor(size: int):
     _, had = get_hadamard_factor(size)
     return None if had is None else had.cuda()
@@ -128,10 +166,12 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
                 for t in trellises
             ]
         )
-        gemm_us = unfused_us = None
+        gemm_us = unfused_us = dense_us = None
         if batch < QTIP_DENSE_MIN_ROWS:
-            gemm_us = time_graph(
-                [lambda t=t, xh=xh: qtip_gemm(xh, t, tlut, m, K) for t in trellises]
+            gemm_us = kernel_us(
+                lambda t, x=x: qtip_matmul(x, t, tlut, SU, SV, had_in, had_out, K),
+                trellises,
+                "qtip_mma_kernel",
             )
 
             def unfused(t, x=x):
@@ -149,6 +189,17 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
                 )
 
             unfused_us = time_graph([lambda t=t: unfused(t) for t in trellises])
+        if batch >= 64:
+            # The other side of the crossover (fused <-> decode + cuBLAS).
+            other_fused = batch >= QTIP_DENSE_MIN_ROWS
+            dense_us = time_graph(
+                [
+                    lambda t=t, x=x, f=other_fused: linear_on_path(
+                        x, t, tlut, SU, SV, had_in, had_out, K, f
+                    )
+                    for t in trellises
+                ]
+            )
         fp16_us = time_graph([lambda w=w, xh=xh: torch.matmul(xh, w.t()) for w in w16])
         rows.append(
             {
@@ -161,9 +212,13 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
                 "qtip_gbs": round(nbytes / (qtip_us * 1e-6) / 1e9, 1),
                 "gemm_us": None if gemm_us is None else round(gemm_us, 2),
                 "unfused_us": None if unfused_us is None else round(unfused_us, 2),
+                "other_path_us": None if dense_us is None else round(dense_us, 2),
                 "gemm_gbs": None
                 if gemm_us is None
                 else round(nbytes / (gemm_us * 1e-6) / 1e9, 1),
+                "gemm_tws": None
+                if gemm_us is None
+                else round(m * n / (gemm_us * 1e-6) / 1e12, 2),
             }
         )
     del trellises, w16
@@ -242,19 +297,28 @@ def main() -> None:
         "--models", nargs="+", default=list(SHAPES), choices=list(SHAPES)
     )
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    parser.add_argument(
+        "--ceiling-log",
+        help="output of hyb_decode_bench.cu from the same run: its best rate is "
+        "the decode-only ceiling the fused GEMM is measured against",
+    )
     args = parser.parse_args()
+    ceiling = decode_ceiling(args.ceiling_log) if args.ceiling_log else None
     if not qtip_kernels_available():
         raise SystemExit("the QTIP kernels are not available on this machine")
     dtype = getattr(torch, args.dtype)
 
     copy_gbs = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
-    print(f"{gpu}, copy {copy_gbs:.0f} GB/s, activations {args.dtype}\n")
+    print(f"{gpu}, copy {copy_gbs:.0f} GB/s, activations {args.dtype}")
+    if ceiling:
+        print(f"decode-only ceiling (hyb_decode_bench, K=2): {ceiling:.2f} T weights/s")
+    print()
     print(
-        "| m | n | K | batch | qtip_us | 3 ops us | gemm_us | fp16_us | qtip GB/s "
-        "| % copy | gemm % copy | fp16/qtip |"
+        "| m | n | K | batch | qtip_us | other path us | 3 ops us | gemm_us "
+        "| fp16_us | qtip GB/s | % copy | gemm % copy | fp16/qtip | gemm T w/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     shapes = sorted({s for model in args.models for s in SHAPES[model]})
     rows = []
     for K in args.K:
@@ -290,6 +354,7 @@ def main() -> None:
         "gpu": gpu,
         "date": datetime.date.today().isoformat(),
         "copy_gbs": round(copy_gbs, 1),
+        "decode_ceiling_tws": ceiling,
         "dtype": args.dtype,
         "torch": torch.__version__,
         "rows": rows,
@@ -299,17 +364,28 @@ def main() -> None:
         json.dump(result, f, indent=1)
 
 
+def decode_ceiling(path: str) -> float | None:
+    """Best T weights/s that hyb_decode_bench printed."""
+    rates = []
+    with open(path) as f:
+        for line in f:
+            if "Tweights/s" in line:
+                rates.append(float(line.rsplit(";", 1)[1].split()[0]))
+    return max(rates) if rates else None
+
+
 def print_row(r: dict, copy_gbs: float) -> None:
     gemm = "-" if r["gemm_us"] is None else f"{r['gemm_us']:.1f}"
+    other = "-" if r["other_path_us"] is None else f"{r['other_path_us']:.1f}"
     unfused = "-" if r["unfused_us"] is None else f"{r['unfused_us']:.1f}"
     gemm_pct = (
         "-" if r["gemm_gbs"] is None else f"{100 * r['gemm_gbs'] / copy_gbs:.0f}%"
     )
     print(
         f"| {r['m']} | {r['n']} | {r['K']} | {r['batch']} | "
-        f"{r['qtip_us']:.1f} | {unfused} | {gemm} | {r['fp16_us']:.1f} | "
+        f"{r['qtip_us']:.1f} | {other} | {unfused} | {gemm} | {r['fp16_us']:.1f} | "
         f"{r['qtip_gbs']:.0f} | {100 * r['qtip_gbs'] / copy_gbs:.0f}% | "
-        f"{gemm_pct} | {r['fp16_us'] / r['qtip_us']:.2f} |",
+        f"{gemm_pct} | {r['fp16_us'] / r['qtip_us']:.2f} | {r['gemm_tws'] or '-'} |",
         flush=True,
     )
 

@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Build, here, everything the offline H100 host needs in .gpu/ (git-ignored):
+# Build, here, everything the offline GPU host needs in .gpu/ (git-ignored):
 # the vLLM 0.26.0 runtime bundle in three parts, the sdist's CMake helpers and
 # tests, the reference goldens, and wheels the host lacks. Then ship it with
 # three back-to-back device calls (part-aa, part-ab, part-ac + the rest) and
 # run scripts/gpu_host_run.sh there.
+#   --kernels: only what scripts/gpu_kernel_run.sh needs (no vLLM; ~1 MB).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$REPO/../shared}
 SDIST_TREE=${SDIST_TREE:-$REPO/build/vllm-0.26.0}
 G=$REPO/.gpu
-mkdir -p "$G"
-[ -f "$G/parts/SHA256SUMS" ] || bash "$SHARED/gpu/make-vllm-bundle.sh" "$G/parts" 60
-cp "$SHARED/gpu/unpack-vllm-bundle.sh" "$G/"
-mkdir -p "$G/vllm-src/cmake" "$G/vllm-src/csrc/core" "$G/ref" "$G/whl"
+mkdir -p "$G/vllm-src/cmake" "$G/vllm-src/csrc/core" "$G/ref"
 cp "$SDIST_TREE/cmake/utils.cmake" "$G/vllm-src/cmake/"
 cp "$SDIST_TREE/csrc/core/registration.h" "$G/vllm-src/csrc/core/"
+cp -r "$SHARED/reference/goldens" "$SHARED/reference/qtip_hadamard_k.npz" \
+  "$SHARED/reference/hyb_decode_bench.cu" "$G/ref/"
+[ "${1:-}" = "--kernels" ] && exit 0
+[ -f "$G/parts/SHA256SUMS" ] || bash "$SHARED/gpu/make-vllm-bundle.sh" "$G/parts" 45
+cp "$SHARED/gpu/unpack-vllm-bundle.sh" "$G/"
+mkdir -p "$G/whl"
 # Pristine tests/ of the sdist (conftest.py and helpers); our overlay tests are
 # copied in on the host.
 tar xzf "$REPO/build/cache/vllm-0.26.0.tar.gz" -C "$G" vllm-0.26.0/tests
 tar czf "$G/vllm-tests.tgz" -C "$G/vllm-0.26.0" tests && rm -rf "$G/vllm-0.26.0"
-cp -r "$SHARED/reference/goldens" "$SHARED/reference/qtip_hadamard_k.npz" "$G/ref/"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 -d "$G/whl" \
   tblib==3.2.2 pytest-asyncio==1.5.0 model-hosting-container-standards==0.1.16 \

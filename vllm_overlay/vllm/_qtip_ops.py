@@ -26,9 +26,9 @@ except ImportError:  # torch < 2.4
     from torch.library import impl_abstract as register_fake
 
 # Batch rows from which decoding W_hat to fp16 once and running cuBLAS beats
-# the fused decode + GEMM kernel (which re-decodes W_hat for every 32 rows).
-# Measured on H100 80GB HBM3 (see csrc/quantization/qtip/NOTES.md).
-QTIP_DENSE_MIN_ROWS = 64
+# the fused decode + GEMM kernel (which decodes W_hat once per 64 rows).
+# Measured on the H200 (see csrc/quantization/qtip/NOTES.md).
+QTIP_DENSE_MIN_ROWS = 256
 
 # Bits per weight with a kernel, and the HYB table shape.
 QTIP_KERNEL_K = (2, 3, 4)
@@ -197,7 +197,12 @@ def _check_factor(had: torch.Tensor | None, name: str, device: torch.device) -> 
 def qtip_gemm(
     x: torch.Tensor, trellis: torch.Tensor, tlut: torch.Tensor, m: int, K: int
 ) -> torch.Tensor:
-    """x (B, n) fp16 @ W_hat^T -> (B, m) fp32, W_hat decoded on the fly."""
+    """x (B, n) fp16 @ W_hat^T -> (B, m) fp32, W_hat decoded on the fly.
+
+    The fused GEMM of qtip_matmul on its own (x laid out for the tensor
+    cores and the split-K partial sums added here; inside qtip_matmul the
+    Hadamard kernels do both).
+    """
     trellis3 = _check_trellis(trellis, tlut, m, x.shape[-1], K)
     return torch.ops._qtip_C.qtip_gemm(x, trellis3, tlut, [m])
 

@@ -1,35 +1,41 @@
 // SPDX-License-Identifier: Apache-2.0
 // SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 //
-// Fused HYB trellis decode + tensor-core GEMM for small batches, and the
+// Fused HYB trellis decode + tensor-core GEMM (qtip_mma_kernel), and the
 // decode-to-dense kernel for large batches. The byte layout and the decode
 // tricks are described in qtip_codebook.cuh.
 //
-// Fused GEMM (y[B, m] = x[B, n] @ W_hat^T, B <= 32 per launch):
-//  * Work unit of a warp = one 32x32 block (2x2 tiles) of W_hat. It loads its
-//    4K bytes per lane, decodes the four tiles straight into mma A fragments
-//    (W_hat rows = mma M, the reduction dimension = mma K) and multiplies them
-//    by the activations as B fragments (batch = mma N: one n8 tile for B <= 8,
-//    two for <= 16, four for <= 32). The decode is shared by all batch rows,
-//    which is why batch 16 costs little more than batch 1.
-//  * A thread block owns one 32-row block of W_hat and a contiguous range of
-//    its column blocks (split-K); its warps interleave over that range, so a
-//    block streams contiguous memory. Warp partial sums are reduced in shared
-//    memory, then blocks of the same rows are combined with fp32 atomics
-//    (plain stores when there is one split).
-//  * The grid is sized from the SM count: the number of splits is the largest
-//    with (m/32) * splits <= SMs * blocks/SM (one wave). Each block builds the
-//    LUT once, so fewer, longer blocks amortize it.
-//  * Trellis loads are 8/12/16-byte streaming loads (ld.global.cs), kept
-//    kStages deep in registers so several blocks are in flight per warp;
-//    activations are re-read through L1/L2 by every row block.
-// fp32 accumulation throughout, as in the reference kernel.
+// Trellis decode is integer-issue bound on Hopper (about 5 ALU/FMA ops and
+// one shared-memory lookup per state of two weights), so the GEMM is built
+// to decode every weight once per call, whatever the batch, and to keep
+// everything else off the decode's critical path:
+//  * Persistent grid: one CTA per SM, which builds its 32-copy sign-folded
+//    LUT (128 KiB, one bank per lane: no conflicts) once, and again only
+//    when its work moves to another shard of a fused layer.
+//  * Work unit = (shard, group of up to kWarps 32-row tiles, k-split).
+//    Each warp owns one 32-row tile and walks the unit's k range in 32x32
+//    trellis blocks: it decodes a block into four mma A fragments (W_hat
+//    rows = mma M) and multiplies them with every batch n8 tile of the
+//    pass (batch = mma N, up to 64 rows per pass), so a decoded weight
+//    serves all rows. Trellis words stream into a register ring kStages
+//    blocks deep (ld.global.cs).
+//  * Activations: the input transform writes x~ in mma B-fragment order
+//    (one 16-byte vector per lane per 32-column block and n8 tile), which
+//    cp.async stages, double-buffered, in shared memory for the whole CTA;
+//    a lane reads its B fragments with one LDS.128 per block and n8 tile.
+//  * Deterministic split-K: every unit writes its fp32 partial sums to its
+//    own slot of a workspace (splits, rows, m): no atomics, no zero fill.
+//    The output transform (qtip_hadamard) adds the splits in a fixed order
+//    as it loads them, so the same input gives the same bits on every run.
+//  * The number of splits comes from the shape, the batch and the SM count
+//    (a cost model of waves vs. partial-sum traffic), never from timing.
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "qtip_codebook.cuh"
 #include "qtip_launch.cuh"
@@ -40,137 +46,192 @@ namespace qtip {
 
 namespace kernels {
 
-constexpr int kGemmThreads = 256;
 constexpr int kDecodeThreads = 256;
-// LUT copies of every launch: 16 (64 KiB, fits 3 blocks per SM and GPUs
-// with ~100 KiB of shared memory per block).
-constexpr int kCopies = 16;
+// Trellis blocks in flight per warp (register ring).
+constexpr int kStages = 4;
 
-__device__ __forceinline__ uint32_t ldg_u32(const __half* p) {
-  return __ldg(reinterpret_cast<const unsigned int*>(p));
+// Where the work units of one launch come from (host-computed, passed by
+// value). Units are numbered shard by shard, then k-split, then row group.
+struct MmaPlan {
+  int shards;
+  int splits;
+  int units;
+  int unit0[kMaxShards + 1];  // first unit of shard s
+  int rt0[kMaxShards];        // first 32-row tile of shard s (global)
+  int row_tiles[kMaxShards];  // 32-row tiles of shard s
+  int groups[kMaxShards];     // row groups of shard s (kWarps tiles each)
+};
+
+__device__ __forceinline__ void cp_async16(uint32_t smem_addr,
+                                           const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr),
+               "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;");
+}
+__device__ __forceinline__ void cp_async_wait_one() {
+  asm volatile("cp.async.wait_group 1;" ::: "memory");
 }
 
-// Blocks per SM the launch bounds aim at (the register budget follows).
-template <int NB>
-constexpr int gemm_blocks_per_sm() {
-  return NB <= 2 ? 3 : 2;
-}
-
-template <int K, int NB, int kStages>
-__global__ void __launch_bounds__(kGemmThreads, gemm_blocks_per_sm<NB>())
-    qtip_gemm_kernel(const __half* __restrict__ x, int rows, int n,
-                     int64_t x_shard_stride, ShardRows shards,
-                     const uint8_t* __restrict__ trellis,
-                     const __half* __restrict__ tlut, float* __restrict__ y,
-                     int m, int splits, bool accumulate) {
+// y partials (splits, rows, m) fp32 = x~ @ W_hat^T for every shard, W_hat
+// decoded on the fly. xf: x~ in B-fragment order, (shards, nbt, n/32, 32
+// lanes, 8 halves) with nbt = ceil(rows / 8) n8 tiles.
+template <int K, int NB, int kWarps, int kCopies>
+__global__ void __launch_bounds__(kWarps * 32, 1)
+    qtip_mma_kernel(const uint8_t* __restrict__ trellis,
+                    const __half* __restrict__ tlut,
+                    const uint4* __restrict__ xf, float* __restrict__ part,
+                    int m, int nblk, int rows, int nbt, int chunk_blocks,
+                    MmaPlan plan) {
   using Lut = SignedLut<kCopies>;
   using Blk = TrellisBlock<K>;
-  constexpr int kWarps = kGemmThreads / 32;
-  constexpr int kCols = NB * 8;  // batch columns of the mma
+  constexpr int kThreads = kWarps * 32;
 
-  extern __shared__ __align__(16) char smem[];
+  extern __shared__ __align__(128) char smem[];
   char* lut = smem;
-  float* red = reinterpret_cast<float*>(smem + Lut::kBytes);  // [kCols][32]
+  uint4* stage = reinterpret_cast<uint4*>(smem + Lut::kBytes);
+  // One staging buffer: NB n8 tiles x chunk_blocks blocks x 32 lanes.
+  const int buf_vecs = NB * chunk_blocks * 32;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int split = blockIdx.x, bi = blockIdx.y;
-  const int nblk = n / 32;
-  // The shard of this row block: its activations (x * SU_s, transformed)
-  // and its table.
-  const int shard = shards.shard_of(bi);
-  x += shard * x_shard_stride;
-  tlut += shard * kTlutRows * 2;
-  const int c0 = (int)((int64_t)split * nblk / splits);
-  const int c1 = (int)((int64_t)(split + 1) * nblk / splits);
-
-  // Issue the first trellis loads before building the LUT, so their latency
-  // overlaps the shared-memory fill.
-  const uint8_t* row_ptr = trellis + (size_t)bi * nblk * Blk::kBytes +
-                           lane * Blk::kLaneBytes;
   const int g = lane >> 2, q = lane & 3;
-  const __half* xrow[NB];
-  bool xvalid[NB];
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
-    const int r = nb * 8 + g;
-    xvalid[nb] = r < rows;
-    xrow[nb] = x + (size_t)(xvalid[nb] ? r : 0) * n + 2 * q;
-  }
-
-  uint32_t w[kStages][K];
-  uint32_t bf[kStages][2][NB][2];
-  auto load = [&](int cb, uint32_t(&ws)[K], uint32_t(&bs)[2][NB][2]) {
-    load_lane<K>(row_ptr + (size_t)cb * Blk::kBytes, ws);
-#pragma unroll
-    for (int kc = 0; kc < 2; ++kc)
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-        const __half* p = xrow[nb] + cb * 32 + kc * 16;
-        bs[kc][nb][0] = xvalid[nb] ? ldg_u32(p) : 0u;
-        bs[kc][nb][1] = xvalid[nb] ? ldg_u32(p + 8) : 0u;
-      }
-  };
-#pragma unroll
-  for (int st = 0; st < kStages; ++st) {
-    const int cb = c0 + warp + st * kWarps;
-    if (cb < c1) load(cb, w[st], bf[st]);
-  }
-
-  Lut::fill(reinterpret_cast<uint32_t*>(lut), tlut, tid, kGemmThreads);
-  for (int i = tid; i < kCols * 32; i += kGemmThreads) red[i] = 0.f;
-  __syncthreads();
-
   const uint32_t lane_term = Lut::lane_term(lane);
-  float acc[2][NB][4];
-#pragma unroll
-  for (int mr = 0; mr < 2; ++mr)
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mr][nb][i] = 0.f;
+  const uint32_t stage_addr =
+      static_cast<uint32_t>(__cvta_generic_to_shared(stage));
+  const int passes = (nbt + NB - 1) / NB;
 
-  for (int base = c0 + warp; base < c1; base += kStages * kWarps) {
+  const int u_begin =
+      (int)((int64_t)plan.units * blockIdx.x / gridDim.x);
+  const int u_end =
+      (int)((int64_t)plan.units * (blockIdx.x + 1) / gridDim.x);
+  int lut_shard = -1;
+
+  for (int u = u_begin; u < u_end; ++u) {
+    // Resolve the unit (uniform across the CTA).
+    int s = 0;
+    while (s + 1 < plan.shards && u >= plan.unit0[s + 1]) ++s;
+    const int local = u - plan.unit0[s];
+    const int split = local / plan.groups[s];
+    const int group = local % plan.groups[s];
+    const int tile = group * kWarps + warp;  // this warp's row tile in s
+    const bool active = tile < plan.row_tiles[s];
+    const int grt = plan.rt0[s] + tile;
+    const int k0 = (int)((int64_t)nblk * split / plan.splits);
+    const int k1 = (int)((int64_t)nblk * (split + 1) / plan.splits);
+    const int nchunks = (k1 - k0 + chunk_blocks - 1) / chunk_blocks;
+    const uint8_t* wptr = trellis + ((size_t)grt * nblk) * Blk::kBytes +
+                          lane * Blk::kLaneBytes;
+    const uint4* xs = xf + (size_t)s * nbt * nblk * 32;
+
+    for (int pass = 0; pass < passes; ++pass) {
+      const int nb0 = pass * NB;
+      const int nbp = min(NB, nbt - nb0);
+      // Stages chunk c of this pass into buffer c & 1 (all threads).
+      auto stage_chunk = [&](int c) {
+        const int cb0 = k0 + c * chunk_blocks;
+        const int ncb = min(chunk_blocks, k1 - cb0);
+        const int vecs = nbp * ncb * 32;
+        const uint32_t base = stage_addr + (c & 1) * buf_vecs * 16;
+        for (int i = tid; i < vecs; i += kThreads) {
+          const int nb = i / (ncb * 32), r = i % (ncb * 32);
+          cp_async16(base + (nb * chunk_blocks * 32 + r) * 16,
+                     xs + ((size_t)(nb0 + nb) * nblk + cb0) * 32 + r);
+        }
+      };
+
+      // Trellis ring: blocks k0 .. k0 + kStages - 1.
+      uint32_t w[kStages][K];
+      if (active) {
 #pragma unroll
-    for (int st = 0; st < kStages; ++st) {
-      const int cb = base + st * kWarps;
-      if (cb < c1) {  // warp-uniform
-        uint32_t frag[4][4];
-        decode_block<K, kCopies>(w[st], lut, lane_term, lane, frag);
+        for (int st = 0; st < kStages; ++st)
+          if (k0 + st < k1)
+            load_lane<K>(wptr + (size_t)(k0 + st) * Blk::kBytes, w[st]);
+      }
+      stage_chunk(0);
+      cp_async_commit();
+      if (s != lut_shard) {
+        // Every warp left the previous unit's last chunk barrier, so
+        // nobody reads the old table any more; the first chunk barrier
+        // below publishes the new one.
+        Lut::fill(reinterpret_cast<uint32_t*>(lut), tlut + s * kTlutRows * 2,
+                  tid, kThreads);
+        lut_shard = s;
+      }
+
+      // Valid batch rows of each n8 tile of the pass (lanes g >= valid
+      // skip their B loads: padding rows only feed discarded columns).
+      bool bvalid[NB];
 #pragma unroll
-        for (int kc = 0; kc < 2; ++kc)
+      for (int nb = 0; nb < NB; ++nb)
+        bvalid[nb] = nb < nbp && (nb0 + nb) * 8 + g < rows;
+
+      float acc[2][NB][4];
 #pragma unroll
-          for (int mr = 0; mr < 2; ++mr)
+      for (int mr = 0; mr < 2; ++mr)
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb)
-              mma_16816(acc[mr][nb], frag[kc * 2 + mr], bf[st][kc][nb][0],
-                        bf[st][kc][nb][1]);
-        const int nx = cb + kStages * kWarps;
-        if (nx < c1) load(nx, w[st], bf[st]);
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[mr][nb][i] = 0.f;
+
+      for (int c = 0; c < nchunks; ++c) {
+        if (c + 1 < nchunks) stage_chunk(c + 1);
+        cp_async_commit();
+        cp_async_wait_one();
+        __syncthreads();
+        const int cs = k0 + c * chunk_blocks;
+        const int ce = min(k1, cs + chunk_blocks);
+        const uint4* bbuf = stage + (c & 1) * buf_vecs + lane;
+        if (active) {
+          // chunk_blocks is a multiple of kStages, so every chunk starts at
+          // ring slot 0 and the ring index stays a constant.
+          for (int base = cs; base < ce; base += kStages) {
+#pragma unroll
+            for (int st = 0; st < kStages; ++st) {
+              const int cb = base + st;
+              if (cb < ce) {  // warp-uniform
+                uint32_t frag[4][4];
+                decode_block<K, kCopies>(w[st], lut, lane_term, lane, frag);
+                if (cb + kStages < k1)
+                  load_lane<K>(wptr + (size_t)(cb + kStages) * Blk::kBytes,
+                               w[st]);
+                const uint4* bp = bbuf + (cb - cs) * 32;
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+                  if (nb < nbp) {  // warp-uniform
+                    uint4 b = make_uint4(0u, 0u, 0u, 0u);
+                    if (bvalid[nb]) b = bp[nb * chunk_blocks * 32];
+                    // frag[kc * 2 + mr]; b.x, b.y: k-tile 0, b.z, b.w: 1.
+                    mma_16816(acc[0][nb], frag[0], b.x, b.y);
+                    mma_16816(acc[1][nb], frag[1], b.x, b.y);
+                    mma_16816(acc[0][nb], frag[2], b.z, b.w);
+                    mma_16816(acc[1][nb], frag[3], b.z, b.w);
+                  }
+                }
+              }
+            }
+          }
+        }
+        __syncthreads();
+      }
+
+      // C fragment: c0 (row g, col 2q), c1 (g, 2q+1), c2 (g+8, 2q),
+      // c3 (g+8, 2q+1); rows are W_hat rows, columns batch rows.
+      if (active) {
+        float* dst = part + (size_t)split * rows * m + (size_t)grt * 32;
+#pragma unroll
+        for (int mr = 0; mr < 2; ++mr)
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int col = (nb0 + nb) * 8 + 2 * q + (i & 1);
+              const int r = mr * 16 + g + 8 * (i >> 1);
+              if (nb < nbp && col < rows)
+                dst[(size_t)col * m + r] = acc[mr][nb][i];
+            }
       }
     }
-  }
-
-  // C fragment: c0 (row g, col 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8,
-  // 2q+1); rows are W_hat rows, columns batch rows.
-#pragma unroll
-  for (int mr = 0; mr < 2; ++mr)
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int col = nb * 8 + 2 * q + (i & 1);
-        const int r = mr * 16 + g + 8 * (i >> 1);
-        if (col < rows) atomicAdd(&red[col * 32 + r], acc[mr][nb][i]);
-      }
-  __syncthreads();
-  const int nout = 32 * min(rows, kCols);
-  for (int i = tid; i < nout; i += kGemmThreads) {
-    const int col = i >> 5, r = i & 31;
-    float* dst = y + (size_t)col * m + bi * 32 + r;
-    if (!accumulate)
-      *dst = red[i];
-    else
-      atomicAdd(dst, red[i]);
   }
 }
 
@@ -179,6 +240,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
     qtip_decode_kernel(const uint8_t* __restrict__ trellis,
                        const __half* __restrict__ tlut, __half* __restrict__ w,
                        int n, ShardRows shards) {
+  // 16 copies (64 KiB): several blocks per SM; this kernel streams W_hat
+  // out, so its table lookups are not what bounds it.
+  constexpr int kCopies = 16;
   using Lut = SignedLut<kCopies>;
   using Blk = TrellisBlock<K>;
   constexpr int kWarps = kDecodeThreads / 32;
@@ -245,72 +309,6 @@ TrellisShape check_trellis(const torch::Tensor& trellis, const char* op) {
   return {trellis.size(0) * 32, trellis.size(1) * 32, (int)(last / 64)};
 }
 
-// At most one wave: the most splits with (m/32) * splits <= SMs * blocks per
-// SM, each warp keeping at least two column blocks. Short
-// blocks pay the LUT build and the epilogue (fp32 atomics) again, and a
-// second, partly filled wave idles SMs (H100 measurements in NOTES.md).
-int gemm_splits(const cudaDeviceProp& prop, const TrellisShape& s, int nb) {
-  const int64_t rb = s.m / 32, cb = s.n / 32;
-  const int smem = SignedLut<kCopies>::kBytes + nb * 8 * 32 * 4;
-  const int bounds = nb <= 2 ? gemm_blocks_per_sm<1>() : gemm_blocks_per_sm<4>();
-  const int per_sm = std::max<int>(
-      1, std::min<int>(bounds, (int)(prop.sharedMemPerMultiprocessor /
-                                     (smem + 1024))));
-  const int64_t target = (int64_t)prop.multiProcessorCount * per_sm;
-  const int64_t max_splits = std::max<int64_t>(1, cb / (kGemmThreads / 32 * 2));
-  return (int)std::clamp<int64_t>(target / rb, 1, max_splits);
-}
-
-// Arguments of one fused GEMM launch (one chunk of at most 32 batch rows).
-struct GemmArgs {
-  const __half* x;
-  int rows;
-  int64_t x_shard_stride;
-  ShardRows shards;
-  const uint8_t* trellis;
-  const __half* tlut;
-  float* y;
-  int splits;
-  bool accumulate;
-};
-
-template <int K, int NB>
-void launch_gemm(const GemmArgs& a, const TrellisShape& s,
-                 cudaStream_t stream) {
-  constexpr int kStages = NB <= 2 ? 3 : 2;
-  auto kernel = qtip_gemm_kernel<K, NB, kStages>;
-  const int smem = SignedLut<kCopies>::kBytes + NB * 8 * 32 * 4;
-  static DeviceFlags smem_set;
-  ensure_max_dynamic_smem(kernel, smem_set);
-  dim3 grid(a.splits, (unsigned)(s.m / 32));
-  kernel<<<grid, kGemmThreads, smem, stream>>>(
-      a.x, a.rows, (int)s.n, a.x_shard_stride, a.shards, a.trellis, a.tlut,
-      a.y, (int)s.m, a.splits, a.accumulate);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <int K>
-void gemm_dispatch_nb(const GemmArgs& a, const TrellisShape& s,
-                      cudaStream_t stream) {
-  if (a.rows <= 8)
-    launch_gemm<K, 1>(a, s, stream);
-  else if (a.rows <= 16)
-    launch_gemm<K, 2>(a, s, stream);
-  else
-    launch_gemm<K, 4>(a, s, stream);
-}
-
-template <int K>
-void launch_decode(const uint8_t* trellis, const __half* tlut, __half* w,
-                   const TrellisShape& s, const ShardRows& shards, int grid,
-                   int smem, cudaStream_t stream) {
-  static DeviceFlags smem_set;
-  ensure_max_dynamic_smem(qtip_decode_kernel<K>, smem_set);
-  dim3 blocks((unsigned)grid, (unsigned)shards.count);
-  qtip_decode_kernel<K><<<blocks, kDecodeThreads, smem, stream>>>(
-      trellis, tlut, w, (int)s.n, shards);
-}
-
 // tlut: (512, 2) for one shard or (shards, 512, 2).
 void check_tlut(const torch::Tensor& tlut, const torch::Tensor& trellis,
                 int64_t shards, const char* op) {
@@ -329,6 +327,122 @@ void check_tlut(const torch::Tensor& tlut, const torch::Tensor& trellis,
               ": tlut data must be 4-byte aligned");
 }
 
+// Launch shape of one qtip_mma_kernel call.
+struct MmaConfig {
+  int nb;      // n8 batch tiles per pass (1, 2, 4, 8)
+  int warps;   // warps per CTA = 32-row tiles per unit
+  int copies;  // LUT copies (32: conflict-free; 16 where smem is short)
+  int chunk_blocks;
+  int smem;
+};
+
+MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
+  MmaConfig c{};
+  c.nb = nbt <= 1 ? 1 : nbt <= 2 ? 2 : nbt <= 4 ? 4 : 8;
+  // Small batches are decode-bound: more warps hide the lookups' latency;
+  // large ones need the registers for their accumulators.
+  c.warps = c.nb <= 2 ? 16 : 8;
+  const int limit = (int)prop.sharedMemPerBlockOptin;
+  const int min_stage = 2 * c.nb * kStages * 512;
+  c.copies = SignedLut<32>::kBytes + min_stage <= limit ? 32 : 16;
+  const int lut = c.copies == 32 ? SignedLut<32>::kBytes : SignedLut<16>::kBytes;
+  // Two staging buffers of nb x chunk_blocks x 512 bytes, at most ~96 KiB.
+  int blocks = std::min(64, std::min(limit - lut, 96 * 1024) / (2 * c.nb * 512));
+  c.chunk_blocks = std::max(kStages, blocks / kStages * kStages);
+  c.smem = lut + 2 * c.nb * c.chunk_blocks * 512;
+  TORCH_CHECK(c.smem <= limit, "qtip_gemm: needs ", c.smem,
+              " bytes of shared memory per block, this GPU allows ", limit);
+  return c;
+}
+
+// Splits of the k dimension: enough units to fill the SMs, weighed against
+// the partial sums each split adds (written and re-read once). A cost model
+// in SM clocks: decode ~32 weights/clk/SM or the tensor cores' ~1024 FMA/clk
+// (mma.sync), whichever bounds, and ~20 bytes/clk/SM of L2 traffic.
+MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
+                 int64_t nbt, int warps, int sms) {
+  MmaPlan p{};
+  p.shards = shards.count;
+  int64_t groups = 0;
+  for (int s = 0; s < shards.count; ++s) {
+    p.rt0[s] = shards.rb0[s];
+    p.row_tiles[s] = shards.rb0[s + 1] - shards.rb0[s];
+    p.groups[s] = (p.row_tiles[s] + warps - 1) / warps;
+    groups += p.groups[s];
+  }
+  const int64_t m = (int64_t)shards.rb0[shards.count] * 32;
+  const double rate = std::min(32.0, 1024.0 / (double)(nbt * 8));
+  const double unit_weights = (double)warps * 32 * nblk * 32;
+  const int64_t max_splits = std::max<int64_t>(1, nblk / kStages);
+  double best = 0;
+  int best_splits = 1;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t units = groups * s;
+    const int64_t waves = (units + sms - 1) / sms;
+    const double t = (double)waves * unit_weights / (double)s / rate +
+                     (double)s * rows * m * 8.0 / ((double)sms * 20.0);
+    if (s == 1 || t < best) {
+      best = t;
+      best_splits = (int)s;
+    }
+  }
+  p.splits = best_splits;
+  p.units = (int)(groups * best_splits);
+  int u = 0;
+  for (int s = 0; s < shards.count; ++s) {
+    p.unit0[s] = u;
+    u += p.groups[s] * best_splits;
+  }
+  p.unit0[shards.count] = u;
+  return p;
+}
+
+template <int K, int NB, int kWarps, int kCopies>
+void launch_mma(const uint8_t* trellis, const __half* tlut, const uint4* xf,
+                float* part, int m, int nblk, int rows, int nbt,
+                const MmaConfig& c, const MmaPlan& plan, int grid,
+                cudaStream_t stream) {
+  auto kernel = qtip_mma_kernel<K, NB, kWarps, kCopies>;
+  static DeviceFlags smem_set;
+  ensure_max_dynamic_smem(kernel, smem_set);
+  kernel<<<grid, kWarps * 32, c.smem, stream>>>(trellis, tlut, xf, part, m,
+                                               nblk, rows, nbt, c.chunk_blocks,
+                                               plan);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int K, int kCopies>
+void dispatch_nb(const uint8_t* trellis, const __half* tlut, const uint4* xf,
+                 float* part, int m, int nblk, int rows, int nbt,
+                 const MmaConfig& c, const MmaPlan& plan, int grid,
+                 cudaStream_t stream) {
+  switch (c.nb) {
+    case 1:
+      return launch_mma<K, 1, 16, kCopies>(trellis, tlut, xf, part, m, nblk,
+                                           rows, nbt, c, plan, grid, stream);
+    case 2:
+      return launch_mma<K, 2, 16, kCopies>(trellis, tlut, xf, part, m, nblk,
+                                           rows, nbt, c, plan, grid, stream);
+    case 4:
+      return launch_mma<K, 4, 8, kCopies>(trellis, tlut, xf, part, m, nblk,
+                                          rows, nbt, c, plan, grid, stream);
+    default:
+      return launch_mma<K, 8, 8, kCopies>(trellis, tlut, xf, part, m, nblk,
+                                          rows, nbt, c, plan, grid, stream);
+  }
+}
+
+template <int K>
+void launch_decode(const uint8_t* trellis, const __half* tlut, __half* w,
+                   const TrellisShape& s, const ShardRows& shards, int grid,
+                   int smem, cudaStream_t stream) {
+  static DeviceFlags smem_set;
+  ensure_max_dynamic_smem(qtip_decode_kernel<K>, smem_set);
+  dim3 blocks((unsigned)grid, (unsigned)shards.count);
+  qtip_decode_kernel<K><<<blocks, kDecodeThreads, smem, stream>>>(
+      trellis, tlut, w, (int)s.n, shards);
+}
+
 }  // namespace
 
 void check_device_capability(const torch::Tensor& t, const char* op) {
@@ -341,65 +455,95 @@ void check_device_capability(const torch::Tensor& t, const char* op) {
               prop->major, ".", prop->minor);
 }
 
-torch::Tensor qtip_gemm(const torch::Tensor& x, const torch::Tensor& trellis,
-                        const torch::Tensor& tlut,
-                        c10::IntArrayRef shard_rows) {
+torch::Tensor qtip_fragment_layout(const torch::Tensor& x) {
+  // (copies, rows, n) -> (copies, nbt * 8, n) with each n8 tile x 32-column
+  // block stored as 32 lanes x 8 halves: lane g*4+q holds row g, columns
+  // kc*16 + h*8 + 2q + e at half kc*4 + h*2 + e.
+  const int64_t copies = x.size(0), rows = x.size(1), n = x.size(2);
+  const int64_t nbt = (rows + 7) / 8;
+  auto padded = at::constant_pad_nd(x, {0, 0, 0, nbt * 8 - rows}).contiguous();
+  return padded.view({copies, nbt, 8, n / 32, 2, 2, 4, 2})
+      .permute({0, 1, 3, 2, 6, 4, 5, 7})
+      .contiguous()
+      .view({copies, nbt * 8, n});
+}
+
+torch::Tensor qtip_mma(const torch::Tensor& xf, int64_t rows,
+                       const torch::Tensor& trellis, const torch::Tensor& tlut,
+                       c10::IntArrayRef shard_rows) {
   const TrellisShape s = check_trellis(trellis, "qtip_gemm");
   const ShardRows shards = make_shard_rows(shard_rows, s.m, "qtip_gemm");
   check_tlut(tlut, trellis, shards.count, "qtip_gemm");
+  const int64_t nbt = (rows + 7) / 8;
+  TORCH_CHECK(xf.is_cuda() && xf.device() == trellis.device() &&
+                  xf.scalar_type() == at::kHalf && xf.is_contiguous() &&
+                  xf.dim() == 3 && xf.size(0) == shards.count &&
+                  xf.size(1) == nbt * 8 && xf.size(2) == s.n,
+              "qtip_gemm: fragment-ordered x~ must be contiguous float16 (",
+              shards.count, ", ", nbt * 8, ", ", s.n, ") on ",
+              trellis.device(), ", got ", xf.scalar_type(), " ", xf.sizes());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(xf.data_ptr()) % 16 == 0,
+              "qtip_gemm: x~ data must be 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(trellis.device());
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const MmaConfig c = mma_config(*prop, nbt);
+  const int sms = prop->multiProcessorCount;
+  const MmaPlan plan = mma_plan(shards, s.n / 32, rows, nbt, c.warps, sms);
+  auto part = torch::empty({plan.splits, rows, s.m},
+                           trellis.options().dtype(at::kFloat));
+  if (rows == 0) return part;
+  const int grid = std::min(sms, plan.units);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto* tr = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
+  const auto* tl = reinterpret_cast<const __half*>(tlut.data_ptr());
+  const auto* xv = reinterpret_cast<const uint4*>(xf.data_ptr());
+  float* pp = part.data_ptr<float>();
+  const int m = (int)s.m, nblk = (int)(s.n / 32);
+  auto run = [&](auto k_tag) {
+    constexpr int K = decltype(k_tag)::value;
+    if (c.copies == 32)
+      dispatch_nb<K, 32>(tr, tl, xv, pp, m, nblk, (int)rows, (int)nbt, c, plan,
+                         grid, stream);
+    else
+      dispatch_nb<K, 16>(tr, tl, xv, pp, m, nblk, (int)rows, (int)nbt, c, plan,
+                         grid, stream);
+  };
+  switch (s.K) {
+    case 2:
+      run(std::integral_constant<int, 2>{});
+      break;
+    case 3:
+      run(std::integral_constant<int, 3>{});
+      break;
+    default:
+      run(std::integral_constant<int, 4>{});
+  }
+  return part;
+}
+
+torch::Tensor qtip_gemm(const torch::Tensor& x, const torch::Tensor& trellis,
+                        const torch::Tensor& tlut,
+                        c10::IntArrayRef shard_rows) {
   TORCH_CHECK(x.is_cuda() && x.device() == trellis.device(),
               "qtip_gemm: x must be on the trellis device ", trellis.device());
   TORCH_CHECK(x.scalar_type() == at::kHalf,
               "qtip_gemm: x must be float16 (the Hadamard-domain "
               "activations), got ",
               x.scalar_type());
-  const bool per_shard = x.dim() == 3;
-  TORCH_CHECK(((x.dim() == 2 && shards.count == 1) ||
-               (per_shard && x.size(0) == shards.count)) &&
-                  x.size(-1) == s.n,
-              "qtip_gemm: x must have shape (", shards.count,
+  const int64_t shards = (int64_t)shard_rows.size();
+  TORCH_CHECK(trellis.dim() == 3, "qtip_gemm: trellis must be 3-D (m/32, "
+              "n/32, 64*K), got shape ", trellis.sizes());
+  const int64_t n = trellis.size(1) * 32;
+  TORCH_CHECK(((x.dim() == 2 && shards == 1) ||
+               (x.dim() == 3 && x.size(0) == shards)) &&
+                  x.size(-1) == n,
+              "qtip_gemm: x must have shape (", shards,
               ", B, n) (or (B, n) for one shard) with n = 32 * "
               "trellis.size(1) = ",
-              s.n, ", got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "qtip_gemm: x must be contiguous");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0,
-              "qtip_gemm: x data must be 4-byte aligned");
-  const c10::cuda::CUDAGuard guard(x.device());
+              n, ", got ", x.sizes());
   const int64_t rows = x.size(-2);
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int nb_first = rows <= 8 ? 1 : rows <= 16 ? 2 : 4;
-  const int splits = gemm_splits(*prop, s, nb_first);
-  // Chunks of 32 rows write disjoint rows of y; splits add into them.
-  const bool accumulate = splits > 1;
-  auto y = accumulate
-               ? torch::zeros({rows, s.m}, x.options().dtype(at::kFloat))
-               : torch::empty({rows, s.m}, x.options().dtype(at::kFloat));
-  if (rows == 0) return y;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  GemmArgs a{};
-  a.x_shard_stride = rows * s.n;
-  a.shards = shards;
-  a.trellis = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
-  a.tlut = reinterpret_cast<const __half*>(tlut.data_ptr());
-  a.splits = splits;
-  a.accumulate = accumulate;
-  // Batches above 32 rows run in chunks of 32 (each re-decodes W_hat).
-  for (int64_t r0 = 0; r0 < rows; r0 += 32) {
-    a.rows = (int)std::min<int64_t>(32, rows - r0);
-    a.x = reinterpret_cast<const __half*>(x.data_ptr()) + r0 * s.n;
-    a.y = y.data_ptr<float>() + r0 * s.m;
-    switch (s.K) {
-      case 2:
-        gemm_dispatch_nb<2>(a, s, stream);
-        break;
-      case 3:
-        gemm_dispatch_nb<3>(a, s, stream);
-        break;
-      default:
-        gemm_dispatch_nb<4>(a, s, stream);
-    }
-  }
-  return y;
+  const torch::Tensor xf = qtip_fragment_layout(x.reshape({shards, rows, n}));
+  return qtip_mma(xf, rows, trellis, tlut, shard_rows).sum(0);
 }
 
 torch::Tensor qtip_decode(const torch::Tensor& trellis,
@@ -411,7 +555,7 @@ torch::Tensor qtip_decode(const torch::Tensor& trellis,
   const c10::cuda::CUDAGuard guard(trellis.device());
   auto w = torch::empty({s.m, s.n}, trellis.options().dtype(at::kHalf));
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int smem = SignedLut<kCopies>::kBytes;
+  const int smem = SignedLut<16>::kBytes;
   const int per_sm = std::max<int>(
       1, std::min<int>(prop->maxThreadsPerMultiProcessor / kDecodeThreads,
                        (int)(prop->sharedMemPerMultiprocessor / (smem + 1024))));

@@ -16,6 +16,11 @@
 // one row per shard (SU_s), giving one transformed copy of x per shard; all
 // in one launch.
 //
+// The GEMM's two ends: x may be (splits, rows, n) fp32 split-K partial sums,
+// added in split order as they are loaded (deterministic); and the input
+// transform may write x~ straight in the GEMM's B-fragment order (rows
+// padded to whole n8 tiles; see qtip_fragment_layout in qtip_gemm.cu).
+//
 // One thread block per (copy, row, Hadamard block), the block's b values in
 // fp32 shared memory (so b <= ~57k on Hopper):
 //  1. load 8 consecutive values per thread (16/32-byte loads), scale them and
@@ -85,6 +90,18 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
   }
 }
 
+// Output element (row, col) of a copy: row-major, or the GEMM's B-fragment
+// order (n8 tile, 32-column block, lane g*4+q, half kc*4+h*2+e).
+__device__ __forceinline__ int64_t out_index(int64_t copy_base, int row,
+                                             int col, int n, bool frag) {
+  if (!frag) return copy_base + (int64_t)row * n + col;
+  const int c = col & 31;
+  const int lane = (row & 7) * 4 + ((c & 7) >> 1);
+  const int half = (c >> 4) * 4 + ((c >> 3) & 1) * 2 + (c & 1);
+  return copy_base + (((int64_t)(row >> 3) * (n >> 5) + (col >> 5)) * 32 + lane) * 8 +
+         half;
+}
+
 template <typename T>
 __device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
   if constexpr (sizeof(T) == 4) {
@@ -144,7 +161,8 @@ __global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
     const InT* __restrict__ x, const float* __restrict__ in_scale,
     const float* __restrict__ out_scale, const float* __restrict__ had,
     OutT* __restrict__ y, int rows, int n, HadSegments segs, int K,
-    bool transpose, int rchunk, int p_splits) {
+    bool transpose, int rchunk, int p_splits, int in_splits,
+    int64_t copy_stride, bool frag) {
   extern __shared__ __align__(16) float X[];
   const int per_row = segs.blk0[segs.count];
   const int copy_row = blockIdx.x / per_row, j = blockIdx.x % per_row;
@@ -156,12 +174,19 @@ __global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
   // x is shared by the copies; copy c is scaled by in_scale row c.
   x += (int64_t)row * n + col0;
   if (in_scale != nullptr) in_scale += (int64_t)copy * n;
-  const int64_t off0 = (int64_t)copy_row * n + col0;
+  const int64_t copy_base = (int64_t)copy * copy_stride;
   const float mult = segs.mult[seg];
+  const int64_t split_stride = (int64_t)rows * n;
 
   for (int g = threadIdx.x; g < b / 8; g += blockDim.x) {
     float v[8];
     load8(x + g * 8, v);
+    for (int sp = 1; sp < in_splits; ++sp) {
+      float p[8];
+      load8(x + sp * split_stride + g * 8, p);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] += p[i];
+    }
     if (in_scale != nullptr) {
       float s[8];
       load8(in_scale + col0 + g * 8, s);
@@ -195,7 +220,18 @@ __global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] *= s[i];
       }
-      store8(y + off0 + g * 8, v);
+      const int col = col0 + g * 8;
+      if (!frag) {
+        store8(y + out_index(copy_base, row, col, n, false), v);
+      } else {
+        // Columns col..col+7 are lanes q = 0..3 of one fragment half.
+        OutT* p = y + out_index(copy_base, row, col, n, true);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          p[i * 8] = from_float<OutT>(v[2 * i]);
+          p[i * 8 + 1] = from_float<OutT>(v[2 * i + 1]);
+        }
+      }
     }
     return;
   }
@@ -234,7 +270,8 @@ __global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
         const int idx = r * P + p;
         float val = acc[j] * mult;
         if (out_scale != nullptr) val *= out_scale[col0 + idx];
-        y[off0 + idx] = from_float<OutT>(val);
+        y[out_index(copy_base, row, col0 + idx, n, frag)] =
+            from_float<OutT>(val);
       }
     }
   }
@@ -276,6 +313,9 @@ struct HadArgs {
   kernels::HadSegments segs;
   bool transpose;
   int rchunk, p_splits, threads, smem;
+  int in_splits;
+  int64_t copy_stride;
+  bool frag;
 };
 
 template <typename InT, typename OutT>
@@ -289,7 +329,7 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
   kernel<<<grid, a.threads, a.smem, stream>>>(
       reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale, a.had,
       reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.segs, a.K, a.transpose,
-      a.rchunk, a.p_splits);
+      a.rchunk, a.p_splits, a.in_splits, a.copy_stride, a.frag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -315,6 +355,18 @@ torch::Tensor qtip_hadamard(const torch::Tensor& x,
                             bool transpose, c10::IntArrayRef block_sizes,
                             c10::IntArrayRef segment_sizes, double factor,
                             at::ScalarType out_dtype) {
+  return qtip_hadamard_impl(x, in_scale, out_scale, had_k, transpose,
+                            block_sizes, segment_sizes, factor, out_dtype,
+                            /*fragment_out=*/false);
+}
+
+torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
+                                 const std::optional<torch::Tensor>& in_scale,
+                                 const std::optional<torch::Tensor>& out_scale,
+                                 const std::optional<torch::Tensor>& had_k,
+                                 bool transpose, c10::IntArrayRef block_sizes,
+                                 c10::IntArrayRef segment_sizes, double factor,
+                                 at::ScalarType out_dtype, bool fragment_out) {
   TORCH_CHECK(x.is_cuda(), "qtip_hadamard: x must be a CUDA tensor");
   const auto in_dtype = x.scalar_type();
   TORCH_CHECK(in_dtype == at::kHalf || in_dtype == at::kBFloat16 ||
@@ -326,13 +378,20 @@ torch::Tensor qtip_hadamard(const torch::Tensor& x,
               "qtip_hadamard: out_dtype must be float16, bfloat16 or "
               "float32, got ",
               out_dtype);
-  TORCH_CHECK(x.dim() == 2, "qtip_hadamard: x must be 2-D (rows, n), got ",
-              x.sizes());
+  TORCH_CHECK(x.dim() == 2 || (x.dim() == 3 && in_dtype == at::kFloat),
+              "qtip_hadamard: x must be 2-D (rows, n), or float32 split-K "
+              "partial sums (splits, rows, n), got ",
+              in_dtype, " ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), "qtip_hadamard: x must be contiguous");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "qtip_hadamard: x data must be 16-byte aligned");
   check_device_capability(x, "qtip_hadamard");
-  const int64_t n = x.size(1);
+  const int64_t n = x.size(-1);
+  const int64_t in_splits = x.dim() == 3 ? x.size(0) : 1;
+  TORCH_CHECK(in_splits >= 1, "qtip_hadamard: x has no splits, shape ",
+              x.sizes());
+  TORCH_CHECK(!fragment_out || n % 32 == 0,
+              "qtip_hadamard: fragment output needs n % 32 == 0, got n = ", n);
   int64_t K = 1;
   const float* had = nullptr;
   if (had_k.has_value()) {
@@ -398,9 +457,13 @@ torch::Tensor qtip_hadamard(const torch::Tensor& x,
               " needs ", smem, " bytes of shared memory, this GPU allows ",
               smem_limit);
 
-  const int64_t rows = x.size(0);
-  auto y = copies_out
-               ? torch::empty({copies, rows, n}, x.options().dtype(out_dtype))
+  const int64_t rows = x.size(-2);
+  // Fragment order pads the rows to whole n8 tiles (padding rows are left
+  // unwritten: they only feed GEMM output columns that are discarded).
+  const int64_t out_rows = fragment_out ? (rows + 7) / 8 * 8 : rows;
+  auto y = copies_out || fragment_out
+               ? torch::empty({copies, out_rows, n},
+                              x.options().dtype(out_dtype))
                : torch::empty({rows, n}, x.options().dtype(out_dtype));
   if (rows == 0) return y;
   const int64_t max_P = max_b / K;
@@ -433,6 +496,9 @@ torch::Tensor qtip_hadamard(const torch::Tensor& x,
   a.threads = (int)std::clamp<int64_t>((work + 31) / 32 * 32, 64,
                                        kernels::kHadMaxThreads);
   a.smem = (int)smem;
+  a.in_splits = (int)in_splits;
+  a.copy_stride = out_rows * n;
+  a.frag = fragment_out;
   auto stream = at::cuda::getCurrentCUDAStream();
   switch (in_dtype) {
     case at::kHalf:

@@ -9,7 +9,9 @@
 //
 // The batch dispatch lives here, inside one opaque op, so torch.compile
 // never guards on the number of rows:
-//  * rows < dense_min_rows: fused trellis-decode GEMM (qtip_gemm);
+//  * rows < dense_min_rows: the input transform writes x~ in the GEMM's
+//    B-fragment order, the fused trellis-decode GEMM (qtip_mma) writes
+//    split-K partial sums, and the output transform adds them in order;
 //  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
 //    fp16 output is the reference's fallback-GEMM numerics.
 
@@ -47,11 +49,13 @@ torch::Tensor qtip_linear(const torch::Tensor& x, const torch::Tensor& trellis,
               " and n = SU.size(1) = ", su.size(1));
   // x * SU_s, Hn^T, / 32, fp16: one copy per shard, (shards, rows, n).
   const int64_t n = su.size(1);
-  torch::Tensor xh = qtip_hadamard(x, su, std::nullopt, had_in, true,
-                                   {in_block}, {n}, 1.0 / 32.0, at::kHalf);
+  const bool fused = x.size(0) < dense_min_rows;
+  torch::Tensor xh =
+      qtip_hadamard_impl(x, su, std::nullopt, had_in, true, {in_block}, {n},
+                         1.0 / 32.0, at::kHalf, /*fragment_out=*/fused);
   torch::Tensor acc;
-  if (x.size(0) < dense_min_rows) {
-    acc = qtip_gemm(xh, trellis, tlut, shard_rows);
+  if (fused) {
+    acc = qtip_mma(xh, x.size(0), trellis, tlut, shard_rows);
   } else {
     const torch::Tensor w = qtip_decode(trellis, tlut, shard_rows);
     std::vector<torch::Tensor> parts;
@@ -63,7 +67,7 @@ torch::Tensor qtip_linear(const torch::Tensor& x, const torch::Tensor& trellis,
     }
     acc = shards == 1 ? parts[0] : at::cat(parts, 1);
   }
-  // Hm per shard, * SV * 32, x's dtype.
+  // (Split sums,) Hm per shard, * SV * 32, x's dtype.
   return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
                        shard_rows, 32.0, x.scalar_type());
 }

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Kernel iteration on a GPU host without vLLM (torch only): build _qtip_C with
+# torch's extension builder, run the vLLM-free kernel tests, the decode-only
+# ceiling (hyb_decode_bench.cu) and the kernel benchmark; logs to $OUT.
+# Needs .gpu/vllm-src/csrc/core/registration.h and .gpu/ref (goldens,
+# hyb_decode_bench.cu): scripts/gpu_prepare.sh --kernels puts them there.
+#   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu]
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/qtip-out}
+QK=/tmp/qtip-kernels
+mkdir -p "$OUT" "$QK/vllm"
+export PYTHONPATH=$QK:$REPO/vllm_overlay PYTHONUNBUFFERED=1
+export QTIP_GOLDEN_DIR=$REPO/.gpu/ref/goldens QTIP_HADAMARD_NPZ=$REPO/.gpu/ref/qtip_hadamard_k.npz
+cd "$REPO"
+
+step_build() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+  local t0=$SECONDS
+  mkdir -p /tmp/qtip-kernels-build
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 - <<'PY' 2>&1 | tail -20
+import glob, shutil, torch.utils.cpp_extension as ce
+srcs = sorted(glob.glob("csrc/quantization/qtip/*.cu") + glob.glob("csrc/quantization/qtip/*.cpp"))
+m = ce.load(name="_qtip_C", sources=srcs, extra_include_paths=[".gpu/vllm-src/csrc"],
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v"],
+            build_directory="/tmp/qtip-kernels-build", verbose=False)
+shutil.copy(m.__file__, "/tmp/qtip-kernels/vllm/_qtip_C.so")
+PY
+  echo "_qtip_C built in $((SECONDS - t0)) s"
+}
+
+step_tests() {
+  timeout 300 python3 -m pytest -p no:cacheprovider -q -rfEs -x \
+    vllm_overlay/tests/kernels/quantization/test_qtip.py -k "not bad_inputs" 2>&1 \
+    | tee "$OUT/tests_kernels.log" | tail -30
+  timeout 60 python3 -m pytest -p no:cacheprovider -q -rfE \
+    vllm_overlay/tests/kernels/quantization/test_qtip.py -k bad_inputs 2>&1 | tail -3
+}
+
+step_ceiling() {
+  nvcc -O3 -arch=sm_90 -o /tmp/hyb_decode_bench .gpu/ref/hyb_decode_bench.cu &&
+    timeout 120 /tmp/hyb_decode_bench | tee "$OUT/decode_ceiling.log" | sort -t';' -k2 | tail -4
+}
+
+step_bench() {
+  timeout "${BENCH_TIMEOUT:-300}" python3 scripts/bench_kernels.py "$OUT/kernels_h200.json" \
+    --ceiling-log "$OUT/decode_ceiling.log" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_kernels.log" | tail -80
+}
+
+step_ncu() {
+  timeout 180 ncu --clock-control none --kernel-name regex:qtip_mma --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --metrics smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__warps_active.avg.pct_of_peak_sustained_active \
+    python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch ${NCU_BATCH:-1} 2>&1 \
+    | tee "$OUT/ncu.log" | grep -v "^==PROF==" | tail -70
+}
+
+for step in "$@"; do
+  echo "=== $step ==="
+  "step_$step" || echo "step $step failed"
+done
