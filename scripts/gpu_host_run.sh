@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Run on the offline H100 test host, from the repository root, after the three
+# Run on an offline GPU test host (here: the H200), from the repository root, after the three
 # parts of the vLLM runtime bundle have been copied to /tmp/parts
 # (scripts/gpu_prepare.sh builds what this needs into .gpu/; see
 # ../shared/gpu/README.md). Steps, each optional, in order:
@@ -8,12 +8,15 @@
 #           series onto it, build _qtip_C for sm_90 into it
 #   tests   the kernel, codec and detection tests
 #   models  the end-to-end model tests (LLM.generate vs the HF reference)
-#   bench   scripts/bench_kernels.py -> $OUT/kernels_h100.json
+#   bench   scripts/bench_kernels.py -> $OUT/kernels_h200.json
 #   profile scripts/profile_decode.py: one decode step of Llama-2-7B, QTIP
 #           2-bit and FP16, batch 1 -> $OUT/profile_*.json
-#   e2e     scripts/bench_e2e.py -> /tmp/e2e_h100.json, copied to $OUT
+#   e2e     scripts/bench_e2e.py -> /tmp/e2e_h200.json, copied to $OUT
 #           (resumes: rerun the step on the same machine to finish the table;
 #           E2E_ARGS narrows it)
+#   serve   scripts/bench_serve.py (vllm serve + vllm bench serve, tokenizer
+#           from .gpu/tokenizer) -> /tmp/serve_h200.json, copied to $OUT
+#           (resumes like e2e; SERVE_ARGS narrows it)
 # Logs go to $OUT (or /tmp/qtip-out).
 #   usage: scripts/gpu_host_run.sh setup tests models bench e2e
 set -uo pipefail
@@ -83,7 +86,7 @@ step_models() {
 }
 
 step_bench() {
-  timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_kernels.py "$OUT/kernels_h100.json" \
+  timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_kernels.py "$OUT/kernels_h200.json" \
     2>&1 | tee "$OUT/bench_kernels.log" | tail -60
 }
 
@@ -96,9 +99,15 @@ step_profile() {
 }
 
 step_e2e() {
-  timeout "${E2E_TIMEOUT:-420}" python3 scripts/bench_e2e.py --out /tmp/e2e_h100.json \
+  timeout "${E2E_TIMEOUT:-420}" python3 scripts/bench_e2e.py --out /tmp/e2e_h200.json \
     --resume ${E2E_ARGS:-} 2>&1 | tee -a "$OUT/bench_e2e.log" | tail -30
-  cp /tmp/e2e_h100.json "$OUT/" 2>/dev/null
+  cp /tmp/e2e_h200.json "$OUT/" 2>/dev/null
+}
+
+step_serve() {
+  timeout "${SERVE_TIMEOUT:-420}" python3 scripts/bench_serve.py --tokenizer .gpu/tokenizer \
+    --out /tmp/serve_h200.json --resume ${SERVE_ARGS:-} 2>&1 | tee -a "$OUT/bench_serve.log" | tail -30
+  cp /tmp/serve_h200.json "$OUT/" 2>/dev/null
 }
 
 for step in "$@"; do

@@ -148,16 +148,22 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
           if (k0 + st < k1)
             load_lane<K>(wptr + (size_t)(k0 + st) * Blk::kBytes, w[st]);
       }
-      stage_chunk(0);
-      cp_async_commit();
       if (s != lut_shard) {
         // Every warp left the previous unit's last chunk barrier, so
         // nobody reads the old table any more; the first chunk barrier
         // below publishes the new one.
         Lut::fill(reinterpret_cast<uint32_t*>(lut), tlut + s * kTlutRows * 2,
                   tid, kThreads);
+        if (lut_shard < 0) {
+          // Table and trellis loads overlapped the input transform; x~ is
+          // its output.
+          allow_dependents();
+          wait_for_producer();
+        }
         lut_shard = s;
       }
+      stage_chunk(0);
+      cp_async_commit();
 
       // Valid batch rows of each n8 tile of the pass (lanes g >= valid
       // skip their B loads: padding rows only feed discarded columns).
@@ -405,10 +411,9 @@ void launch_mma(const uint8_t* trellis, const __half* tlut, const uint4* xf,
   auto kernel = qtip_mma_kernel<K, NB, kWarps, kCopies>;
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(kernel, smem_set);
-  kernel<<<grid, kWarps * 32, c.smem, stream>>>(trellis, tlut, xf, part, m,
-                                               nblk, rows, nbt, c.chunk_blocks,
-                                               plan);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_dependent(kernel, dim3(grid), dim3(kWarps * 32), c.smem, stream,
+                   trellis, tlut, xf, part, m, nblk, rows, nbt, c.chunk_blocks,
+                   plan);
 }
 
 template <int K, int kCopies>

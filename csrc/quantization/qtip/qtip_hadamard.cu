@@ -177,6 +177,8 @@ __global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
   const int64_t copy_base = (int64_t)copy * copy_stride;
   const float mult = segs.mult[seg];
   const int64_t split_stride = (int64_t)rows * n;
+  allow_dependents();
+  wait_for_producer();
 
   for (int g = threadIdx.x; g < b / 8; g += blockDim.x) {
     float v[8];
@@ -326,11 +328,11 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
   const int rchunks = a.K > 1 ? (a.K + a.rchunk - 1) / a.rchunk : 1;
   dim3 grid((unsigned)((int64_t)a.copies * a.rows * a.segs.blk0[a.segs.count]),
             (unsigned)(rchunks * a.p_splits));
-  kernel<<<grid, a.threads, a.smem, stream>>>(
-      reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale, a.had,
-      reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.segs, a.K, a.transpose,
-      a.rchunk, a.p_splits, a.in_splits, a.copy_stride, a.frag);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_dependent(kernel, grid, dim3(a.threads), a.smem, stream,
+                   reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale,
+                   a.had, reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.segs,
+                   a.K, a.transpose, a.rchunk, a.p_splits, a.in_splits,
+                   a.copy_stride, a.frag);
 }
 
 template <typename InT>

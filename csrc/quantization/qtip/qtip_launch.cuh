@@ -73,5 +73,40 @@ void ensure_max_dynamic_smem(Kernel kernel, DeviceFlags& done) {
   if (dev < kMaxDevices) done[dev].store(true, std::memory_order_relaxed);
 }
 
+// Programmatic dependent launch (sm_90+): the three kernels of a QTIP
+// linear (input transform, GEMM, output transform) are launched so that each
+// may start while its predecessor drains; a kernel does the work that does
+// not read its predecessor's output (LUT build, trellis prefetch, index
+// math) and then waits in wait_for_producer(). Also kept in CUDA graphs.
+__device__ __forceinline__ void wait_for_producer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+template <typename... KernelArgs, typename... Args>
+void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                      size_t smem, cudaStream_t stream, Args&&... args) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = prop->major >= 9 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel,
+                                    static_cast<KernelArgs>(args)...));
+}
+
 }  // namespace qtip
 }  // namespace vllm
