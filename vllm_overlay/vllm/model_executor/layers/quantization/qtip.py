@@ -406,8 +406,8 @@ class QTIPConfig(QuantizationConfig):
             return None
         if self.params is None:
             raise ValueError(
-                "QTIP parameters are unknown: the checkpoint has neither a QTIP "
-                "quantization_config nor quip_params"
+                "QTIP parameters are unknown: the checkpoint has no QTIP "
+                "quantization_config, quip_params or quantize_config.json"
             )
         layer_name = prefix.rsplit(".", 1)[-1]
         mapping = {**_DEFAULT_PACKED_MODULES, **self.packed_modules_mapping}
