@@ -392,8 +392,11 @@ def test_missing_table_names_projection_and_file(tmp_path):
         "model.layers.0.self_attn.v_proj.tlut was not found, nor in "
         f"quantlut_path {(path / CONVERTED).resolve()}"
     )
+    default_dtype = torch.get_default_dtype()
     try:
         with pytest.raises(ValueError, match=re.escape(message)):
             load_vllm_llama(path, tmp_path)
     finally:
+        # vLLM's set_default_torch_dtype does not restore it on an error.
+        torch.set_default_dtype(default_dtype)
         cleanup_dist_env_and_memory()
