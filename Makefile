@@ -33,6 +33,7 @@ PYTEST := $(VPY) -m pytest -q -p no:cacheprovider
 # on a CPU machine, to show the series breaks nothing there.
 QTIP_TREE_TESTS := tests/quantization/test_qtip.py \
 	tests/quantization/test_qtip_detection.py \
+	tests/quantization/test_qtip_config.py \
 	tests/quantization/test_qtip_reference.py \
 	tests/kernels/quantization/test_qtip.py \
 	tests/kernels/quantization/test_qtip_fake.py \

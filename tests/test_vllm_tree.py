@@ -159,9 +159,9 @@ def test_regenerate_picks_up_tree_edits(tree, tmp_path, monkeypatch):
     cfg = tree / CONFIG_PY
     cfg.write_text(
         cfg.read_text().replace(
-            "# QTIP checkpoints (e.g.", "# QTIP checkpoints (for example"
+            "# QTIP checkpoints may declare", "# QTIP checkpoints can declare"
         )
     )
     vllm_tree.regenerate(tree, SDIST.parent)
     texts = "".join(p.read_text() for p in patch_dir.glob("*.patch"))
-    assert "+    # QTIP checkpoints (for example" in texts
+    assert "+    # QTIP checkpoints can declare" in texts

@@ -96,7 +96,11 @@ def test_qtip_method_is_registered():
     assert QTIPConfig.get_name() == "qtip"
     assert QTIPConfig.get_min_capability() == 80
     assert QTIPConfig.get_supported_act_dtypes() == [torch.float16, torch.bfloat16]
-    assert QTIPConfig.get_config_filenames() == []
+    # Hand-written configs, by the names GPTQ/AWQ checkpoints use.
+    assert QTIPConfig.get_config_filenames() == [
+        "quantize_config.json",
+        "quant_config.json",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -180,19 +184,6 @@ def test_from_config_missing_key():
     del config["K"]
     with pytest.raises(ValueError, match=r"missing the key\(s\) \['K'\]"):
         QTIPConfig.from_config(config)
-
-
-def test_maybe_update_config_reads_quip_params():
-    # `-q qtip` without a quantization_config builds the config with no args.
-    class HFConfig:
-        quip_params = {**RELAXML_PARAMS, "K": 3, "skip_list": ["1_q"]}
-
-    cfg = QTIPConfig()
-    cfg.maybe_update_config("m", hf_config=HFConfig())
-    assert cfg.params.K == 3 and cfg.skip_list == ["1_q"]
-
-    with pytest.raises(ValueError, match="neither a QTIP quantization_config"):
-        QTIPConfig().maybe_update_config("m", hf_config=object())
 
 
 def test_model_config_detects_relaxml_checkpoint(tmp_path):
@@ -626,8 +617,12 @@ def cpu_attention(monkeypatch):
     selector._cached_get_attn_backend.cache_clear()
 
 
-def load_vllm_llama(path, tmp_path, dtype=torch.float16) -> LlamaForCausalLM:
-    model_config = ModelConfig(str(path), skip_tokenizer_init=True, dtype=dtype)
+def load_vllm_llama(
+    path, tmp_path, dtype=torch.float16, quantization: str | None = None
+) -> LlamaForCausalLM:
+    model_config = ModelConfig(
+        str(path), quantization=quantization, skip_tokenizer_init=True, dtype=dtype
+    )
     assert model_config.quantization == "qtip"
     vllm_config = VllmConfig(
         model_config=model_config,
@@ -677,36 +672,37 @@ def test_llama_checkpoint_loads_through_model_classes(
         1 if max_shard_bytes is None else 3
     )
     model = load_vllm_llama(path, tmp_path)
-    ref = build_reference_model(path, dtype=torch.float16)
     try:
-        assert torch.equal(
-            model.model.embed_tokens.weight, ref.model.embed_tokens.weight
-        )
-        assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
-        assert torch.equal(model.model.norm.weight, ref.model.norm.weight)
-        gen = torch.Generator().manual_seed(0)
-        for layer, (ours, theirs) in enumerate(
-            zip(model.model.layers, ref.model.layers)
-        ):
-            assert torch.equal(
-                ours.input_layernorm.weight, theirs.input_layernorm.weight
-            )
-            x = torch.randn(4, spec.hidden_size, generator=gen).half()
-            attn = theirs.self_attn
-            qkv, _ = ours.self_attn.qkv_proj(x)
-            expected = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
-            torch.testing.assert_close(qkv, expected, rtol=0, atol=0)
-            o, _ = ours.self_attn.o_proj(qkv[:, : spec.hidden_size])
-            torch.testing.assert_close(
-                o, attn.o_proj(qkv[:, : spec.hidden_size]), rtol=0, atol=0
-            )
-            # The whole MLP: fused gate_up, SiluAndMul, down.
-            torch.testing.assert_close(ours.mlp(x), theirs.mlp(x), rtol=2e-3, atol=2e-3)
-            qkv_layer = ours.self_attn.qkv_proj
-            quantized = [p is not None for _, p in qkv_layer.quant_method.shard_specs]
-            assert quantized == [True, True, f"{layer}_v" not in spec.skip_list]
+        assert_matches_reference(model, path, spec)
     finally:
         cleanup_dist_env_and_memory()
+
+
+def assert_matches_reference(
+    model: LlamaForCausalLM, path, spec: TinyLlamaSpec
+) -> None:
+    """vLLM's layers of a loaded checkpoint match the reference model's."""
+    ref = build_reference_model(path, dtype=torch.float16)
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
+    assert torch.equal(model.model.norm.weight, ref.model.norm.weight)
+    gen = torch.Generator().manual_seed(0)
+    for layer, (ours, theirs) in enumerate(zip(model.model.layers, ref.model.layers)):
+        assert torch.equal(ours.input_layernorm.weight, theirs.input_layernorm.weight)
+        x = torch.randn(4, spec.hidden_size, generator=gen).half()
+        attn = theirs.self_attn
+        qkv, _ = ours.self_attn.qkv_proj(x)
+        expected = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        torch.testing.assert_close(qkv, expected, rtol=0, atol=0)
+        o, _ = ours.self_attn.o_proj(qkv[:, : spec.hidden_size])
+        torch.testing.assert_close(
+            o, attn.o_proj(qkv[:, : spec.hidden_size]), rtol=0, atol=0
+        )
+        # The whole MLP: fused gate_up, SiluAndMul, down.
+        torch.testing.assert_close(ours.mlp(x), theirs.mlp(x), rtol=2e-3, atol=2e-3)
+        qkv_layer = ours.self_attn.qkv_proj
+        quantized = [p is not None for _, p in qkv_layer.quant_method.shard_specs]
+        assert quantized == [True, True, f"{layer}_v" not in spec.skip_list]
 
 
 # ---------------------------------------------------------------------------
@@ -714,7 +710,9 @@ def test_llama_checkpoint_loads_through_model_classes(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["relaxml", "quantization_config"])
+@pytest.mark.parametrize(
+    "layout", ["relaxml", "quantization_config", "quantize_config"]
+)
 def test_checkpoint_writer_layout(tmp_path, layout):
     spec = TinyLlamaSpec(
         num_hidden_layers=1,
@@ -724,7 +722,8 @@ def test_checkpoint_writer_layout(tmp_path, layout):
         flat_trellis=["k"],
         layout=layout,
     )
-    config, tensors = read_checkpoint(random_llama_checkpoint(tmp_path / "c", spec))
+    path = random_llama_checkpoint(tmp_path / "c", spec)
+    config, tensors = read_checkpoint(path)
     expected_params = {
         **RELAXML_PARAMS,
         "K": 3,
@@ -734,12 +733,19 @@ def test_checkpoint_writer_layout(tmp_path, layout):
     if layout == "relaxml":
         assert config["quip_params"] == expected_params
         assert "quantization_config" not in config
-    else:
+    elif layout == "quantization_config":
         assert config["quantization_config"] == {
             "quant_method": "qtip",
             **expected_params,
         }
         assert "quip_params" not in config
+    else:
+        assert "quip_params" not in config and "quantization_config" not in config
+        quant_config = json.loads((path / "quantize_config.json").read_text())
+        assert quant_config == {"quant_method": "qtip", **expected_params}
+    # The reference model reads all three the same way.
+    expected_config = {"quant_method": "qtip", **expected_params}
+    assert checkpoint_qtip_params(config, path) == expected_config
     assert config["architectures"] == ["LlamaForCausalLM"]
     base = "model.layers.0.self_attn"
     assert tensors[f"{base}.q_proj.trellis"].shape == (192 * 192 // 256, 48)

@@ -16,14 +16,17 @@ therefore keeps its own tensors and its own input transform.
 import dataclasses
 import re
 import zlib
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch.nn.parameter import Parameter
 from transformers import PretrainedConfig
 
 from vllm import _qtip_ops as qtip_ops
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -49,12 +52,20 @@ from vllm.model_executor.layers.quantization.utils.qtip_utils import (
 )
 from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.transformers_utils.config import QTIP_CONFIG_FILES
+from vllm.transformers_utils.repo_utils import hf_api
 
 if TYPE_CHECKING:
     from vllm.model_executor.models.utils import WeightsMapper
 
+logger = init_logger(__name__)
+
 # Keys of quip_params / quantization_config that define the trellis code.
-_CODE_KEYS = ("L", "K", "V", "tlut_bits", "decode_mode", "td_x", "td_y")
+_CODE_KEYS = ("L", "K", "V", "tlut_bits", "decode_mode")
+# Tile size keys: every checkpoint has 16 x 16 tiles, so a hand-written
+# config may leave them out.
+_TILE_KEYS = ("td_x", "td_y")
+_DEFAULT_TILE = 16
 # Projections named by skip_list entries "{layer}_{projection}".
 _SKIP_ENTRY = re.compile(r"^(\d+)_(q|k|v|o|up|gate|down)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -80,6 +91,15 @@ _RCP_ROW = 1
 _RCP_COL = 2
 # Shards one kernel call takes (kMaxShards in csrc/quantization/qtip).
 _MAX_FUSED_SHARDS = 8
+# quantlut_path files that are pickles: never loaded, since unpickling can run
+# arbitrary code. The converter turns a trusted one into safetensors.
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+_QUANTLUT_CONVERTER = "scripts/convert_quantlut.py"
+# Name of the one table of a quantlut_path file shared by all projections;
+# per-projection tables are named like the checkpoint's "<projection>.tlut".
+_SHARED_TLUT = "tlut"
+# safetensors dtypes a table may have (it is cast to fp16).
+_TABLE_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def _validate_code_params(params: QTIPCodeParams, k_key: str = "K") -> None:
@@ -116,9 +136,17 @@ def _validate_code_params(params: QTIPCodeParams, k_key: str = "K") -> None:
 class QTIPConfig(QuantizationConfig):
     """Config of a QTIP checkpoint.
 
-    Accepts the reference checkpoints' ``quip_params`` keys (turned into a
-    ``quantization_config`` with ``quant_method="qtip"`` at config load) and
-    the same keys written as our own ``quantization_config``.
+    Accepts the reference checkpoints' ``quip_params`` keys, the same keys
+    written as a ``quantization_config`` or in a hand-written
+    ``quantize_config.json`` (merged into one ``quantization_config`` with
+    ``quant_method="qtip"`` at config load, see
+    ``vllm.transformers_utils.config._get_qtip_quantization_config``).
+
+    ``quantlut_path`` optionally names a safetensors file in the model folder
+    holding lookup tables for the table codes: either one tensor ``tlut`` of
+    shape (2**tlut_bits, V) used by every projection, or tensors named like
+    the checkpoint's ``<projection>.tlut``. A projection's own ``tlut`` in
+    the checkpoint wins; the file only fills in missing ones.
     """
 
     # Per-projection scalars that a checkpoint may hold for layers vLLM
@@ -135,8 +163,15 @@ class QTIPConfig(QuantizationConfig):
         split_for_tp: bool = False,
         skip_list: list[str] | None = None,
         K_v_proj: int | None = None,
+        quantlut_path: str | None = None,
     ) -> None:
         super().__init__()
+        if quantlut_path is not None and (
+            not isinstance(quantlut_path, str) or not quantlut_path
+        ):
+            raise ValueError(
+                f"QTIP quantlut_path={quantlut_path!r} must be a file name"
+            )
         if not isinstance(split_for_tp, bool):
             raise ValueError(
                 f"QTIP split_for_tp={split_for_tp!r} must be true or false"
@@ -157,6 +192,11 @@ class QTIPConfig(QuantizationConfig):
         self.split_for_tp = split_for_tp
         self.skip_list = list(skip_list)
         self.K_v_proj = K_v_proj
+        self.quantlut_path = quantlut_path
+        # The resolved quantlut_path file (set by maybe_update_config when the
+        # code uses a table) and its tables, read on first use.
+        self.quantlut_file: Path | None = None
+        self._quantlut_tables: dict[str, torch.Tensor] | None = None
         self.v_params: QTIPCodeParams | None = None
         if params is not None:
             self._set_params(params)
@@ -177,7 +217,8 @@ class QTIPConfig(QuantizationConfig):
     def __repr__(self) -> str:
         return (
             f"QTIPConfig(params={self.params}, split_for_tp={self.split_for_tp}, "
-            f"skip_list={self.skip_list}, K_v_proj={self.K_v_proj})"
+            f"skip_list={self.skip_list}, K_v_proj={self.K_v_proj}, "
+            f"quantlut_path={self.quantlut_path!r})"
         )
 
     @classmethod
@@ -195,9 +236,10 @@ class QTIPConfig(QuantizationConfig):
 
     @staticmethod
     def get_config_filenames() -> list[str]:
-        # The parameters live in config.json itself (quip_params or
-        # quantization_config); see maybe_update_config for `-q qtip`.
-        return []
+        # A hand-written config beside config.json, as for GPTQ/AWQ. It is
+        # read here (with `-q qtip`) when it does not say quant_method "qtip";
+        # otherwise get_config has already merged it into quantization_config.
+        return list(QTIP_CONFIG_FILES)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "QTIPConfig":
@@ -216,12 +258,15 @@ class QTIPConfig(QuantizationConfig):
         missing = [key for key in _CODE_KEYS if key not in config]
         if missing:
             raise ValueError(f"QTIP config is missing the key(s) {missing}")
+        code = {key: config[key] for key in _CODE_KEYS}
+        code.update({key: config.get(key, _DEFAULT_TILE) for key in _TILE_KEYS})
         split_for_tp = config.get("split_for_tp")
         return cls(
-            params=QTIPCodeParams(**{key: config[key] for key in _CODE_KEYS}),
+            params=QTIPCodeParams(**code),
             split_for_tp=False if split_for_tp is None else split_for_tp,
             skip_list=config.get("skip_list"),
             K_v_proj=config.get("K_v_proj"),
+            quantlut_path=config.get("quantlut_path"),
         )
 
     def maybe_update_config(
@@ -230,23 +275,118 @@ class QTIPConfig(QuantizationConfig):
         hf_config: PretrainedConfig | None = None,
         revision: str | None = None,
     ) -> None:
-        # `-q qtip` on a config.json without quantization_config builds the
-        # config with no arguments; take the reference quip_params then.
-        if self.params is not None:
+        # Check quantlut_path while the config is built, so that a bad path
+        # fails before the model is; the tables are read at weight loading.
+        if self.quantlut_path is None or self.params is None:
             return
-        quip_params = getattr(hf_config, "quip_params", None)
-        if not isinstance(quip_params, dict):
-            raise ValueError(
-                f"Model {model_name} was loaded with quantization 'qtip' but its "
-                "config.json has neither a QTIP quantization_config nor "
-                "quip_params"
+        if not self.params.uses_tlut:
+            logger.info_once(
+                "QTIP decode_mode=%r uses no lookup table: quantlut_path %r "
+                "is not used",
+                self.params.decode_mode,
+                self.quantlut_path,
             )
-        other = self.from_config(quip_params)
-        self.split_for_tp = other.split_for_tp
-        self.skip_list = other.skip_list
-        self.K_v_proj = other.K_v_proj
-        assert other.params is not None
-        self._set_params(other.params)
+            return
+        file = self._resolve_quantlut_path(model_name, revision)
+        expected = (1 << self.params.tlut_bits, self.params.V)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
+                tables = {
+                    name: (tuple(s.get_shape()), s.get_dtype())
+                    for name, s in slices.items()
+                }
+        except (SafetensorError, OSError) as e:
+            raise ValueError(
+                f"QTIP quantlut_path {file} is not a readable safetensors file: {e}"
+            ) from e
+        if not tables:
+            raise ValueError(f"QTIP quantlut_path {file} holds no tensor")
+        for name, (shape, dtype) in tables.items():
+            if name != _SHARED_TLUT and not name.endswith(f".{_SHARED_TLUT}"):
+                raise ValueError(
+                    f"QTIP quantlut_path {file} holds a tensor named {name!r}; "
+                    f"expected one tensor {_SHARED_TLUT!r} or tensors named "
+                    f"'<projection>.{_SHARED_TLUT}'"
+                )
+            if shape != expected or dtype not in _TABLE_DTYPES:
+                raise ValueError(
+                    f"QTIP quantlut_path {file}: tensor {name} is {dtype} of "
+                    f"shape {shape}, expected a float tensor of shape {expected} "
+                    "(2**tlut_bits, V)"
+                )
+        if _SHARED_TLUT in tables and len(tables) > 1:
+            raise ValueError(
+                f"QTIP quantlut_path {file} holds both a shared {_SHARED_TLUT!r} "
+                "table and per-projection tables"
+            )
+        self.quantlut_file = file
+
+    def _resolve_quantlut_path(self, model_name: str, revision: str | None) -> Path:
+        """quantlut_path as a safetensors file inside the model, or raise."""
+        assert self.quantlut_path is not None
+        name = self.quantlut_path
+        path = PurePath(name)
+        if path.is_absolute() or ".." in path.parts:
+            raise ValueError(
+                f"QTIP quantlut_path={name!r} must be a relative path inside "
+                f"the model folder {model_name}"
+            )
+        suffix = path.suffix.lower()
+        if suffix in _PICKLE_SUFFIXES:
+            converted = path.with_suffix(".safetensors").as_posix()
+            raise ValueError(
+                f"QTIP quantlut_path={name!r} is a pickle file, which vLLM does "
+                "not load (unpickling can run arbitrary code). Convert it once, "
+                "from a file you trust, in the model folder: "
+                f"`python {_QUANTLUT_CONVERTER} {path.as_posix()} {converted}`, "
+                f'then set "quantlut_path": "{converted}"'
+            )
+        if suffix != ".safetensors":
+            raise ValueError(f"QTIP quantlut_path={name!r} must be a .safetensors file")
+        model_dir = Path(model_name)
+        if not model_dir.is_dir():
+            # A Hub repository: the download stays inside it.
+            return Path(
+                hf_api().hf_hub_download(model_name, path.as_posix(), revision=revision)
+            )
+        root = model_dir.resolve()
+        file = (model_dir / path).resolve()
+        allowed = [root]
+        if root.parent.name == "snapshots":
+            # A Hub cache snapshot: its files link to the repository's blobs.
+            allowed.append(root.parent.parent / "blobs")
+        if not any(file.is_relative_to(folder) for folder in allowed):
+            raise ValueError(
+                f"QTIP quantlut_path={name!r} resolves to {file}, outside the "
+                f"model folder {root}"
+            )
+        if not file.is_file():
+            raise ValueError(f"QTIP quantlut_path={name!r}: {file} does not exist")
+        return file
+
+    def fill_missing_tlut(self, layer: torch.nn.Module, prefix: str) -> None:
+        """Give quantized projections without a checkpoint tlut the file's."""
+        if self.quantlut_file is None or not hasattr(layer, "tlut"):
+            return
+        if self._quantlut_tables is None:
+            with safe_open(str(self.quantlut_file), framework="pt") as f:
+                tables = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            self._quantlut_tables = tables
+        for shard in layer.qtip_shards:
+            if shard.params is None or ("tlut", shard.name) in layer.qtip_loaded:
+                continue
+            name = f"{_checkpoint_name(prefix, shard.name)}.{_SHARED_TLUT}"
+            table = self._quantlut_tables.get(
+                _SHARED_TLUT, self._quantlut_tables.get(name)
+            )
+            if table is None:
+                raise ValueError(
+                    f"QTIP layer {prefix}: checkpoint tensor {name} was not found, "
+                    f"nor in quantlut_path {self.quantlut_file}"
+                )
+            layer.tlut.data[shard.index].copy_(table)
+            layer.qtip_loaded.add(("tlut", shard.name))
 
     @staticmethod
     def get_cache_scale_mapper() -> "WeightsMapper":
@@ -266,8 +406,8 @@ class QTIPConfig(QuantizationConfig):
             return None
         if self.params is None:
             raise ValueError(
-                "QTIP parameters are unknown: the checkpoint has neither a QTIP "
-                "quantization_config nor quip_params"
+                "QTIP parameters are unknown: the checkpoint has no QTIP "
+                "quantization_config, quip_params or quantize_config.json"
             )
         layer_name = prefix.rsplit(".", 1)[-1]
         mapping = {**_DEFAULT_PACKED_MODULES, **self.packed_modules_mapping}
@@ -496,6 +636,7 @@ class QTIPLinearMethod(LinearMethodBase):
             # load_format="dummy": no tensor arrived.
             _init_dummy_weights(layer, prefix)
         else:
+            self.quant_config.fill_missing_tlut(layer, prefix)
             _check_loaded(layer, prefix)
         rcps = layer.rcp.tolist()
         tp_ranks = layer.qtip_tp_rank.tolist()

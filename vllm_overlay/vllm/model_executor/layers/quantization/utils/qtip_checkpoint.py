@@ -2,10 +2,12 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """Write and read QTIP checkpoints; random tiny models and a reference model.
 
-* :func:`write_checkpoint` writes a model directory either in the layout of
-  the published relaxml checkpoints (``config.json`` with a top-level
-  ``quip_params`` dict) or with ``quantization_config: {"quant_method":
-  "qtip", ...}``. Each quantized projection ``<prefix>`` is stored as
+* :func:`write_checkpoint` writes a model directory in one of the three
+  ways QTIP is declared: the layout of the published relaxml checkpoints
+  (``config.json`` with a top-level ``quip_params`` dict), with
+  ``quantization_config: {"quant_method": "qtip", ...}``, or with a
+  hand-written ``quantize_config.json`` beside a plain ``config.json``.
+  Each quantized projection ``<prefix>`` is stored as
   ``<prefix>.trellis`` (2-D ``(m*n/256, 16K)`` or flat int16), ``<prefix>.SU``,
   ``<prefix>.SV``, ``<prefix>.tlut`` and optionally ``<prefix>.rcp`` /
   ``<prefix>.tp_rank``; skip-listed projections as a plain ``<prefix>.weight``.
@@ -33,12 +35,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm.model_executor.layers.quantization.utils.qtip_utils import (
+    TLUT_DECODE_MODES,
     QTIPCodeParams,
     qtip_linear_forward,
     trellis_shape,
 )
 
-CheckpointLayout = Literal["relaxml", "quantization_config"]
+CheckpointLayout = Literal["relaxml", "quantization_config", "quantize_config"]
 
 # Llama projections: checkpoint module, skip_list key, TP split (rcp) used by
 # split_for_tp checkpoints (2: output blocks, 1: input blocks).
@@ -139,7 +142,8 @@ def write_checkpoint(
     """Write config.json and safetensors file(s) of a QTIP model directory.
 
     ``config`` is the HF model config (e.g. a LlamaConfig dict) and
-    ``qtip_params`` the quip_params dict (see :func:`quip_params`). With
+    ``qtip_params`` the quip_params dict (see :func:`quip_params`; any other
+    key, such as ``quantlut_path``, is written along). With
     ``max_shard_bytes`` the tensors are split over several files with a
     ``model.safetensors.index.json``, as ``save_pretrained`` does.
     """
@@ -151,6 +155,9 @@ def write_checkpoint(
         config["quip_params"] = dict(qtip_params)
     elif layout == "quantization_config":
         config["quantization_config"] = {"quant_method": "qtip", **qtip_params}
+    elif layout == "quantize_config":
+        quant_config = {"quant_method": "qtip", **qtip_params}
+        (path / "quantize_config.json").write_text(json.dumps(quant_config, indent=2))
     else:
         raise ValueError(f"unknown QTIP checkpoint layout {layout!r}")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -198,13 +205,41 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     return config, dict(iterate_checkpoint(path))
 
 
-def checkpoint_qtip_params(config: dict[str, Any]) -> dict[str, Any]:
-    """The QTIP parameters of a config.json, in either layout."""
+def checkpoint_qtip_params(
+    config: dict[str, Any], path: str | Path | None = None
+) -> dict[str, Any]:
+    """The QTIP parameters of a config.json, or of model directory ``path``.
+
+    Takes config.json's quantization_config, else its quip_params, else (with
+    ``path``) the quantize_config.json or quant_config.json there.
+    """
+    from vllm.transformers_utils.config import QTIP_CONFIG_FILES
+
     if isinstance(config.get("quantization_config"), dict):
         return config["quantization_config"]
     if isinstance(config.get("quip_params"), dict):
         return {"quant_method": "qtip", **config["quip_params"]}
-    raise ValueError("config.json has neither quantization_config nor quip_params")
+    for name in QTIP_CONFIG_FILES if path is not None else ():
+        file = Path(path) / name
+        if file.is_file():
+            return json.loads(file.read_text())
+    raise ValueError(
+        "config.json has neither quantization_config nor quip_params, and no "
+        f"{' or '.join(QTIP_CONFIG_FILES)} is beside it"
+    )
+
+
+def read_quantlut(path: str | Path, params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tables of a model directory's ``quantlut_path`` file (or none).
+
+    A file of one tensor ``tlut`` is the table of every projection; others
+    hold ``<projection>.tlut`` tensors. Codes without a table read nothing.
+    """
+    name = params.get("quantlut_path")
+    if name is None or params["decode_mode"] not in TLUT_DECODE_MODES:
+        return {}
+    with safe_open(str(Path(path) / name), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
 
 
 # ---------------------------------------------------------------------------
@@ -271,6 +306,9 @@ class TinyLlamaSpec:
     # make peaked next-token distributions, with fewer near-ties.
     logit_scale: float = 2.0
     K: int = 2
+    V: int = 2
+    tlut_bits: int = 9
+    decode_mode: str = "quantlut_sym"
     K_v_proj: int | None = None
     skip_list: Sequence[str] = ()
     split_for_tp: bool = False
@@ -279,13 +317,20 @@ class TinyLlamaSpec:
     flat_trellis: Sequence[str] | str = ()
     # Write rcp/tp_rank (checkpoints made after the TP split existed).
     with_rcp: bool = True
+    # Write each projection's tlut (table codes); without them the tables
+    # must come from a quantlut_path file.
+    with_tlut: bool = True
+    # Written into the QTIP parameters as is (the file is not written).
+    quantlut_path: str | None = None
     dtype: torch.dtype = torch.float16
     layout: CheckpointLayout = "relaxml"
     seed: int = 0
 
     @property
     def code_params(self) -> QTIPCodeParams:
-        return QTIPCodeParams(K=self.K)
+        return QTIPCodeParams(
+            K=self.K, V=self.V, tlut_bits=self.tlut_bits, decode_mode=self.decode_mode
+        )
 
     def hf_config(self) -> dict[str, Any]:
         return {
@@ -349,7 +394,7 @@ def random_llama_tensors(spec: TinyLlamaSpec) -> dict[str, torch.Tensor]:
                     t["trellis"],
                     t["SU"],
                     t["SV"],
-                    t.get("tlut"),
+                    t.get("tlut") if spec.with_tlut else None,
                     rcp=rcp,
                     tp_rank=tp_rank,
                     flat_trellis=flat,
@@ -376,6 +421,8 @@ def random_llama_checkpoint(
         skip_list=spec.skip_list,
         K_v_proj=spec.K_v_proj,
     )
+    if spec.quantlut_path is not None:
+        params["quantlut_path"] = spec.quantlut_path
     return write_checkpoint(
         path,
         spec.hf_config(),
@@ -450,8 +497,11 @@ def build_reference_model(
     from vllm.model_executor.layers.quantization.qtip import QTIPConfig
 
     config_dict, tensors = read_checkpoint(path)
-    qtip = QTIPConfig.from_config(checkpoint_qtip_params(config_dict))
+    qtip_params = checkpoint_qtip_params(config_dict, path)
+    qtip = QTIPConfig.from_config(qtip_params)
     assert qtip.params is not None and qtip.v_params is not None
+    # A projection's own tlut wins over the quantlut_path file's tables.
+    tables = read_quantlut(path, qtip_params)
     hf_config = LlamaConfig(
         **{
             k: v
@@ -471,11 +521,10 @@ def build_reference_model(
                 dense[f"{prefix}.weight"] = tensors[f"{prefix}.weight"]
                 continue
             params = qtip.v_params if key == "v" else qtip.params
-            setattr(
-                parent,
-                attr,
-                QTIPReferenceLinear(_projection_tensors(tensors, prefix), params),
-            )
+            own = _projection_tensors(tensors, prefix)
+            if params.uses_tlut and "tlut" not in own:
+                own["tlut"] = tables.get("tlut", tables.get(f"{prefix}.tlut"))
+            setattr(parent, attr, QTIPReferenceLinear(own, params))
     names = [
         "model.embed_tokens.weight",
         "model.norm.weight",
