@@ -535,10 +535,9 @@ torch::Tensor qtip_gemm(const torch::Tensor& x, const torch::Tensor& trellis,
               "qtip_gemm: x must be float16 (the Hadamard-domain "
               "activations), got ",
               x.scalar_type());
-  const int64_t shards = (int64_t)shard_rows.size();
-  TORCH_CHECK(trellis.dim() == 3, "qtip_gemm: trellis must be 3-D (m/32, "
-              "n/32, 64*K), got shape ", trellis.sizes());
-  const int64_t n = trellis.size(1) * 32;
+  const TrellisShape s = check_trellis(trellis, "qtip_gemm");
+  const int64_t shards = make_shard_rows(shard_rows, s.m, "qtip_gemm").count;
+  const int64_t n = s.n;
   TORCH_CHECK(((x.dim() == 2 && shards == 1) ||
                (x.dim() == 3 && x.size(0) == shards)) &&
                   x.size(-1) == n,
