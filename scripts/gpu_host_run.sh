@@ -14,6 +14,11 @@
 #   e2e     scripts/bench_e2e.py -> /tmp/e2e_h100.json, copied to $OUT
 #           (resumes: rerun the step on the same machine to finish the table;
 #           E2E_ARGS narrows it)
+#   parallel  the TP=2 / PP=2 model tests (two GPUs; PARALLEL_ARGS narrows
+#           them, e.g. "-k rcp0")
+#   scale   scripts/bench_scale.py -> /tmp/scale_h200.json, copied to $OUT
+#           (resumes like e2e; SCALE_ARGS narrows it, e.g.
+#           "--configs 405b-qtip2"; two-GPU configurations need two GPUs)
 # Logs go to $OUT (or /tmp/qtip-out).
 #   usage: scripts/gpu_host_run.sh setup tests models bench e2e
 set -uo pipefail
@@ -82,6 +87,14 @@ step_models() {
   cd "$REPO"
 }
 
+step_parallel() {
+  cd "$VTREE"
+  timeout "${PARALLEL_TIMEOUT:-570}" python3 -m pytest -p no:cacheprovider -v -rfEs -s \
+    tests/models/quantization/test_qtip_parallel.py ${PARALLEL_ARGS:-} 2>&1 \
+    | tee -a "$OUT/tests_parallel.log" | grep -E "PASSED|FAILED|SKIPPED|ERROR|max \|logprob|Error|passed|failed" | tail -40
+  cd "$REPO"
+}
+
 step_bench() {
   timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_kernels.py "$OUT/kernels_h100.json" \
     2>&1 | tee "$OUT/bench_kernels.log" | tail -60
@@ -99,6 +112,12 @@ step_e2e() {
   timeout "${E2E_TIMEOUT:-420}" python3 scripts/bench_e2e.py --out /tmp/e2e_h100.json \
     --resume ${E2E_ARGS:-} 2>&1 | tee -a "$OUT/bench_e2e.log" | tail -30
   cp /tmp/e2e_h100.json "$OUT/" 2>/dev/null
+}
+
+step_scale() {
+  timeout "${SCALE_TIMEOUT:-570}" python3 scripts/bench_scale.py --out /tmp/scale_h200.json \
+    --resume ${SCALE_ARGS:-} 2>&1 | tee -a "$OUT/bench_scale.log" | tail -40
+  cp /tmp/scale_h200.json "$OUT/" 2>/dev/null
 }
 
 for step in "$@"; do

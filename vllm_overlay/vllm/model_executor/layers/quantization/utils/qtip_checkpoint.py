@@ -8,7 +8,8 @@
   "qtip", ...}``. Each quantized projection ``<prefix>`` is stored as
   ``<prefix>.trellis`` (2-D ``(m*n/256, 16K)`` or flat int16), ``<prefix>.SU``,
   ``<prefix>.SV``, ``<prefix>.tlut`` and optionally ``<prefix>.rcp`` /
-  ``<prefix>.tp_rank``; skip-listed projections as a plain ``<prefix>.weight``.
+  ``<prefix>.tp_rank`` (a missing rcp is the one ``split_for_tp`` implies);
+  skip-listed projections as a plain ``<prefix>.weight``.
 * :func:`random_llama_checkpoint` makes a random but valid tiny Llama QTIP
   checkpoint (random trellis bits, Gaussian-like lookup table, scales chosen
   so that every linear roughly preserves the RMS of its input).
@@ -277,9 +278,12 @@ class TinyLlamaSpec:
     # Projections whose trellis is written flat (1-D); the others are 2-D.
     # "all" flattens every trellis.
     flat_trellis: Sequence[str] | str = ()
-    # Write rcp/tp_rank (checkpoints made after the TP split existed).
+    # Write rcp/tp_rank (checkpoints made after the TP split existed; the
+    # reference's end-to-end fine-tuning saves without them).
     with_rcp: bool = True
     dtype: torch.dtype = torch.float16
+    # SV in `dtype`, as the end-to-end fine-tuning saves it (fp32 otherwise).
+    sv_in_model_dtype: bool = False
     layout: CheckpointLayout = "relaxml"
     seed: int = 0
 
@@ -338,6 +342,8 @@ def random_llama_tensors(spec: TinyLlamaSpec) -> dict[str, torch.Tensor]:
             k = spec.K_v_proj if key == "v" and spec.K_v_proj else spec.K
             params = dataclasses.replace(spec.code_params, K=k)
             t = random_qtip_linear(m, n, params, generator=gen, dtype=spec.dtype)
+            if spec.sv_in_model_dtype:
+                t["SV"] = t["SV"].to(spec.dtype)
             flat = spec.flat_trellis == "all" or key in spec.flat_trellis
             rcp = tp_rank = None
             if spec.with_rcp:
@@ -397,6 +403,7 @@ class QTIPReferenceLinear(torch.nn.Module):
         self,
         tensors: dict[str, torch.Tensor],
         params: QTIPCodeParams,
+        default_rcp: int = 0,
     ) -> None:
         super().__init__()
         self.params = params
@@ -405,7 +412,7 @@ class QTIPReferenceLinear(torch.nn.Module):
         self.register_buffer("SV", tensors["SV"].float())
         tlut = tensors.get("tlut")
         self.register_buffer("tlut", None if tlut is None else tlut.half())
-        self.rcp = int(tensors["rcp"]) if "rcp" in tensors else 0
+        self.rcp = int(tensors["rcp"]) if "rcp" in tensors else default_rcp
         self.tp_rank = int(tensors["tp_rank"]) if "tp_rank" in tensors else 8
         self.in_features = self.SU.numel()
         self.out_features = self.SV.numel()
@@ -463,7 +470,7 @@ def build_reference_model(
     model = LlamaForCausalLM(hf_config)
     dense = {}
     for layer_index, layer in enumerate(model.model.layers):
-        for module, key, _ in LLAMA_PROJECTIONS:
+        for module, key, split_rcp in LLAMA_PROJECTIONS:
             prefix = f"model.layers.{layer_index}.{module}"
             parent_name, _, attr = module.partition(".")
             parent = getattr(layer, parent_name)
@@ -471,11 +478,12 @@ def build_reference_model(
                 dense[f"{prefix}.weight"] = tensors[f"{prefix}.weight"]
                 continue
             params = qtip.v_params if key == "v" else qtip.params
-            setattr(
-                parent,
-                attr,
-                QTIPReferenceLinear(_projection_tensors(tensors, prefix), params),
+            reference = QTIPReferenceLinear(
+                _projection_tensors(tensors, prefix),
+                params,
+                default_rcp=split_rcp if qtip.split_for_tp else 0,
             )
+            setattr(parent, attr, reference)
     names = [
         "model.embed_tokens.weight",
         "model.norm.weight",
