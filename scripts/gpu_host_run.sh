@@ -17,6 +17,11 @@
 #   serve   scripts/bench_serve.py (vllm serve + vllm bench serve, tokenizer
 #           from .gpu/tokenizer) -> /tmp/serve_h200.json, copied to $OUT
 #           (resumes like e2e; SERVE_ARGS narrows it)
+#   parallel  the TP=2 / PP=2 model tests (two GPUs; PARALLEL_ARGS narrows
+#           them, e.g. "-k rcp0")
+#   scale   scripts/bench_scale.py -> /tmp/scale_h200.json, copied to $OUT
+#           (resumes like e2e; SCALE_ARGS narrows it, e.g.
+#           "--configs 405b-qtip2"; two-GPU configurations need two GPUs)
 # Logs go to $OUT (or /tmp/qtip-out).
 #   usage: scripts/gpu_host_run.sh setup tests models bench e2e
 set -uo pipefail
@@ -85,6 +90,14 @@ step_models() {
   cd "$REPO"
 }
 
+step_parallel() {
+  cd "$VTREE"
+  timeout "${PARALLEL_TIMEOUT:-570}" python3 -m pytest -p no:cacheprovider -v -rfEs -s \
+    tests/models/quantization/test_qtip_parallel.py ${PARALLEL_ARGS:-} 2>&1 \
+    | tee -a "$OUT/tests_parallel.log" | grep -E "PASSED|FAILED|SKIPPED|ERROR|max \|logprob|Error|passed|failed" | tail -40
+  cd "$REPO"
+}
+
 step_bench() {
   timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_kernels.py "$OUT/kernels_h200.json" \
     2>&1 | tee "$OUT/bench_kernels.log" | tail -60
@@ -108,6 +121,12 @@ step_serve() {
   timeout "${SERVE_TIMEOUT:-420}" python3 scripts/bench_serve.py --tokenizer .gpu/tokenizer \
     --out /tmp/serve_h200.json --resume ${SERVE_ARGS:-} 2>&1 | tee -a "$OUT/bench_serve.log" | tail -30
   cp /tmp/serve_h200.json "$OUT/" 2>/dev/null
+}
+
+step_scale() {
+  timeout "${SCALE_TIMEOUT:-570}" python3 scripts/bench_scale.py --out /tmp/scale_h200.json \
+    --resume ${SCALE_ARGS:-} 2>&1 | tee -a "$OUT/bench_scale.log" | tail -40
+  cp /tmp/scale_h200.json "$OUT/" 2>/dev/null
 }
 
 for step in "$@"; do

@@ -36,6 +36,7 @@ from vllm.model_executor.layers.linear import (
     UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.quantization import get_quantization_config
+from vllm.model_executor.layers.quantization import qtip as qtip_module
 from vllm.model_executor.layers.quantization.qtip import (
     QTIPConfig,
     QTIPFusedCall,
@@ -203,8 +204,11 @@ def test_model_config_detects_relaxml_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def init_gloo_tp_group(store: str, world_size: int = 1, rank: int = 0) -> None:
-    """vLLM's process groups over gloo (CPU), tensor parallel over all ranks."""
+def init_gloo_tp_group(
+    store: str, world_size: int = 1, rank: int = 0, pipeline_parallel_size: int = 1
+) -> None:
+    """vLLM's process groups over gloo (CPU): pipeline_parallel_size stages,
+    tensor parallel over the ranks of each."""
     init_distributed_environment(
         world_size=world_size,
         rank=rank,
@@ -212,7 +216,9 @@ def init_gloo_tp_group(store: str, world_size: int = 1, rank: int = 0) -> None:
         distributed_init_method=f"file://{store}",
         backend="gloo",
     )
-    initialize_model_parallel(world_size, 1)
+    initialize_model_parallel(
+        world_size // pipeline_parallel_size, pipeline_parallel_size
+    )
 
 
 @pytest.fixture
@@ -473,6 +479,30 @@ def test_layers_compile_without_graph_breaks(tp1):
             torch.testing.assert_close(compiled(x)[0], module(x)[0], rtol=0, atol=0)
 
 
+def test_gathered_forward_on_one_rank(tp1):
+    # The rcp = 0 path of TP > 1 (qtip_parallel) with one rank, where the
+    # all-gathers are identities: the same outputs as the layers' usual path.
+    spec = TinyLlamaSpec(num_hidden_layers=1, K_v_proj=4, skip_list=["0_gate"])
+    cfg = QTIPConfig.from_config(
+        {"quant_method": "qtip", **quip_params(spec.code_params, **_spec_options(spec))}
+    )
+    linears = LlamaLinears(spec, cfg, torch.float16)
+    linears.load(random_llama_tensors(spec))
+    block = linears.model.layers[0]
+    gen = torch.Generator().manual_seed(0)
+    for module, gather in (
+        (block.self_attn.qkv_proj, "output"),
+        (block.self_attn.o_proj, "input"),
+        (block.mlp.gate_up_proj, "output"),
+        (block.mlp.down_proj, "input"),
+    ):
+        assert module.qtip_gather is None
+        x = torch.randn(2, 3, module.qtip_in_size, generator=gen).half()
+        expected = module(x)[0]
+        module.qtip_gather = gather
+        torch.testing.assert_close(module(x)[0], expected, rtol=0, atol=0)
+
+
 def _spec_options(spec: TinyLlamaSpec) -> dict:
     return dict(
         split_for_tp=spec.split_for_tp,
@@ -540,6 +570,14 @@ def test_rcp_must_agree_with_split_for_tp(tp1):
     assert "model.layers.0.self_attn.o_proj.rcp is 1" in msg
     assert "split_for_tp=False" in msg
 
+    # A present rcp is checked even where a missing one would be inferred.
+    split = dataclasses.replace(ONE_LAYER, split_for_tp=True)
+    tensors = random_llama_tensors(split)
+    tensors["model.layers.0.mlp.up_proj.rcp"] = torch.tensor(0)
+    msg = _load_error(split, tensors)
+    assert "model.layers.0.mlp.up_proj.rcp is 0" in msg
+    assert "split_for_tp=True means rcp=2" in msg
+
 
 def test_dimension_without_hadamard_factor(tp1):
     cfg = QTIPConfig.from_config(qtip_config())
@@ -600,26 +638,32 @@ def test_dummy_weights_run(tp1):
 # ---------------------------------------------------------------------------
 
 
+def _cpu_attention_backend(*args, **kwargs) -> str:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum.CPU_ATTN.get_path()
+
+
 @pytest.fixture
 def cpu_attention(monkeypatch):
     """Let Attention layers be built on a machine without an accelerator."""
     from vllm.platforms import current_platform
     from vllm.v1.attention import selector
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     monkeypatch.setattr(
-        current_platform,
-        "get_attn_backend_cls",
-        lambda *args, **kwargs: AttentionBackendEnum.CPU_ATTN.get_path(),
+        current_platform, "get_attn_backend_cls", _cpu_attention_backend
     )
     selector._cached_get_attn_backend.cache_clear()
     yield
     selector._cached_get_attn_backend.cache_clear()
 
 
-def load_vllm_llama(
-    path, tmp_path, dtype=torch.float16, quantization: str | None = None
+def build_vllm_llama(
+    path, dtype=torch.float16, quantization: str | None = None
 ) -> LlamaForCausalLM:
+    """The model of a checkpoint through vLLM's own loader, in the current
+    process groups: it builds the model, streams the safetensors files
+    through load_weights and runs process_weights_after_loading."""
     model_config = ModelConfig(
         str(path), quantization=quantization, skip_tokenizer_init=True, dtype=dtype
     )
@@ -630,14 +674,20 @@ def load_vllm_llama(
         load_config=LoadConfig(),
     )
     with set_current_vllm_config(vllm_config):
-        init_gloo_tp_group(f"{tmp_path}/dist_store")
-        # vLLM's own loader: builds the model, streams the safetensors
-        # files through load_weights and runs process_weights_after_loading.
         model = get_model_loader(vllm_config.load_config).load_model(
             vllm_config=vllm_config, model_config=model_config
         )
     assert isinstance(model, LlamaForCausalLM)
     return model
+
+
+def load_vllm_llama(
+    path, tmp_path, dtype=torch.float16, quantization: str | None = None
+) -> LlamaForCausalLM:
+    """build_vllm_llama in a new one-rank gloo process group."""
+    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
+        init_gloo_tp_group(f"{tmp_path}/dist_store")
+    return build_vllm_llama(path, dtype, quantization)
 
 
 @pytest.mark.parametrize(
@@ -703,6 +753,78 @@ def assert_matches_reference(
         qkv_layer = ours.self_attn.qkv_proj
         quantized = [p is not None for _, p in qkv_layer.quant_method.shard_specs]
         assert quantized == [True, True, f"{layer}_v" not in spec.skip_list]
+
+
+def _qtip_layer_outputs(model: torch.nn.Module) -> dict[str, tuple]:
+    """Per QTIP layer: rcp, tp_rank, transforms, SV and the output of a fixed
+    random input."""
+    outputs = {}
+    for name, module in model.named_modules():
+        if not isinstance(getattr(module, "quant_method", None), QTIPLinearMethod):
+            continue
+        gen = torch.Generator().manual_seed(len(outputs))
+        x = torch.randn(4, module.qtip_in_size, generator=gen).to(module.params_dtype)
+        outputs[name] = (
+            module.rcp.tolist(),
+            module.qtip_tp_rank.tolist(),
+            module.qtip_transforms,
+            module.SV.clone(),
+            module(x)[0],
+        )
+    return outputs
+
+
+def test_split_for_tp_checkpoint_without_rcp(cpu_attention, tmp_path, monkeypatch):
+    # The reference's end-to-end fine-tuning saves split_for_tp checkpoints
+    # without .rcp (nor .tp_rank) and with SV in the model dtype. The rcp is
+    # then the one split_for_tp means for the layer: the same model as the
+    # same weights saved with .rcp and fp32 SV.
+    spec = TinyLlamaSpec(
+        K=2, split_for_tp=True, dtype=torch.bfloat16, sv_in_model_dtype=True
+    )
+    tensors = random_llama_tensors(spec)
+    assert tensors["model.layers.0.mlp.down_proj.SV"].dtype == torch.bfloat16
+    checkpoints = {
+        "rcp": {k: t.float() if k.endswith(".SV") else t for k, t in tensors.items()},
+        "no-rcp": {
+            k: t for k, t in tensors.items() if not k.endswith((".rcp", ".tp_rank"))
+        },
+    }
+    assert len(checkpoints["rcp"]) - len(checkpoints["no-rcp"]) == 2 * 7 * 2
+    params = quip_params(spec.code_params, **_spec_options(spec))
+    logged: list[str] = []
+    monkeypatch.setattr(
+        qtip_module.logger,
+        "info_once",
+        lambda msg, *args, **kwargs: logged.append(msg % args),
+    )
+    results = {}
+    logits = {}
+    for name, ckpt in checkpoints.items():
+        path = write_checkpoint(tmp_path / name, spec.hf_config(), ckpt, params)
+        (tmp_path / f"dist-{name}").mkdir()
+        model = load_vllm_llama(path, tmp_path / f"dist-{name}", dtype=torch.bfloat16)
+        try:
+            results[name] = _qtip_layer_outputs(model)
+        finally:
+            cleanup_dist_env_and_memory()
+        logits[name] = reference_logprobs(build_reference_model(path), [1, 7, 42, 99])
+        if name == "rcp":
+            assert not logged
+    assert len(logged) == 8 and len(set(logged)) == 1
+    assert "rcp=2 for column-parallel and rcp=1 for row-parallel" in logged[0]
+    with_rcp, without = results["rcp"], results["no-rcp"]
+    assert with_rcp.keys() == without.keys() and len(with_rcp) == 8
+    # Column-parallel 2, row-parallel 1.
+    inferred = {"qkv_proj": [2] * 3, "gate_up_proj": [2] * 2, "o_proj": [1]}
+    inferred["down_proj"] = [1]
+    for name, (rcp, tp_rank, transforms, sv, out) in without.items():
+        assert rcp == inferred[name.rsplit(".", 1)[-1]]
+        assert tp_rank == with_rcp[name][1]
+        assert transforms == with_rcp[name][2]
+        torch.testing.assert_close(sv, with_rcp[name][3], rtol=0, atol=0)
+        torch.testing.assert_close(out, with_rcp[name][4], rtol=0, atol=0)
+    torch.testing.assert_close(logits["no-rcp"], logits["rcp"], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------
@@ -816,29 +938,64 @@ def test_reference_model_matches_dense_dequantization(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Tensor parallel (two gloo processes)
+# Tensor parallel (gloo processes)
 # ---------------------------------------------------------------------------
 
 
-def _tp2_worker(rank: int, store: str, ckpt: str, errors) -> None:
+def _tp_worker(
+    rank: int, world_size: int, pp: int, store: str, checks, args, errors
+) -> None:
     try:
         with set_current_vllm_config(
             VllmConfig(device_config=DeviceConfig(device="cpu"))
         ):
-            init_gloo_tp_group(store, world_size=2, rank=rank)
-            _tp2_checks(rank, ckpt)
+            init_gloo_tp_group(store, world_size, rank, pipeline_parallel_size=pp)
+            checks(rank, world_size, *args)
             cleanup_dist_env_and_memory()
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
 
 
-def _tp2_checks(rank: int, ckpt: str) -> None:
+def run_tp(
+    tmp_path, world_size: int, checks, *args, pipeline_parallel_size: int = 1
+) -> None:
+    """Run checks(rank, world_size, *args) in world_size gloo processes
+    (pipeline_parallel_size stages of tensor parallel ranks)."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    store = str(tmp_path / f"store-{world_size}-{pipeline_parallel_size}")
+    procs = [
+        ctx.Process(
+            target=_tp_worker,
+            args=(
+                rank,
+                world_size,
+                pipeline_parallel_size,
+                store,
+                checks,
+                args,
+                errors,
+            ),
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    failures = [errors.get() for _ in range(errors.qsize())]
+    assert not failures, "\n".join(failures)
+    assert all(p.exitcode == 0 for p in procs)
+
+
+def _tp2_checks(rank: int, world_size: int, ckpt: str) -> None:
     config, tensors = read_checkpoint(ckpt)
     spec = TinyLlamaSpec(num_hidden_layers=1, split_for_tp=True, K=3)
     cfg = QTIPConfig.from_config(checkpoint_qtip_params(config))
     linears = LlamaLinears(spec, cfg, torch.float16)
     linears.load(tensors)
     block = linears.model.layers[0]
+    assert block.self_attn.qkv_proj.qtip_gather is None
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, spec.hidden_size, generator=gen).half()
 
@@ -861,33 +1018,178 @@ def _tp2_checks(rank: int, ckpt: str) -> None:
     out, _ = block.mlp.down_proj(xi.chunk(2, dim=-1)[rank])
     torch.testing.assert_close(out, ref("mlp.down_proj", xi), rtol=2e-3, atol=2e-3)
 
-    # A checkpoint without the TP split cannot be sharded.
-    plain = QTIPConfig.from_config(qtip_config())
-    try:
-        RowParallelLinear(192, 192, bias=False, quant_config=plain, prefix="m.o_proj")
-    except ValueError as e:
-        assert "tensor_parallel_size=2" in str(e) and "pipeline_parallel" in str(e)
-    else:
-        raise AssertionError("TP=2 without split_for_tp was accepted")
-
 
 def test_split_for_tp_checkpoint_at_tp2(tmp_path):
     ckpt = random_llama_checkpoint(
         tmp_path / "c", num_hidden_layers=1, split_for_tp=True, K=3
     )
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_tp2_worker,
-            args=(rank, str(tmp_path / "store"), str(ckpt), errors),
+    run_tp(tmp_path, 2, _tp2_checks, str(ckpt))
+
+
+# Whole-matrix (rcp = 0) checkpoint that splits over 2 and 4 ranks: hidden
+# 384 and intermediate 768 transform with H_12, GQA with 2 KV heads (one per
+# rank at TP=2, each replicated on two ranks at TP=4), q/k with K=2 and v with
+# K=4 in layer 0, a dense v in the fused qkv_proj and a dense gate in
+# gate_up_proj in layer 1.
+TP_SPEC = TinyLlamaSpec(
+    hidden_size=384,
+    intermediate_size=768,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    head_dim=32,
+    K=2,
+    K_v_proj=4,
+    skip_list=["1_v", "1_gate"],
+)
+
+
+def _whole_matrix_checks(rank: int, world_size: int, ckpt: str) -> None:
+    """Every layer against the reference forward (what the layer computes at
+    TP=1, see test_layers_match_reference), sliced to this rank."""
+    from vllm.distributed import get_tp_group
+
+    spec = TP_SPEC
+    config, tensors = read_checkpoint(ckpt)
+    cfg = QTIPConfig.from_config(checkpoint_qtip_params(config))
+    linears = LlamaLinears(spec, cfg, torch.float16)
+    linears.load(tensors)
+    replicas = max(1, world_size // spec.num_key_value_heads)
+    h, i = spec.hidden_size, spec.intermediate_size
+    q_rows = spec.num_attention_heads * spec.head_dim
+    gen = torch.Generator().manual_seed(0)
+
+    def mine(t: torch.Tensor, ranks: int, index: int) -> torch.Tensor:
+        return t.chunk(ranks, dim=-1)[index]
+
+    for layer, block in enumerate(linears.model.layers):
+
+        def ref(module: str, inp: torch.Tensor, layer=layer) -> torch.Tensor:
+            params = cfg.v_params if module.endswith("v_proj") else cfg.params
+            return reference_projection(
+                inp, tensors, f"model.layers.{layer}.{module}", params
+            )
+
+        attn, mlp = block.self_attn, block.mlp
+        assert attn.qkv_proj.qtip_gather == mlp.gate_up_proj.qtip_gather == "output"
+        assert attn.o_proj.qtip_gather == mlp.down_proj.qtip_gather == "input"
+        x = torch.randn(5, h, generator=gen).half()
+        # Column-parallel: this rank's rows of q and of its KV head; the
+        # products are gathered in fp32, so they equal the TP=1 outputs.
+        out, _ = attn.qkv_proj(x)
+        q, k, v = (ref(f"self_attn.{p}_proj", x) for p in "qkv")
+        kv_ranks = world_size // replicas
+        expected = torch.cat(
+            [
+                mine(q, world_size, rank),
+                mine(k, kv_ranks, rank // replicas),
+                mine(v, kv_ranks, rank // replicas),
+            ],
+            dim=-1,
         )
-        for rank in range(2)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        out, _ = mlp.gate_up_proj(x)
+        gate, up = ref("mlp.gate_proj", x), ref("mlp.up_proj", x)
+        expected = torch.cat(
+            [mine(gate, world_size, rank), mine(up, world_size, rank)], dim=-1
+        )
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        # Row-parallel: all-gather of the input shards, then the all-reduce of
+        # the partial outputs (rounded to fp16 before the sum).
+        xo = torch.randn(5, q_rows, generator=gen).half()
+        out, _ = attn.o_proj(mine(xo, world_size, rank))
+        expected = ref("self_attn.o_proj", xo)
+        torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+        xi = torch.randn(3, 2, i, generator=gen).half()
+        out, _ = mlp.down_proj(mine(xi, world_size, rank))
+        torch.testing.assert_close(out, ref("mlp.down_proj", xi), rtol=2e-3, atol=2e-3)
+        assert expected.float().std() > 0.1
+
+    # Each rank holds whole 32 x 32 blocks of its slice only; SU of the
+    # row-parallel layers and the transforms span the whole matrix.
+    qkv = linears.model.layers[0].self_attn.qkv_proj
+    kv_rows = spec.head_dim * spec.num_key_value_heads // kv_ranks
+    assert qkv.trellis.numel() == (q_rows // world_size * 2 + kv_rows * 6) * h // 16
+    assert [(t.rcp, t.in_block, t.out_block) for t in qkv.qtip_transforms] == [
+        (0, h, q_rows),
+        (0, h, 64),
+        (0, h, 64),
     ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    failures = [errors.get() for _ in range(errors.qsize())]
-    assert not failures, "\n".join(failures)
-    assert all(p.exitcode == 0 for p in procs)
+    down = linears.model.layers[0].mlp.down_proj
+    assert down.trellis.numel() == h * i // world_size * 2 // 16
+    assert down.SU.shape == (1, i) and down.SV.shape == (h,)
+    assert [(t.in_block, t.out_block) for t in down.qtip_transforms] == [(i, h)]
+    assert down.qtip_fused_call is None
+    su = tensors["model.layers.0.mlp.down_proj.SU"].float()
+    torch.testing.assert_close(down.SU[0], su, rtol=0, atol=0)
+
+    # A rank's slice must be whole trellis blocks: 48 inputs per rank are not.
+    with pytest.raises(ValueError) as excinfo:
+        RowParallelLinear(
+            48 * world_size,
+            64,
+            bias=False,
+            quant_config=cfg,
+            prefix="model.layers.3.mlp.down_proj",
+        )
+    msg = str(excinfo.value)
+    assert "model.layers.3.mlp.down_proj" in msg
+    assert f"tensor_parallel_size={world_size}" in msg and "32 x 32" in msg
+
+    if world_size == 2:
+        # As on CUDA, the collectives are custom ops: the forward compiles to
+        # one graph with a dynamic number of tokens (once: compiling on the
+        # 2-core CI machine is slow).
+        get_tp_group().use_custom_op_call = True
+        for module, width in ((qkv, h), (down, i // world_size)):
+            compiled = torch.compile(
+                module, fullgraph=True, dynamic=True, backend="aot_eager"
+            )
+            for tokens in (3, 5):
+                xs = torch.randn(tokens, width, generator=gen).half()
+                y = compiled(xs)[0]
+                torch.testing.assert_close(y, module(xs)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_whole_matrix_checkpoint_at_tp(tmp_path, world_size):
+    ckpt = random_llama_checkpoint(tmp_path / "c", TP_SPEC)
+    run_tp(tmp_path, world_size, _whole_matrix_checks, str(ckpt))
+
+
+def _pp2_checks(rank: int, world_size: int, ckpt: str) -> None:
+    """Each pipeline stage builds, loads and runs only its own layers."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+    from vllm.platforms import current_platform
+
+    current_platform.get_attn_backend_cls = _cpu_attention_backend
+    model = build_vllm_llama(ckpt)
+    _, tensors = read_checkpoint(ckpt)
+    cfg = QTIPConfig.from_config(qtip_config())
+    gen = torch.Generator().manual_seed(rank)
+    layers = model.model.layers
+    assert isinstance(layers[1 - rank], PPMissingLayer)
+    assert isinstance(
+        model.lm_head if rank == 0 else model.model.embed_tokens, PPMissingLayer
+    )
+    attn = layers[rank].self_attn
+    x = torch.randn(3, 192, generator=gen).half()
+    qkv, _ = attn.qkv_proj(x)
+    base = f"model.layers.{rank}.self_attn"
+    expected = torch.cat(
+        [
+            reference_projection(x, tensors, f"{base}.{p}_proj", cfg.params)
+            for p in "qkv"
+        ],
+        dim=-1,
+    )
+    torch.testing.assert_close(qkv, expected, rtol=0, atol=0)
+    xi = torch.randn(3, 384, generator=gen).half()
+    out, _ = layers[rank].mlp.down_proj(xi)
+    prefix = f"model.layers.{rank}.mlp.down_proj"
+    expected = reference_projection(xi, tensors, prefix, cfg.params)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_pipeline_parallel_stages(tmp_path):
+    ckpt = random_llama_checkpoint(tmp_path / "c", num_hidden_layers=2)
+    run_tp(tmp_path, 2, _pp2_checks, str(ckpt), pipeline_parallel_size=2)

@@ -11,6 +11,11 @@ Checkpoints (e.g. ``relaxml/*-QTIP-*Bit``) store q/k/v/o/gate/up/down as
 separate projections, each with its own trellis, SU, SV and tlut, while vLLM
 fuses q/k/v and gate/up. Every logical projection ("shard") of a fused layer
 therefore keeps its own tensors and its own input transform.
+
+Under tensor parallelism every rank holds whole 32 x 32 trellis blocks of its
+slice. The block-diagonal transforms of ``split_for_tp`` checkpoints stay on
+the rank; the whole-matrix transforms of the others (rcp = 0) take one
+all-gather per layer (utils/qtip_parallel.py).
 """
 
 import dataclasses
@@ -43,6 +48,11 @@ from vllm.model_executor.layers.quantization.base_config import (
 )
 from vllm.model_executor.layers.quantization.utils.qtip_hadamard import (
     hadamard_factor,
+)
+from vllm.model_executor.layers.quantization.utils.qtip_parallel import (
+    GATHER_INPUT,
+    GATHER_OUTPUT,
+    qtip_gathered_apply,
 )
 from vllm.model_executor.layers.quantization.utils.qtip_utils import (
     DECODE_MODES,
@@ -79,11 +89,12 @@ _DEFAULT_PACKED_MODULES = {
 # load, see QTIPConfig.get_cache_scale_mapper).
 TP_RANK_PARAM = "qtip_tp_rank"
 # Parameters of a quantized projection. rcp and tp_rank are missing from
-# checkpoints made before the TP split existed.
+# checkpoints made before the TP split existed, and from those saved by the
+# reference's end-to-end fine-tuning.
 _QUANT_TENSORS = ("trellis", "SU", "SV", "tlut", "rcp", TP_RANK_PARAM)
 _OPTIONAL_TENSORS = ("rcp", TP_RANK_PARAM)
-# Defaults of missing rcp / tp_rank, as in the reference.
-_DEFAULT_RCP = 0
+# Default of a missing tp_rank, as in the reference. A missing rcp is the one
+# split_for_tp implies for the layer (QTIPLinearMethod.create_weights).
 _DEFAULT_TP_RANK = 8
 # rcp values: the block-diagonal transform is on the input (row-parallel
 # split) or on the output (column-parallel split).
@@ -493,7 +504,8 @@ class QTIPLinearMethod(LinearMethodBase):
     - ``trellis``: int16, every quantized shard's words back to back; shard s
       is viewed as (m_s / b, n / b, b*b*K_s/16) with b = 32 (kernel layout)
       or 16 (generic layout), so TP slices are whole blocks.
-    - ``SU``: fp32 (quantized shards, n), one input scale per shard.
+    - ``SU``: fp32 (quantized shards, n), one input scale per shard; all
+      input features for a row-parallel layer that gathers its input.
     - ``SV``: fp32 (sum of quantized m_s,), output scales concatenated.
     - ``tlut``: fp16 (quantized shards, 2**tlut_bits, V).
     - ``rcp``, ``qtip_tp_rank``: int64 (quantized shards,), the checkpoint's
@@ -535,15 +547,11 @@ class QTIPLinearMethod(LinearMethodBase):
         is_row = isinstance(layer, RowParallelLinear)
         is_column = isinstance(layer, ColumnParallelLinear)
         quantized = [p for _, p in self.shard_specs if p is not None]
+        # Without split_for_tp the transforms span whole matrices: a split
+        # layer all-gathers the side its slice does not cover (qtip_parallel).
+        gather = None
         if tp_size > 1 and not self.quant_config.split_for_tp:
-            raise ValueError(
-                f"QTIP layer {prefix} cannot be split over "
-                f"tensor_parallel_size={tp_size}: this checkpoint was quantized "
-                "without split_for_tp, so its Hadamard transforms span whole "
-                "matrices and do not shard exactly. Use tensor_parallel_size=1 "
-                "with pipeline_parallel_size instead, or a split_for_tp (-TP8) "
-                "checkpoint."
-            )
+            gather = GATHER_INPUT if is_row else GATHER_OUTPUT if is_column else None
         if not self.quant_config.split_for_tp:
             expected_rcp = 0
         elif is_row:
@@ -568,7 +576,15 @@ class QTIPLinearMethod(LinearMethodBase):
                 index = sum(1 for sh in shards if sh.params is not None)
                 row_offset, word_offset = sv_rows, words
                 block = (32, 32) if params.uses_kernel_layout else (16, 16)
-                _check_tiles(prefix, name, out_size, input_size_per_partition, block)
+                _check_tiles(
+                    prefix, name, out_size, input_size_per_partition, block, tp_size
+                )
+                if gather == GATHER_OUTPUT and (tp_size * out_size) % out_full:
+                    raise ValueError(
+                        f"QTIP layer {prefix} ({name}): {out_size} of {out_full} "
+                        f"output rows per rank do not split over "
+                        f"tensor_parallel_size={tp_size}"
+                    )
                 sv_rows += out_size
                 words += out_size * input_size_per_partition * params.K // 16
             shards.append(
@@ -591,6 +607,7 @@ class QTIPLinearMethod(LinearMethodBase):
         layer.qtip_in_full = input_size
         layer.qtip_in_rank = in_rank
         layer.qtip_expected_rcp = expected_rcp
+        layer.qtip_gather = gather
         layer.qtip_loaded = set()
         # Checked here so that unsupported dimensions fail when the model is
         # built; rechecked once the checkpoint's rcp/tp_rank are known.
@@ -601,11 +618,14 @@ class QTIPLinearMethod(LinearMethodBase):
         ]
 
         num_q = len(quantized)
+        # The input transform of a gathered row-parallel layer spans all of SU.
+        su_cols = input_size if gather == GATHER_INPUT else input_size_per_partition
         tensors: dict[str, torch.Tensor] = {
             "trellis": torch.zeros(words, dtype=torch.int16),
-            "SU": torch.empty(num_q, input_size_per_partition, dtype=torch.float32),
+            "SU": torch.empty(num_q, su_cols, dtype=torch.float32),
             "SV": torch.empty(sv_rows, dtype=torch.float32),
-            "rcp": torch.full((num_q,), _DEFAULT_RCP, dtype=torch.int64),
+            # A checkpoint without .rcp gets the rcp split_for_tp implies.
+            "rcp": torch.full((num_q,), expected_rcp, dtype=torch.int64),
             TP_RANK_PARAM: torch.full((num_q,), _DEFAULT_TP_RANK, dtype=torch.int64),
         }
         if quantized[0].uses_tlut:
@@ -638,6 +658,18 @@ class QTIPLinearMethod(LinearMethodBase):
         else:
             self.quant_config.fill_missing_tlut(layer, prefix)
             _check_loaded(layer, prefix)
+            if self.quant_config.split_for_tp and any(
+                ("rcp", shard.name) not in layer.qtip_loaded
+                for shard in layer.qtip_shards
+                if shard.params is not None
+            ):
+                logger.info_once(
+                    "QTIP checkpoint without .rcp tensors (as the reference's "
+                    "end-to-end fine-tuning saves them): split_for_tp=True means "
+                    "rcp=%d for column-parallel and rcp=%d for row-parallel layers",
+                    _RCP_COL,
+                    _RCP_ROW,
+                )
         rcps = layer.rcp.tolist()
         tp_ranks = layer.qtip_tp_rank.tolist()
         transforms = []
@@ -673,7 +705,9 @@ class QTIPLinearMethod(LinearMethodBase):
             _kernel_supports(shard.params, transform, device)
             for shard, transform in zip(quantized, transforms)
         )
-        layer.qtip_fused_call = _fused_call(layer.qtip_shards, transforms)
+        layer.qtip_fused_call = (
+            None if layer.qtip_gather else _fused_call(layer.qtip_shards, transforms)
+        )
 
     def apply(
         self,
@@ -681,6 +715,8 @@ class QTIPLinearMethod(LinearMethodBase):
         x: torch.Tensor,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if layer.qtip_gather is not None:
+            return qtip_gathered_apply(layer, x, bias)
         call = layer.qtip_fused_call
         if layer.qtip_use_kernels and call is not None:
             # All shards in one kernel call (three launches).
@@ -775,16 +811,16 @@ def _init_dummy_weights(layer: torch.nn.Module, prefix: str) -> None:
         bits = torch.randint(0, 2, shape, generator=gen, device=gen.device)
         return bits.float() * 2 - 1
 
-    words = torch.randint(
-        -(1 << 15), 1 << 15, layer.trellis.shape, generator=gen, device=gen.device
-    )
-    fill(layer.trellis, words)
+    # In place: randint would make an int64 copy (1.6 GiB for the gate_up_proj
+    # of a 2-bit 405B).
+    layer.trellis.data.random_(-(1 << 15), 1 << 15, generator=gen)
     if hasattr(layer, "tlut"):
         fill(
             layer.tlut, torch.randn(layer.tlut.shape, generator=gen, device=gen.device)
         )
     fill(layer.SU, signs(layer.SU.shape))
     fill(layer.SV, signs(layer.SV.shape) * layer.qtip_in_full**-0.5)
+    # vLLM's dummy loader zeroes integer parameters on ROCm.
     layer.rcp.data.fill_(layer.qtip_expected_rcp)
     layer.qtip_tp_rank.data.fill_(_DEFAULT_TP_RANK)
 
@@ -868,12 +904,13 @@ def _shard_extent(
 
 
 def _check_tiles(
-    prefix: str, name: str, m: int, n: int, block: tuple[int, int]
+    prefix: str, name: str, m: int, n: int, block: tuple[int, int], tp_size: int
 ) -> None:
     if m % block[0] != 0 or n % block[1] != 0:
         raise ValueError(
-            f"QTIP layer {prefix} ({name}): this rank's {m} x {n} slice is not "
-            f"made of whole {block[0]} x {block[1]} trellis blocks"
+            f"QTIP layer {prefix} ({name}): this rank's {m} x {n} slice "
+            f"(tensor_parallel_size={tp_size}) is not made of whole "
+            f"{block[0]} x {block[1]} trellis blocks"
         )
 
 
@@ -911,28 +948,33 @@ def _shard_transform(
 
     rcp=1 (2) makes the input (output) transform block-diagonal with
     tp_rank blocks over the checkpoint's dimension; a dimension this rank
-    holds only a slice of must be such a block-diagonal one.
+    holds only a slice of must be such a block-diagonal one, or be
+    all-gathered (layer.qtip_gather) for a transform over all its features.
     """
     assert shard.params is not None
     tensor = _checkpoint_name(prefix, shard.name)
     if rcp not in (0, _RCP_ROW, _RCP_COL):
         raise ValueError(f"QTIP layer {prefix}: {tensor}.rcp={rcp} must be 0, 1 or 2")
+    gather = layer.qtip_gather
     dims = {
-        _RCP_ROW: ("input", layer.qtip_in_size, layer.qtip_in_full),
-        _RCP_COL: ("output", shard.out_size, shard.out_full),
+        _RCP_ROW: ("input", layer.qtip_in_size, layer.qtip_in_full, GATHER_INPUT),
+        _RCP_COL: ("output", shard.out_size, shard.out_full, GATHER_OUTPUT),
     }
     blocks = 1
     block_sizes = {}
-    for side, (what, size, full) in dims.items():
+    # Features the transform of each side runs over on this rank.
+    sizes = {}
+    for side, (what, size, full, gathered) in dims.items():
         if rcp != side:
-            if size != full:
+            if size != full and gather != gathered:
                 raise ValueError(
                     f"QTIP layer {prefix}: {tensor}.rcp={rcp} has a {what} "
                     f"transform over all {full} {what} features, which cannot "
                     f"be split over tensor parallel ranks ({size} per rank)"
                 )
-            block_sizes[side] = size
+            block_sizes[side] = sizes[side] = full
             continue
+        sizes[side] = size
         if ckpt_tp < 1 or full % ckpt_tp != 0 or size % (full // ckpt_tp) != 0:
             raise ValueError(
                 f"QTIP layer {prefix}: {tensor}.tp_rank={ckpt_tp} does not split "
@@ -942,10 +984,10 @@ def _shard_transform(
         block_sizes[side] = full // ckpt_tp
         blocks = size // block_sizes[side]
     in_factor = _hadamard_factor_for(
-        layer.qtip_in_size, block_sizes[_RCP_ROW], prefix, shard.name, "input"
+        sizes[_RCP_ROW], block_sizes[_RCP_ROW], prefix, shard.name, "input"
     )
     out_factor = _hadamard_factor_for(
-        shard.out_size, block_sizes[_RCP_COL], prefix, shard.name, "output"
+        sizes[_RCP_COL], block_sizes[_RCP_COL], prefix, shard.name, "output"
     )
     return QTIPTransform(
         rcp=rcp,
@@ -1012,7 +1054,8 @@ def _make_loader(method: QTIPLinearMethod, layer: torch.nn.Module, name: str):
             dst.copy_(loaded.narrow(0, *rows).narrow(1, *cols))
         elif name == "SU":
             _expect_shape(loaded, (n_full,), tensor)
-            param.data[shard.index].copy_(loaded.narrow(0, *cols))
+            su_cols = (0, n_full) if layer.qtip_gather == GATHER_INPUT else cols
+            param.data[shard.index].copy_(loaded.narrow(0, *su_cols))
         elif name == "SV":
             _expect_shape(loaded, (shard.out_full,), tensor)
             dst = param.data[shard.row_offset : shard.row_offset + shard.out_size]

@@ -10,7 +10,8 @@
   Each quantized projection ``<prefix>`` is stored as
   ``<prefix>.trellis`` (2-D ``(m*n/256, 16K)`` or flat int16), ``<prefix>.SU``,
   ``<prefix>.SV``, ``<prefix>.tlut`` and optionally ``<prefix>.rcp`` /
-  ``<prefix>.tp_rank``; skip-listed projections as a plain ``<prefix>.weight``.
+  ``<prefix>.tp_rank`` (a missing rcp is the one ``split_for_tp`` implies);
+  skip-listed projections as a plain ``<prefix>.weight``.
 * :func:`random_llama_checkpoint` makes a random but valid tiny Llama QTIP
   checkpoint (random trellis bits, Gaussian-like lookup table, scales chosen
   so that every linear roughly preserves the RMS of its input).
@@ -315,7 +316,8 @@ class TinyLlamaSpec:
     # Projections whose trellis is written flat (1-D); the others are 2-D.
     # "all" flattens every trellis.
     flat_trellis: Sequence[str] | str = ()
-    # Write rcp/tp_rank (checkpoints made after the TP split existed).
+    # Write rcp/tp_rank (checkpoints made after the TP split existed; the
+    # reference's end-to-end fine-tuning saves without them).
     with_rcp: bool = True
     # Write each projection's tlut (table codes); without them the tables
     # must come from a quantlut_path file.
@@ -323,6 +325,8 @@ class TinyLlamaSpec:
     # Written into the QTIP parameters as is (the file is not written).
     quantlut_path: str | None = None
     dtype: torch.dtype = torch.float16
+    # SV in `dtype`, as the end-to-end fine-tuning saves it (fp32 otherwise).
+    sv_in_model_dtype: bool = False
     layout: CheckpointLayout = "relaxml"
     seed: int = 0
 
@@ -383,6 +387,8 @@ def random_llama_tensors(spec: TinyLlamaSpec) -> dict[str, torch.Tensor]:
             k = spec.K_v_proj if key == "v" and spec.K_v_proj else spec.K
             params = dataclasses.replace(spec.code_params, K=k)
             t = random_qtip_linear(m, n, params, generator=gen, dtype=spec.dtype)
+            if spec.sv_in_model_dtype:
+                t["SV"] = t["SV"].to(spec.dtype)
             flat = spec.flat_trellis == "all" or key in spec.flat_trellis
             rcp = tp_rank = None
             if spec.with_rcp:
@@ -444,6 +450,7 @@ class QTIPReferenceLinear(torch.nn.Module):
         self,
         tensors: dict[str, torch.Tensor],
         params: QTIPCodeParams,
+        default_rcp: int = 0,
     ) -> None:
         super().__init__()
         self.params = params
@@ -452,7 +459,7 @@ class QTIPReferenceLinear(torch.nn.Module):
         self.register_buffer("SV", tensors["SV"].float())
         tlut = tensors.get("tlut")
         self.register_buffer("tlut", None if tlut is None else tlut.half())
-        self.rcp = int(tensors["rcp"]) if "rcp" in tensors else 0
+        self.rcp = int(tensors["rcp"]) if "rcp" in tensors else default_rcp
         self.tp_rank = int(tensors["tp_rank"]) if "tp_rank" in tensors else 8
         self.in_features = self.SU.numel()
         self.out_features = self.SV.numel()
@@ -513,7 +520,7 @@ def build_reference_model(
     model = LlamaForCausalLM(hf_config)
     dense = {}
     for layer_index, layer in enumerate(model.model.layers):
-        for module, key, _ in LLAMA_PROJECTIONS:
+        for module, key, split_rcp in LLAMA_PROJECTIONS:
             prefix = f"model.layers.{layer_index}.{module}"
             parent_name, _, attr = module.partition(".")
             parent = getattr(layer, parent_name)
@@ -524,7 +531,10 @@ def build_reference_model(
             own = _projection_tensors(tensors, prefix)
             if params.uses_tlut and "tlut" not in own:
                 own["tlut"] = tables.get("tlut", tables.get(f"{prefix}.tlut"))
-            setattr(parent, attr, QTIPReferenceLinear(own, params))
+            reference = QTIPReferenceLinear(
+                own, params, default_rcp=split_rcp if qtip.split_for_tp else 0
+            )
+            setattr(parent, attr, reference)
     names = [
         "model.embed_tokens.weight",
         "model.norm.weight",
