@@ -92,6 +92,12 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
         help="use at most this much GPU memory (checks and batch sizes)",
     )
     r.add_argument(
+        "--discard-hessians",
+        action="store_true",
+        help="delete each layer's Hessians once the layer is done (disk: one "
+        "layer's instead of all; other runs cannot reuse them)",
+    )
+    r.add_argument(
         "--max-shard-gb",
         type=float,
         default=5.0,
@@ -143,6 +149,7 @@ def options_from_args(
         resume=getattr(args, "resume", True),
         gpu_mem_gb=args.gpu_mem_gb,
         max_shard_gb=args.max_shard_gb,
+        keep_hessians=not args.discard_hessians,
     )
     return options, run
 

@@ -77,7 +77,7 @@ from .resources import (
     layer_file_bytes,
     layer_memory,
 )
-from .viterbi import BACKENDS, default_backend
+from .viterbi import BACKENDS, checked_backend, default_backend
 
 # TP split of split_for_tp checkpoints (qtip_format.md §6.1): output blocks
 # (rcp=2) for the column-parallel groups, input blocks (rcp=1) for the
@@ -138,6 +138,9 @@ class RunOptions:
     # Treat the GPU as having at most this much memory (checks, budgets).
     gpu_mem_gb: float | None = None
     max_shard_gb: float = 5.0
+    # Keep every layer's Hessians (shareable between runs: 153 GiB for a
+    # 70B model); False deletes each once its layer is saved.
+    keep_hessians: bool = True
 
 
 def check_model(config: Any, tp_split: int = 0) -> None:
@@ -562,9 +565,10 @@ def _plan_run(
     ]
     layer_bytes = layer_file_bytes(config, options.K)
     e2e_bytes = config.num_hidden_layers * layer_bytes if options.e2e_finetune else 0
+    hessian_layers = len(missing_h) if run.keep_hessians else min(1, len(missing_h))
     check_disk(
         [
-            (work.hessian_dir, len(missing_h) * hessian_file_bytes(config), "Hessians"),
+            (work.hessian_dir, hessian_layers * hessian_file_bytes(config), "Hessians"),
             (work.path, len(pending) * layer_bytes + e2e_bytes, "layer files"),
             (out_dir, checkpoint_bytes(config, options.K), "the checkpoint"),
         ]
@@ -669,7 +673,7 @@ def quantize_model(
             f"({plan.layers_per_step} per step, Viterbi: {plan.viterbi})",
             flush=True,
         )
-        _quantize_layers(
+        stats["run"]["viterbi"] = _quantize_layers(
             source,
             config,
             sequences,
@@ -726,12 +730,15 @@ def _quantize_layers(
     tlut: torch.Tensor,
     pending: list[int],
     calibration_id: str,
-) -> None:
-    """Quantize the pending layers in order, saving each when it is done."""
+) -> str:
+    """Quantize the pending layers in order, saving each when it is done.
+
+    Returns the Viterbi backend used (after checked_backend)."""
     device = torch.device(run.device)
     num_layers = config.num_hidden_layers
     table = qtip_utils.decode_table(params, tlut.to(device), device=device)
     lut_rms = float(table.pow(2).mean().sqrt())
+    backend = checked_backend(table, params.L, params.K * params.V, plan.viterbi)
     hadamards = _Hadamards(device)
     ft_hadamards = _Hadamards(device, torch.float32)
     mem_bytes = _viterbi_memory(run)
@@ -810,7 +817,7 @@ def _quantize_layers(
                 table,
                 params,
                 mem_bytes=mem_bytes,
-                backend=plan.viterbi,
+                backend=backend,
                 desc=f"LDLQ layers {chunk[0]}-{chunk[-1]} n={n}",
             )
             for w, (states, w_hat) in zip(works, results):
@@ -848,6 +855,8 @@ def _quantize_layers(
             work.save_layer(
                 i, {"linears": _layer_tensors(quantized[i], params), "stats": stats}
             )
+            if not run.keep_hessians:
+                work.hessian_file(i).unlink(missing_ok=True)
             del layers[i], quantized[i]
             bar.update(1)
             proxy = sum(stats["proxy"].values()) / len(stats["proxy"])
@@ -860,6 +869,7 @@ def _quantize_layers(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
+    return backend
 
 
 def _run_e2e(

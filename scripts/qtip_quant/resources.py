@@ -192,5 +192,6 @@ def check_disk(needs: list[tuple[Path, int, str]]) -> None:
             raise ValueError(
                 f"not enough disk space: this run writes {_gib(total)} ({parts}) "
                 f"but that file system has {_gib(free)} free; point --hessian-dir, "
-                "--work-dir or the output at a larger disk"
+                "--work-dir or the output at a larger disk, or pass "
+                "--discard-hessians (keeps one layer's Hessians at a time)"
             )

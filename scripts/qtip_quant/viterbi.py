@@ -256,3 +256,48 @@ class ViterbiSolver:
     def close(self) -> None:
         if self._triton is not None:
             self._triton.close()
+
+
+def path_cost(targets: torch.Tensor, table: torch.Tensor, states: torch.Tensor):
+    """Squared error of each sequence's path, float64 (B,)."""
+    return (table[states].double() - targets.double()).pow(2).sum((1, 2))
+
+
+def checked_backend(table: torch.Tensor, L: int, kv: int, backend: str) -> str:
+    """backend, after a short check on this device; "compile" if the Triton
+    kernels fail or disagree with the torch step.
+
+    The check runs 64 random tail-biting sequences through both: every
+    Triton path must be circular and cost no more than the torch path (up
+    to float rounding; near-ties may pick another path of the same cost).
+    """
+    if backend != "triton":
+        return backend
+    V = table.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    rms = float(table.pow(2).mean().sqrt())
+    targets = (torch.randn(64, 128 // V, V, generator=gen) * rms).to(table.device)
+    try:
+        solver = ViterbiSolver(table, L, kv, mem_bytes=1 << 30, backend="triton")
+        # Twice: the first call captures the CUDA graph, the second replays it.
+        solver(targets)
+        states = solver(targets)
+        solver.close()
+        mask = (1 << (L - kv)) - 1
+        circular = torch.equal(states & mask, torch.roll(states, -1, dims=1) >> kv)
+        ours = path_cost(targets, table, states)
+        ref = path_cost(targets, table, tail_biting_viterbi(targets, table, L, kv))
+        worse = int((ours > ref * (1 + 1e-5) + 1e-6).sum())
+        if not circular or worse:
+            raise RuntimeError(
+                f"{'not tail-biting; ' if not circular else ''}{worse} of 64 paths "
+                "cost more than the torch step's"
+            )
+    except Exception as error:  # noqa: BLE001 - any failure means: fall back
+        print(
+            f"warning: the Triton Viterbi is unusable here ({error}); using the "
+            "compiled torch step (--viterbi compile)",
+            flush=True,
+        )
+        return "compile"
+    return "triton"

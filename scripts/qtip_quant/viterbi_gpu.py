@@ -55,7 +55,7 @@ def _step_kernel(
         t1 = tl.load(target + B + b, mask=bmask, other=0.0)[None, :] * -2.0
     low = u >> KV
     acc = tl.full((BU, BB), float("inf"), tl.float32)
-    arg = tl.zeros((BU, BB), tl.int32)
+    arg = tl.full((BU, BB), 0, tl.int32)
     for j in range(1 << KV):
         s = (j << (L - KV)) | u
         p = (j << (L - 2 * KV)) | low
