@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="end-to-end fine-tuning (KL to the original logits) after all layers",
     )
     p.add_argument("--work-dir", help="resumable state (default: <out>.work)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the work dir (after a kill or a time limit)",
+    )
     p.add_argument("--hessian-dir", help="Hessians, shareable between runs")
     add_quantize_args(p)
     p.set_defaults(func=cmd_quantize)

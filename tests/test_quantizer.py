@@ -7,8 +7,12 @@ reference forward on a tiny random Llama. Needs the applied vLLM tree (the
 codec and checkpoint writer).
 """
 
+import importlib
 import itertools
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from qtip_quant import ldlq, quantize, viterbi  # noqa: E402
+from qtip_quant import hessian, ldlq, quantize, resources, viterbi  # noqa: E402
 from qtip_quant.codebook import TLUT_STD, initial_tlut  # noqa: E402
 from qtip_quant.codec import QTIPCodeParams, qtip_checkpoint, qtip_utils  # noqa: E402
 from qtip_quant.e2e import E2EOptions, norm_names  # noqa: E402
@@ -139,6 +143,52 @@ def test_tail_biting_l16_is_circular(K):
     # And the path is far better than chance: MSE near the code's distortion.
     mse = ((table[states] - targets) ** 2).mean()
     assert mse < {2: 0.1, 3: 0.03, 4: 0.01}[K]
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """viterbi_gpu's kernels, run by Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from qtip_quant import viterbi_gpu
+
+    yield importlib.reload(viterbi_gpu)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    importlib.reload(viterbi_gpu)
+
+
+@pytest.mark.parametrize("L,kv,V,B", [(6, 2, 2, 37), (6, 3, 1, 5), (8, 4, 2, 33)])
+def test_triton_viterbi_matches_torch(triton_interpreter, L, kv, V, B):
+    """The GPU kernels (step and backtrack, batch-last layout, masked
+    blocks) find the same tail-biting paths as the torch step."""
+    gen = torch.Generator().manual_seed(L + kv + B)
+    table = torch.randn(1 << L, V, generator=gen)
+    targets = torch.randn(B, 8, V, generator=gen)
+    expected = viterbi.tail_biting_viterbi(targets, table, L, kv)
+    solver = viterbi.ViterbiSolver(table, L, kv, mem_bytes=1 << 20, backend="triton")
+    assert torch.equal(solver(targets), expected)
+
+
+def test_viterbi_solver_splits_batches():
+    """A memory budget of a few sequences gives the same paths in chunks."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(1 << 8, 2, generator=gen)
+    targets = torch.randn(11, 16, 2, generator=gen)
+    whole = viterbi.ViterbiSolver(table, 8, 2, mem_bytes=1 << 30)(targets)
+    per_seq = viterbi.bytes_per_sequence(8, 2, 16, False)
+    chunked = viterbi.ViterbiSolver(table, 8, 2, mem_bytes=3 * per_seq)
+    assert torch.equal(chunked(targets), whole)
+    with pytest.raises(ValueError, match="backend"):
+        viterbi.ViterbiSolver(table, 8, 2, mem_bytes=1, backend="cuda")
+
+
+def test_packed_hessian_roundtrip():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 96, generator=gen, dtype=torch.float64)
+    H = x.T @ x
+    packed = hessian.pack_symmetric(H)
+    assert packed.shape == (97, 48) and packed.dtype == torch.float32
+    assert torch.equal(hessian.unpack_symmetric(packed), H.float().double())
 
 
 def test_block_ldl_factors_hessian():
@@ -525,6 +575,330 @@ def test_tp_split_linear(rcp):
     rel_mse = float((dense - weight).pow(2).sum() / weight.pow(2).sum())
     assert rel_mse == pytest.approx(q.proxy, rel=1e-3)
     assert rel_mse < 0.05
+
+
+def test_streaming_calibration_matches_whole_model(tmp_path):
+    """One decoder layer at a time, read from the safetensors file, the
+    calibration pass computes exactly what the whole HF model computes: the
+    same hidden states between layers and the same Hessians."""
+    from qtip_quant import model_io
+    from transformers import LlamaForCausalLM
+
+    src = _tiny_llama(tmp_path / "fp16", num_hidden_layers=2)
+    seqs = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0))
+    model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    expected_h: dict[tuple[int, str], torch.Tensor] = {}
+    outputs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for group, paths in hessian.LLAMA_GROUPS.items():
+
+            def pre(module, args, key=(i, group)):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                if key not in expected_h:
+                    expected_h[key] = torch.zeros(x.shape[1], x.shape[1]).double()
+                expected_h[key].addmm_(x.T, x)
+
+            hooks.append(layer.get_submodule(paths[0]).register_forward_pre_hook(pre))
+        hooks.append(
+            layer.register_forward_hook(
+                lambda m, a, out, i=i: outputs[i].append(out.detach().clone())
+            )
+        )
+    with torch.no_grad():
+        for start in range(0, 6, 2):
+            model.model(input_ids=seqs[start : start + 2], use_cache=False)
+    for hook in hooks:
+        hook.remove()
+
+    config = model_io.load_config(src)
+    source = model_io.SourceModel(src)
+    cpu = torch.device("cpu")
+    stream = hessian.CalibrationStream(
+        source, config, seqs, batch_size=2, device=cpu, dtype=torch.float32
+    )
+    for i in range(2):
+        prefix = f"model.layers.{i}."
+        state = {
+            k.removeprefix(prefix): v
+            for k, v in source.tensors(source.layer_names(i)).items()
+        }
+        layer = model_io.decoder_layer(config, i, state, cpu, torch.float32)
+        result = stream.advance(layer, hessians=True, keep_sequences=4)
+        assert result.tokens == 6 * 16 and len(result.inputs) == 2
+        for group in hessian.LLAMA_GROUPS:
+            assert torch.equal(result.hessians[group], expected_h[(i, group)] / 96)
+        assert torch.equal(stream.hidden, torch.cat(outputs[i]))
+
+
+def _quantize_in_subprocess(kill: str, nth: int, args_file: Path) -> int:
+    """Run quantize_model(*saved args) in a new process that SIGKILLs itself
+    at the nth call of the named function; returns the exit code."""
+    script = f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(REPO / "scripts")!r})
+from qtip_quant import e2e, quantize, viterbi
+owner, name = {{"viterbi": (viterbi.ViterbiSolver, "__call__"),
+               "finetune": (quantize, "finetune_layer"),
+               "e2e": (e2e, "kl_to_teacher")}}[{kill!r}]
+original = getattr(owner, name)
+calls = [0]
+def killer(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {nth}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(owner, name, killer)
+torch.set_num_threads(1)
+saved = torch.load({str(args_file)!r}, weights_only=False)
+quantize.quantize_model(*saved["args"], **saved["kwargs"])
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True
+    ).returncode
+
+
+def test_kill_and_resume_gives_the_same_checkpoint(tmp_path):
+    """A run killed in the middle of a layer's BlockLDLQ, resumed, killed in
+    the middle of a layer's fine-tuning and again in the middle of an
+    end-to-end fine-tuning epoch, and resumed to the end, writes exactly the
+    checkpoint of an uninterrupted run; finished layers are not redone."""
+    src = _tiny_llama(tmp_path / "fp16", num_hidden_layers=2, intermediate_size=64)
+    seqs = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+    options = _quick(
+        K=2,
+        finetune=True,
+        ft=FinetuneOptions(epochs=1),
+        e2e_finetune=True,
+        e2e=E2EOptions(seqs=8, epochs=3, lr=1e-2, batch_size=2),
+    )
+    run = quantize.RunOptions(layers_per_step=1)
+    straight = quantize.quantize_model(
+        src, tmp_path / "a", seqs, options, run, work_dir=tmp_path / "a.work"
+    )
+
+    out, work = tmp_path / "b", tmp_path / "b.work"
+    args_file = tmp_path / "args.pt"
+    torch.save(
+        {"args": (src, out, seqs, options, run), "kwargs": {"work_dir": work}},
+        args_file,
+    )
+    # Each layer makes 6 Viterbi calls (2 column blocks of n=32, 4 of
+    # n=64): call 9 is in layer 1's down_proj.
+    assert _quantize_in_subprocess("viterbi", 9, args_file) == -signal.SIGKILL
+    layer0 = work / "layers" / "layer_000.pt"
+    assert layer0.exists() and not (work / "layers" / "layer_001.pt").exists()
+    assert (work / "hessians" / "layer_001.pt").exists()
+    done_at = layer0.stat().st_mtime_ns
+    # Layer 1's fine-tuning is the first one this run does.
+    assert _quantize_in_subprocess("finetune", 1, args_file) == -signal.SIGKILL
+    assert not (work / "layers" / "layer_001.pt").exists()
+    # End-to-end KL calls: 2 held-out, then 6 training + 2 held-out per
+    # epoch: call 13 is in the second epoch.
+    assert _quantize_in_subprocess("e2e", 13, args_file) == -signal.SIGKILL
+    state = torch.load(work / "e2e_state.pt", weights_only=False)
+    assert state["epoch"] == 1 and not (work / "e2e.pt").exists()
+    assert layer0.stat().st_mtime_ns == done_at
+
+    resumed = quantize.quantize_model(src, out, seqs, options, run, work_dir=work)
+    assert not (work / "e2e_state.pt").exists()
+    assert resumed["e2e"]["kl_history"] == straight["e2e"]["kl_history"]
+    assert resumed["layers"][1]["proxy"] == straight["layers"][1]["proxy"]
+    _, expected = qtip_checkpoint.read_checkpoint(tmp_path / "a")
+    _, tensors = qtip_checkpoint.read_checkpoint(out)
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], t) for k, t in expected.items())
+
+
+def _write_tensors(path: Path, drop: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    del tensors[drop]
+    save_file(tensors, file, {"format": "pt"})
+
+
+def _edit_config(path: Path, **changes) -> None:
+    file = path / "config.json"
+    file.write_text(json.dumps(json.loads(file.read_text()) | changes))
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("architecture", "unsupported architecture"),
+        ("hadamard", "out_features=544: unsupported dimension"),
+        ("missing-tensor", "missing: model.layers.0.mlp.down_proj.weight"),
+        ("no-safetensors", "no \\*.safetensors files"),
+        ("disk", "not enough disk space: .*Hessians"),
+        ("gpu", "one decoder layer needs about .* GiB available"),
+        ("resume", "pass --resume"),
+    ],
+)
+def test_bad_inputs_are_refused_before_any_work(tmp_path, monkeypatch, case, match):
+    src = _tiny_llama(tmp_path / "fp16")
+    seqs = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    options, run = _quick(K=2), quantize.RunOptions()
+    work = tmp_path / "qtip.work"
+    if case == "architecture":
+        _edit_config(src, model_type="mistral", architectures=["MistralForCausalLM"])
+    elif case == "hadamard":  # 544 = 17 * 32: no QTIP Hadamard factor
+        _edit_config(src, intermediate_size=544)
+    elif case == "missing-tensor":
+        _write_tensors(src, "model.layers.0.mlp.down_proj.weight")
+    elif case == "no-safetensors":
+        (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    elif case == "disk":
+        usage = type(resources.shutil.disk_usage(tmp_path))(10**9, 10**9, 100)
+        monkeypatch.setattr(resources.shutil, "disk_usage", lambda path: usage)
+    elif case == "gpu":
+        # As on a GPU with 1 MiB free (the check needs no GPU itself).
+        monkeypatch.setattr(quantize, "gpu_available", lambda run: 1 << 20)
+        run = quantize.RunOptions(device="cuda")
+    elif case == "resume":
+        quantize.WorkDir(work, None).create()
+        fingerprint = quantize.options_fingerprint(options, src, list(seqs.shape), "")[
+            "layers"
+        ]
+        quantize.WorkDir(work, None).save_options(fingerprint)
+        run = quantize.RunOptions(resume=False)
+    with pytest.raises(ValueError, match=match):
+        quantize.quantize_model(src, tmp_path / "qtip", seqs, options, run)
+    assert not (tmp_path / "qtip").exists()
+    assert not (work / "tlut.pt").exists()
+    if case != "resume":
+        assert not work.exists()
+
+
+def test_resource_estimates_for_the_target_models():
+    """The streaming driver's GPU estimate for one layer: Llama-3.1-8B fits a
+    24 GB GPU, Llama-3.1-70B an H200; and end-to-end fine-tuning of 8B does
+    not fit an H200, so it is refused up front."""
+    from transformers import LlamaConfig
+
+    llama8 = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=32,
+        vocab_size=128256,
+    )
+    llama70 = LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        num_hidden_layers=80,
+        vocab_size=128256,
+    )
+    gib = resources.GiB
+    for config, gpu in [(llama8, 22 * gib), (llama70, 139 * gib)]:
+        memory = resources.layer_memory(
+            config, K=2, finetune=True, batch_size=4, seqlen=2048
+        )
+        resources.check_gpu_memory(memory, gpu, "fits")
+        with pytest.raises(ValueError, match="needs about"):
+            resources.check_gpu_memory(memory, memory.peak() // 2, "too small")
+    assert resources.e2e_memory(llama8, seqlen=2048) > 141 * gib
+    # Hessians on disk: packed float32, 153 GiB for all of 70B (2 GiB per
+    # layer with --discard-hessians).
+    assert 150 < 80 * hessian.hessian_file_bytes(llama70) / gib < 156
+
+
+@pytest.fixture
+def cpu_attention(monkeypatch):
+    """Let vLLM build Attention layers on a machine without an accelerator."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    monkeypatch.setattr(
+        current_platform,
+        "get_attn_backend_cls",
+        lambda *args, **kwargs: AttentionBackendEnum.CPU_ATTN.get_path(),
+    )
+    selector._cached_get_attn_backend.cache_clear()
+    yield
+    selector._cached_get_attn_backend.cache_clear()
+
+
+def test_sharded_output_loads_in_vllm_and_reference(tmp_path, cpu_attention):
+    """The quantizer's checkpoint, written in several shards with an index,
+    is detected as QTIP by vLLM with no flag and loads through vLLM's own
+    loader into layers that compute what the HF reference model computes;
+    the reference reads it like a single-file checkpoint."""
+    from vllm.config import (
+        DeviceConfig,
+        LoadConfig,
+        ModelConfig,
+        VllmConfig,
+        set_current_vllm_config,
+    )
+    from vllm.distributed import (
+        cleanup_dist_env_and_memory,
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+    from vllm.model_executor.model_loader import get_model_loader
+
+    src = _tiny_llama(tmp_path / "fp16")
+    seqs = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    options = _quick(K=2, hessian=False)
+    work = tmp_path / "work"
+    one = tmp_path / "one"
+    quantize.quantize_model(
+        src, one, seqs, options, quantize.RunOptions(), work_dir=work
+    )
+    out = tmp_path / "sharded"
+    run = quantize.RunOptions(max_shard_gb=5_000 / resources.GiB)
+    quantize.quantize_model(src, out, seqs, options, run, work_dir=work)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").exists()
+    _, single = qtip_checkpoint.read_checkpoint(one)
+    _, sharded = qtip_checkpoint.read_checkpoint(out)
+    assert all(torch.equal(sharded[k], t) for k, t in single.items())
+    assert sharded.keys() == single.keys()
+
+    ref = qtip_checkpoint.build_reference_model(out, dtype=torch.float16)
+    model_config = ModelConfig(str(out), skip_tokenizer_init=True, dtype=torch.float16)
+    assert model_config.quantization == "qtip"
+    vllm_config = VllmConfig(
+        model_config=model_config,
+        device_config=DeviceConfig(device="cpu"),
+        load_config=LoadConfig(),
+    )
+    try:
+        with set_current_vllm_config(vllm_config):
+            init_distributed_environment(
+                world_size=1,
+                rank=0,
+                local_rank=0,
+                distributed_init_method=f"file://{tmp_path}/dist_store",
+                backend="gloo",
+            )
+            initialize_model_parallel(1, 1)
+            model = get_model_loader(vllm_config.load_config).load_model(
+                vllm_config=vllm_config, model_config=model_config
+            )
+        gen = torch.Generator().manual_seed(0)
+        for ours, theirs in zip(model.model.layers, ref.model.layers):
+            x = torch.randn(4, 32, generator=gen).half()
+            attn = theirs.self_attn
+            qkv, _ = ours.self_attn.qkv_proj(x)
+            expected = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+            torch.testing.assert_close(qkv, expected, rtol=0, atol=0)
+            mlp = theirs.mlp
+            gate_up, _ = ours.mlp.gate_up_proj(x)
+            expected = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1)
+            torch.testing.assert_close(gate_up, expected, rtol=0, atol=0)
+            h = torch.randn(4, 96, generator=gen).half()
+            down, _ = ours.mlp.down_proj(h)
+            torch.testing.assert_close(down, mlp.down_proj(h), rtol=0, atol=0)
+    finally:
+        cleanup_dist_env_and_memory()
 
 
 def test_unsupported_models_are_refused():

@@ -9,6 +9,7 @@ import torch
 from .e2e import E2EOptions
 from .finetune import FinetuneOptions
 from .quantize import QuantizeOptions, RunOptions
+from .viterbi import BACKENDS
 
 
 def _default_device() -> str:
@@ -70,8 +71,9 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--layers-per-step",
         type=int,
-        default=8,
-        help="layers quantized together (more: fuller Viterbi batches)",
+        help="layers quantized together (more: fuller Viterbi batches, more "
+        "GPU memory); default: enough for ~1024 tiles per Viterbi call within "
+        "half the GPU (all layers on a CPU)",
     )
     r.add_argument(
         "--viterbi-mem-gb",
@@ -79,7 +81,27 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
         help="memory for one Viterbi batch (default: 40%% of free GPU, 2 GiB CPU)",
     )
     r.add_argument(
-        "--no-compile", action="store_true", help="eager Viterbi step on the GPU"
+        "--viterbi",
+        choices=BACKENDS,
+        help="Viterbi implementation: Triton kernels + CUDA graphs (GPU "
+        "default), the compiled torch step, or eager torch (CPU default)",
+    )
+    r.add_argument(
+        "--gpu-mem-gb",
+        type=float,
+        help="use at most this much GPU memory (checks and batch sizes)",
+    )
+    r.add_argument(
+        "--discard-hessians",
+        action="store_true",
+        help="delete each layer's Hessians once the layer is done (disk: one "
+        "layer's instead of all; other runs cannot reuse them)",
+    )
+    r.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=5.0,
+        help="largest safetensors file of the checkpoint",
     )
     r.add_argument(
         "--layout",
@@ -121,8 +143,13 @@ def options_from_args(
         batch_size=args.batch_size,
         layers_per_step=args.layers_per_step,
         viterbi_mem_gb=args.viterbi_mem_gb,
-        compile_viterbi=False if args.no_compile else None,
+        viterbi=args.viterbi,
         layout=args.layout,
+        # The table reruns its commands by design; `quantize` asks.
+        resume=getattr(args, "resume", True),
+        gpu_mem_gb=args.gpu_mem_gb,
+        max_shard_gb=args.max_shard_gb,
+        keep_hessians=not args.discard_hessians,
     )
     return options, run
 

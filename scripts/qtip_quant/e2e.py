@@ -13,13 +13,22 @@ held-out part of the sequences picks the best epoch.
 
 Memory: one sequence per forward (gradients accumulate over --e2e-batch-size
 sequences), the student in fp32 with a bf16 autocast forward on CUDA; for
-SmolLM2-135M with 2048-token sequences that is a few GiB.
+SmolLM2-135M with 2048-token sequences that is a few GiB. Unlike the
+per-layer stages this holds the whole model (the teacher and the student):
+it is for models that fit the GPU twice over (resources.e2e_memory).
+
+Resumable: with a state file, the trained values, the optimizer, the best
+epoch so far and the data order's random state are saved after every epoch,
+and a restarted run continues from the last saved epoch with the same
+result as an uninterrupted one.
 """
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +37,7 @@ from tqdm.auto import tqdm
 
 from .codec import QTIPCodeParams
 from .finetune import QuantizedLinear, TrainableQTIPLinear, hadamard_blocks
-
-LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+from .model_io import LAYER_NORMS
 
 
 @dataclass
@@ -125,6 +133,8 @@ def finetune_e2e(
     sequences: torch.Tensor,
     options: E2EOptions,
     store_dtype: torch.dtype,
+    *,
+    state_file: Path | None = None,
 ) -> E2EResult:
     """Fine-tune all quantized projections and norms against model's logits.
 
@@ -133,6 +143,8 @@ def finetune_e2e(
     last valid_fraction of those held out. store_dtype is the checkpoint
     dtype of SU and the norms: the result is rounded to it (SV stays fp32,
     tlut becomes fp16), so the checkpoint holds what the student computes.
+    state_file: where the state is saved after each epoch and resumed from
+    (it records the options; a state of other options is ignored).
     """
     if options.seqs > sequences.shape[0]:
         raise ValueError(
@@ -167,12 +179,34 @@ def finetune_e2e(
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in trainable.items()}
 
-    start = best = validation()
-    best_params, best_epoch, history = snapshot(), 0, [start]
     generator = torch.Generator().manual_seed(options.seed)
+    key = dataclasses.asdict(options)
+    state = None
+    if state_file is not None and state_file.exists():
+        state = torch.load(state_file, weights_only=False)
+        if state["options"] != key:
+            state = None
+    if state is None:
+        start = best = validation()
+        best_params, best_epoch, history = snapshot(), 0, [start]
+        first_epoch, elapsed = 0, 0.0
+    else:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(state["params"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start, best, best_epoch = state["start"], state["best"], state["best_epoch"]
+        best_params, history = state["best_params"], state["history"]
+        first_epoch, elapsed = state["epoch"], state["elapsed"]
     model.eval()
     student.train()
-    bar = tqdm(range(options.epochs), desc="e2e fine-tune", leave=False)
+    bar = tqdm(
+        range(first_epoch, options.epochs),
+        desc="e2e fine-tune",
+        total=options.epochs,
+        initial=first_epoch,
+    )
     for epoch in bar:
         order = torch.randperm(len(train), generator=generator).tolist()
         for b in range(0, len(order), options.batch_size):
@@ -187,6 +221,23 @@ def finetune_e2e(
         bar.set_postfix(kl=f"{score:.4f}")
         if score < best:
             best, best_params, best_epoch = score, snapshot(), epoch + 1
+        if state_file is not None:
+            state = {
+                "options": key,
+                "epoch": epoch + 1,
+                "params": snapshot(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "start": start,
+                "best": best,
+                "best_epoch": best_epoch,
+                "best_params": best_params,
+                "history": history,
+                "elapsed": elapsed + time.time() - t0,
+            }
+            tmp = state_file.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(state_file)
     # The best epoch's values, rounded as the checkpoint stores them.
     with torch.no_grad():
         for name, p in trainable.items():
@@ -222,6 +273,6 @@ def finetune_e2e(
         "best_epoch": best_epoch,
         "train_seqs": len(train),
         "valid_seqs": len(valid),
-        "e2e_s": time.time() - t0,
+        "e2e_s": elapsed + time.time() - t0,
     }
     return E2EResult(linears, norms, stats, student)

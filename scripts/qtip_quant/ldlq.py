@@ -27,22 +27,33 @@ import torch
 from tqdm.auto import tqdm
 
 from .codec import QTIPCodeParams, qtip_utils
-from .viterbi import quantize_sequences
+from .viterbi import ViterbiSolver
 
 
 def hadamard_matrix(
-    n: int, block_size: int | None = None, device: torch.device | str = "cpu"
+    n: int,
+    block_size: int | None = None,
+    device: torch.device | str = "cpu",
+    rows_per_step: int = 2048,
 ) -> torch.Tensor:
-    """Dense float64 Hn (block-diagonal with ``block_size``).
+    """Dense float64 Hn (block-diagonal with ``block_size``), built on device.
 
     ``qtip_utils.hadamard_transform(x, block_size=...)`` equals ``x @ Hn.T``.
     Built from the codec itself, so the factor choice always matches it; its
-    entries are exactly +-1/sqrt(block).
+    entries are exactly +-1/sqrt(block). Transformed a few identity rows at a
+    time, so the only large allocation is the result.
     """
     block = n if block_size is None else block_size
-    rows = qtip_utils.hadamard_transform(torch.eye(n), block_size=block_size)
-    signs = torch.round(rows.double() * math.sqrt(block))
-    return (signs.T / math.sqrt(block)).to(device)
+    out = torch.empty(n, n, dtype=torch.float64, device=device)
+    for start in range(0, n, rows_per_step):
+        count = min(rows_per_step, n - start)
+        eye = torch.zeros(count, n, device=device)
+        eye[torch.arange(count), torch.arange(start, start + count)] = 1.0
+        rows = qtip_utils.hadamard_transform(eye, block_size=block_size)
+        out[:, start : start + count] = torch.round(
+            rows.double() * math.sqrt(block)
+        ).T / math.sqrt(block)
+    return out
 
 
 def check_hadamard_dim(dim: int, what: str, block_size: int | None = None) -> None:
@@ -85,10 +96,11 @@ def block_ldl(H: torch.Tensor, block: int) -> torch.Tensor:
         raise ValueError(f"Hessian size {n} is not a multiple of block {block}")
     C = torch.linalg.cholesky(H)
     nb = n // block
-    cols = C.view(n, nb, block).transpose(0, 1)  # (nb, n, block)
     idx = torch.arange(nb, device=H.device)
     diag = C.view(nb, block, nb, block)[idx, :, idx, :]  # (nb, block, block)
+    cols = C.view(n, nb, block).transpose(0, 1)  # (nb, n, block)
     L = torch.linalg.solve_triangular(diag, cols, upper=False, left=False)
+    del C, cols  # large for wide layers: free before the transposed copy
     L = L.transpose(0, 1).reshape(n, n)
     L.view(nb, block, nb, block)[idx, :, idx, :] = 0
     return L
@@ -97,7 +109,9 @@ def block_ldl(H: torch.Tensor, block: int) -> torch.Tensor:
 def regularize(H: torch.Tensor, sigma: float) -> torch.Tensor:
     """H + sigma * mean(diag H) * I (the reference's --sigma_reg)."""
     damp = sigma * H.diagonal().mean()
-    return H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    out = H.clone()
+    out.diagonal().add_(damp)
+    return out
 
 
 def safe_block_ldl(H: torch.Tensor, block: int, sigma: float) -> torch.Tensor:
@@ -162,13 +176,15 @@ def block_ldlq(
     params: QTIPCodeParams,
     *,
     mem_bytes: int,
-    compile_step: bool = False,
+    backend: str = "torch",
     desc: str = "LDLQ",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Quantize every job; returns (states (m, n/V) int64, W_hat (m, n)).
 
     All jobs must share n. W_hat is float32 in lookup-table units, exactly
     what ``qtip_utils.decode_weight`` returns for the packed states.
+    ``backend`` and ``mem_bytes`` go to the ViterbiSolver. Nothing in the
+    loop over column blocks waits for the GPU.
     """
     n = jobs[0].weight.shape[1]
     device = jobs[0].weight.device
@@ -186,13 +202,13 @@ def block_ldlq(
     inverse = torch.argsort(order)
     rows = [job.weight.shape[0] for job in jobs]
     weight = torch.cat([job.weight.float() for job in jobs])
-    L, kv = params.L, params.K * params.V
+    solver = ViterbiSolver(
+        table, params.L, params.K * params.V, mem_bytes=mem_bytes, backend=backend
+    )
 
     def quantize(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seq = _to_sequences(block, params, order)
-        states = quantize_sequences(
-            seq, table, L, kv, mem_bytes=mem_bytes, compile_step=compile_step
-        )
+        states = solver(seq)
         w_hat = _from_sequences(table[states], params, inverse)
         return _natural_states(states, params, order), w_hat
 
@@ -225,4 +241,5 @@ def block_ldlq(
             states[:, b * groups : (b + 1) * groups] = block_states
             w_hat[:, cols] = block_w
             error[:, cols] = weight[:, cols] - block_w
+    solver.close()
     return list(zip(states.split(rows), w_hat.split(rows)))

@@ -1,17 +1,27 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-"""Quantize a Llama-family HF model into a QTIP checkpoint.
+"""Quantize a Llama-family HF model into a QTIP checkpoint, one decoder layer
+at a time.
 
-Pipeline (qtip_format.md §4): Hessians on calibration text -> per group of
-projections sharing an input: random signs + Hadamards + Wscale ->
-BlockLDLQ with the tail-biting Viterbi -> optional per-layer fine-tuning ->
-optional end-to-end fine-tuning -> the relaxml checkpoint layout through the
-project's writer.
+Pipeline (qtip_format.md §4): per decoder layer, in order: the calibration
+sequences' hidden states go through the original layer (its input Hessians
+are accumulated and saved) -> per group of projections sharing an input:
+random signs + Hadamards + Wscale -> BlockLDLQ with the tail-biting Viterbi
+-> optional per-layer fine-tuning -> the layer's tensors are saved. Then
+optional end-to-end fine-tuning, and the relaxml checkpoint layout, written
+shard by shard.
 
-Work files (``--work-dir``) make the run resumable: Hessians are stored per
-layer, each finished layer's tensors are saved before the next chunk
-starts, and the end-to-end result once it is done, so a restarted run skips
-what is done.
+Memory: the original model is read from its safetensors shards one layer at
+a time (model_io.SourceModel), the calibration activations exist for the
+current layer only (host memory, in the model dtype), Hessians go to disk;
+the GPU holds one layer (or ``layers_per_step`` layers) and its work.
+
+Work files (``--work-dir``) make the run resumable after a kill at any
+point: Hessians are stored per layer, each finished layer's tensors are
+saved as soon as it is done, end-to-end fine-tuning saves its state every
+epoch; a resumed run recomputes the activations entering the first
+unfinished layer by running the finished original layers (no Hessians, no
+quantization) and continues.
 """
 
 import dataclasses
@@ -35,7 +45,14 @@ from .finetune import (
     finetune_layer,
     hadamard_blocks,
 )
-from .hessian import LLAMA_GROUPS, calibrate
+from .hessian import (
+    LLAMA_GROUPS,
+    CalibrationStream,
+    hessian_file_bytes,
+    hessians_ok,
+    load_hessians,
+    save_hessians,
+)
 from .ldlq import (
     LDLQJob,
     block_ldlq,
@@ -43,6 +60,24 @@ from .ldlq import (
     hadamard_matrix,
     safe_block_ldl,
 )
+from .model_io import (
+    ShardWriter,
+    SourceModel,
+    decoder_layer,
+    load_config,
+    write_config,
+)
+from .resources import (
+    GiB,
+    auto_layers_per_step,
+    check_disk,
+    check_gpu_memory,
+    checkpoint_bytes,
+    e2e_memory,
+    layer_file_bytes,
+    layer_memory,
+)
+from .viterbi import BACKENDS, checked_backend, default_backend
 
 # TP split of split_for_tp checkpoints (qtip_format.md §6.1): output blocks
 # (rcp=2) for the column-parallel groups, input blocks (rcp=1) for the
@@ -91,10 +126,21 @@ class RunOptions:
 
     device: str = "cpu"
     batch_size: int = 4
-    layers_per_step: int = 8
+    # Layers quantized together (their BlockLDLQ blocks share Viterbi
+    # calls); None: as many as fill the Viterbi batches within half the GPU.
+    layers_per_step: int | None = None
     viterbi_mem_gb: float | None = None
-    compile_viterbi: bool | None = None
+    viterbi: str | None = None  # viterbi.BACKENDS; None: the device's default
     layout: str = "relaxml"
+    # Continue a work dir that holds a run with the same options (the CLI
+    # asks for --resume); False refuses such a work dir.
+    resume: bool = True
+    # Treat the GPU as having at most this much memory (checks, budgets).
+    gpu_mem_gb: float | None = None
+    max_shard_gb: float = 5.0
+    # Keep every layer's Hessians (shareable between runs: 153 GiB for a
+    # 70B model); False deletes each once its layer is saved.
+    keep_hessians: bool = True
 
 
 def check_model(config: Any, tp_split: int = 0) -> None:
@@ -183,7 +229,11 @@ def _prepare_group(
     hadamards: _Hadamards,
     rcp: int,
 ) -> _GroupWork:
-    """Random signs, Hadamards and Wscale of a group (§3.3)."""
+    """Random signs, Hadamards and Wscale of a group (§3.3).
+
+    ``hessian`` (float64, on the device) is overwritten: wide layers have
+    Hessians of several GiB, so no copy of it is made.
+    """
     device = hadamards.device
     n = weights[0].shape[1]
     tp = options.tp_split or DEFAULT_TP_RANK
@@ -223,17 +273,24 @@ def _prepare_group(
     h_rot = None
     feedback = None
     if hessian is not None:
-        h = hessian.to(device)
-        h_rot = h_in.T @ (su0[:, None] * h * su0[None, :]) @ h_in
-        scaled = col_scale[:, None] * h_rot * col_scale[None, :]
+        # h_in^T diag(su0) H diag(su0) h_in, without extra n x n copies.
+        h = hessian.mul_(su0[:, None]).mul_(su0[None, :])
+        h = h_in.T @ h
+        del hessian
+        h_rot = h @ h_in
+        del h
+        # Scaling by ones is exact: only rcp=1 needs the scaled copy.
+        scaled = col_scale[:, None] * h_rot * col_scale[None, :] if rcp == 1 else h_rot
         feedback = safe_block_ldl(scaled, options.code.td_y, options.sigma_reg)
+        feedback = feedback.float()
+        del scaled
     target = torch.cat(
         [wr / r[:, None] / col_scale[None, :] for wr, r in zip(rotated, row_scales)]
     )
     return _GroupWork(
         layer=layer,
         paths=paths,
-        job=LDLQJob(target.float(), None if feedback is None else feedback.float()),
+        job=LDLQJob(target.float(), feedback),
         rotated=rotated,
         hessian=h_rot,
         su=su0 * col_scale,
@@ -295,10 +352,13 @@ class WorkDir:
     def __init__(self, path: Path, hessian_dir: Path | None) -> None:
         self.path = path
         self.hessian_dir = hessian_dir or path / "hessians"
-        (path / "layers").mkdir(parents=True, exist_ok=True)
+
+    def create(self) -> None:
+        (self.path / "layers").mkdir(parents=True, exist_ok=True)
         self.hessian_dir.mkdir(parents=True, exist_ok=True)
 
-    def check_options(self, fingerprint: dict[str, Any]) -> None:
+    def check_options(self, fingerprint: dict[str, Any], resume: bool) -> None:
+        """Refuse a work dir of another run; without resume, any earlier run."""
         file = self.path / "options.json"
         if file.exists():
             saved = json.loads(file.read_text())
@@ -312,7 +372,17 @@ class WorkDir:
                     f"work dir {self.path} holds a run with other options "
                     f"(differs in {changed}); use another --work-dir or delete it"
                 )
-        else:
+            if not resume:
+                done = len(list((self.path / "layers").glob("layer_*.pt")))
+                raise ValueError(
+                    f"work dir {self.path} holds an earlier run of this command "
+                    f"({done} layer(s) done): pass --resume to continue it, or "
+                    "delete it to start again"
+                )
+
+    def save_options(self, fingerprint: dict[str, Any]) -> None:
+        file = self.path / "options.json"
+        if not file.exists():
             file.write_text(json.dumps(fingerprint, indent=2))
 
     def hessian_file(self, layer: int) -> Path:
@@ -327,6 +397,11 @@ class WorkDir:
     @property
     def e2e_file(self) -> Path:
         return self.path / "e2e.pt"
+
+    @property
+    def e2e_state_file(self) -> Path:
+        """End-to-end fine-tuning's state after its last finished epoch."""
+        return self.path / "e2e_state.pt"
 
     def load_e2e(self, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
         """The saved end-to-end result if it was made with these options."""
@@ -405,13 +480,111 @@ def _layer_tensors(quantized: dict[str, QuantizedLinear], params: QTIPCodeParams
     return out
 
 
+def gpu_available(run: RunOptions) -> int:
+    """Bytes the run may use on its GPU (free memory, capped by gpu_mem_gb)."""
+    device = torch.device(run.device)
+    free, _ = torch.cuda.mem_get_info(device)
+    if run.gpu_mem_gb is not None:
+        free = min(free, int(run.gpu_mem_gb * GiB))
+    return free
+
+
 def _viterbi_memory(run: RunOptions) -> int:
     if run.viterbi_mem_gb is not None:
-        return int(run.viterbi_mem_gb * 2**30)
+        return int(run.viterbi_mem_gb * GiB)
     if torch.device(run.device).type == "cuda":
-        free, _ = torch.cuda.mem_get_info(torch.device(run.device))
-        return int(free * 0.4)
-    return 2 * 2**30
+        return int(gpu_available(run) * 0.4)
+    return 2 * GiB
+
+
+@dataclass
+class _Plan:
+    """What the checks decided before any work."""
+
+    layers_per_step: int
+    viterbi: str
+    model_dtype: torch.dtype
+    memory: Any
+
+
+def _plan_run(
+    config: Any,
+    options: QuantizeOptions,
+    run: RunOptions,
+    sequences: torch.Tensor,
+    work: WorkDir,
+    out_dir: Path,
+    calibration_id: str,
+    pending: list[int],
+) -> _Plan:
+    """Check disk and GPU memory (ValueError naming what is short) and pick
+    the layers per step and the Viterbi backend."""
+    device = torch.device(run.device)
+    # fp16 matmuls are slow or missing on CPUs.
+    dtype = torch.float32 if device.type == "cpu" else config.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = torch.float16
+    backend = run.viterbi or default_backend(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"--viterbi {backend!r}: choose one of {BACKENDS}")
+    if backend == "triton" and device.type != "cuda":
+        raise ValueError("--viterbi triton needs a CUDA device")
+    memory = layer_memory(
+        config,
+        K=options.K,
+        finetune=options.finetune,
+        batch_size=run.batch_size,
+        seqlen=sequences.shape[1],
+        model_bytes=torch.finfo(dtype).bits // 8,
+    )
+    k = run.layers_per_step
+    if device.type == "cuda":
+        available = gpu_available(run)
+        what = (
+            f"{config.num_hidden_layers} layers of hidden {config.hidden_size}, "
+            f"intermediate {config.intermediate_size}"
+        )
+        check_gpu_memory(memory, available, what, layers_per_step=k or 1)
+        if options.e2e_finetune:
+            need = e2e_memory(config, seqlen=sequences.shape[1])
+            if need > available:
+                raise ValueError(
+                    f"end-to-end fine-tuning keeps the original model and an fp32 "
+                    f"student on the GPU: about {need / GiB:.1f} GiB for this "
+                    f"model, but the GPU has {available / GiB:.1f} GiB available; "
+                    "drop --e2e-finetune (per-layer --finetune works at any size)"
+                )
+        if k is None:
+            k = auto_layers_per_step(config, memory, available)
+    elif k is None:
+        k = config.num_hidden_layers
+    missing_h = [
+        i
+        for i in pending
+        if options.hessian and not hessians_ok(work.hessian_file(i), calibration_id)
+    ]
+    layer_bytes = layer_file_bytes(config, options.K)
+    e2e_bytes = config.num_hidden_layers * layer_bytes if options.e2e_finetune else 0
+    hessian_layers = len(missing_h) if run.keep_hessians else min(1, len(missing_h))
+    check_disk(
+        [
+            (work.hessian_dir, hessian_layers * hessian_file_bytes(config), "Hessians"),
+            (work.path, len(pending) * layer_bytes + e2e_bytes, "layer files"),
+            (out_dir, checkpoint_bytes(config, options.K), "the checkpoint"),
+        ]
+    )
+    return _Plan(k, backend, dtype, memory)
+
+
+def _chunks(pending: list[int], size: int) -> list[list[int]]:
+    """Runs of consecutive pending layers, cut to at most size layers."""
+    chunks: list[list[int]] = []
+    for i in pending:
+        if chunks and chunks[-1][-1] == i - 1 and len(chunks[-1]) < size:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 def quantize_model(
@@ -429,21 +602,20 @@ def quantize_model(
 
     sequences: calibration token ids (N, seqlen). ``calibration_id`` names
     the calibration data in the Hessian files, so Hessians shared through
-    ``hessian_dir`` are never mixed across data sets.
+    ``hessian_dir`` are never mixed across data sets. Every check (model
+    family, shapes, tensors, disk, GPU memory) runs before any work.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    t_start = time.time()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = load_config(model_dir)
     check_model(config, options.tp_split)
+    source = SourceModel(model_dir)
+    source.check(config)
     params = options.code
     params.validate()
     if not params.uses_kernel_layout:
         raise ValueError(f"only the HYB kernel code is supported here, got {params}")
     device = torch.device(run.device)
-    compile_viterbi = (
-        device.type == "cuda" if run.compile_viterbi is None else run.compile_viterbi
-    )
     work = WorkDir(
         Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work"),
         Path(hessian_dir) if hessian_dir else None,
@@ -451,54 +623,36 @@ def quantize_model(
     fingerprints = options_fingerprint(
         options, model_dir, list(sequences.shape), calibration_id
     )
-    work.check_options(fingerprints["layers"])
+    work.check_options(fingerprints["layers"], run.resume)
+    num_layers = config.num_hidden_layers
+    pending = [i for i in range(num_layers) if not work.layer_file(i).exists()]
+    plan = _plan_run(
+        config, options, run, sequences, work, out_dir, calibration_id, pending
+    )
+    work.create()
+    work.save_options(fingerprints["layers"])
     stats: dict[str, Any] = {
         "options": fingerprints["layers"],
         "e2e_options": fingerprints["e2e"],
+        "run": {
+            "layers_per_step": plan.layers_per_step,
+            "viterbi": plan.viterbi,
+            "device": str(device),
+            "estimated_layer_gpu_gib": plan.memory.peak(plan.layers_per_step) / GiB,
+        },
         "layers": {},
     }
-    t_start = time.time()
-
-    # fp16 matmuls are slow or missing on CPUs.
-    dtype = torch.float32 if device.type == "cpu" else config.dtype
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model.to(device).eval()
-    num_layers = config.num_hidden_layers
-    pending = [i for i in range(num_layers) if not work.layer_file(i).exists()]
     if pending:
         # End-to-end results are only valid for the layers they started from.
         work.e2e_file.unlink(missing_ok=True)
+        work.e2e_state_file.unlink(missing_ok=True)
 
-    # 1. Calibration: Hessians that are missing, and fine-tuning inputs.
-    calibration = None
-    need_h = [
-        i
-        for i in pending
-        if options.hessian and not _hessian_ok(work.hessian_file(i), calibration_id)
-    ]
-    if need_h or (options.finetune and pending):
-        t0 = time.time()
-        calibration = calibrate(
-            model,
-            sequences,
-            batch_size=run.batch_size,
-            hessian_layers=set(need_h),
-            input_layers=set(pending) if options.finetune else set(),
-            input_sequences=options.ft_seqs,
-        )
-        for i in need_h:
-            data = {g: calibration.hessians[(i, g)].cpu() for g in LLAMA_GROUPS}
-            torch.save(
-                {"hessians": data, "tokens": calibration.tokens, "id": calibration_id},
-                work.hessian_file(i),
-            )
-        stats["calibration_s"] = time.time() - t0
-
-    # 2. The initial lookup table (k-means), once per work dir.
+    # 1. The initial lookup table (k-means), once per work dir.
     tlut_file = work.path / "tlut.pt"
     if tlut_file.exists():
         tlut = torch.load(tlut_file)
     else:
+        print("stage 1/4: k-means lookup table", flush=True)
         t0 = time.time()
         tlut = initial_tlut(
             params,
@@ -507,33 +661,149 @@ def quantize_model(
             seed=options.seed,
             device=device,
         )
-        torch.save(tlut, tlut_file)
+        _save(tlut, tlut_file)
         stats["tlut_s"] = time.time() - t0
     # The checkpoint stores the table in fp16: quantize against that.
     tlut = tlut.half().float()
-    table = qtip_utils.decode_table(params, tlut, device=device)
-    lut_rms = float(table.pow(2).mean().sqrt())
-    hadamards = _Hadamards(device)
-    mem_bytes = _viterbi_memory(run)
 
-    # 3. Layers, a chunk at a time.
-    layers = model.model.layers
-    for c in tqdm(range(0, len(pending), run.layers_per_step), desc="layer chunks"):
-        chunk = pending[c : c + run.layers_per_step]
+    # 2. Layers, one chunk of consecutive layers at a time.
+    if pending:
+        print(
+            f"stage 2/4: {len(pending)} of {num_layers} layers "
+            f"({plan.layers_per_step} per step, Viterbi: {plan.viterbi})",
+            flush=True,
+        )
+        stats["run"]["viterbi"] = _quantize_layers(
+            source,
+            config,
+            sequences,
+            options,
+            run,
+            plan,
+            work,
+            params,
+            tlut,
+            pending,
+            calibration_id,
+        )
+
+    # 3. End-to-end fine-tuning of all layers together, once.
+    e2e = None
+    if fingerprints["e2e"] is not None:
+        e2e = work.load_e2e(fingerprints["e2e"])
+        if e2e is None:
+            print("stage 3/4: end-to-end fine-tuning", flush=True)
+            result = _run_e2e(model_dir, work, params, sequences, options, plan, device)
+            e2e = {
+                "options": fingerprints["e2e"],
+                "linears": {
+                    i: _layer_tensors(layer, params)
+                    for i, layer in result.linears.items()
+                },
+                "norms": result.norms,
+                "stats": result.stats,
+            }
+            _save(e2e, work.e2e_file)
+            work.e2e_state_file.unlink(missing_ok=True)
+        stats["e2e"] = e2e["stats"]
+
+    # 4. The checkpoint.
+    print(f"stage 4/4: writing {out_dir}", flush=True)
+    write_qtip_checkpoint(source, model_dir, out_dir, work, params, options, run, e2e)
+    stats["total_s"] = time.time() - t_start
+    stats["layers"] = {
+        i: torch.load(work.layer_file(i))["stats"] for i in range(num_layers)
+    }
+    (out_dir / "quantize_stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def _quantize_layers(
+    source: SourceModel,
+    config: Any,
+    sequences: torch.Tensor,
+    options: QuantizeOptions,
+    run: RunOptions,
+    plan: _Plan,
+    work: WorkDir,
+    params: QTIPCodeParams,
+    tlut: torch.Tensor,
+    pending: list[int],
+    calibration_id: str,
+) -> str:
+    """Quantize the pending layers in order, saving each when it is done.
+
+    Returns the Viterbi backend used (after checked_backend)."""
+    device = torch.device(run.device)
+    num_layers = config.num_hidden_layers
+    table = qtip_utils.decode_table(params, tlut.to(device), device=device)
+    lut_rms = float(table.pow(2).mean().sqrt())
+    backend = checked_backend(table, params.L, params.K * params.V, plan.viterbi)
+    hadamards = _Hadamards(device)
+    ft_hadamards = _Hadamards(device, torch.float32)
+    mem_bytes = _viterbi_memory(run)
+    stream = CalibrationStream(
+        source,
+        config,
+        sequences,
+        batch_size=run.batch_size,
+        device=device,
+        dtype=plan.model_dtype,
+    )
+    bar = tqdm(
+        total=num_layers, initial=num_layers - len(pending), desc="layers", unit="layer"
+    )
+
+    def load_layer(i: int) -> torch.nn.Module:
+        state = source.tensors(source.layer_names(i))
+        prefix = f"model.layers.{i}."
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+        return decoder_layer(config, i, state, device, plan.model_dtype)
+
+    for chunk in _chunks(pending, plan.layers_per_step):
+        # Activations entering the chunk: run the layers finished earlier.
+        while stream.index < chunk[0]:
+            i = stream.index
+            bar.set_postfix_str(f"layer {i}: forward (done earlier)")
+            stream.advance(load_layer(i), hessians=False, desc=f"layer {i} forward")
+        layers, inputs, layer_stats = {}, {}, {}
+        for i in chunk:
+            t0 = time.time()
+            layers[i] = load_layer(i)
+            need_h = options.hessian and not hessians_ok(
+                work.hessian_file(i), calibration_id
+            )
+            bar.set_postfix_str(f"layer {i}: calibration")
+            result = stream.advance(
+                layers[i],
+                hessians=need_h,
+                keep_sequences=options.ft_seqs if options.finetune else 0,
+                desc=f"layer {i} calibration",
+            )
+            if need_h:
+                assert result.hessians is not None
+                save_hessians(
+                    work.hessian_file(i), result.hessians, result.tokens, calibration_id
+                )
+            inputs[i] = result.inputs
+            layer_stats[i] = {"calibration_s": time.time() - t0}
+            del result
+
         t0 = time.time()
+        bar.set_postfix_str(f"layers {chunk[0]}-{chunk[-1]}: BlockLDLQ")
         by_n: dict[int, list[_GroupWork]] = defaultdict(list)
         for i in chunk:
             hessians = (
-                torch.load(work.hessian_file(i))["hessians"] if options.hessian else {}
+                load_hessians(work.hessian_file(i), device) if options.hessian else {}
             )
             for g, (group, paths) in enumerate(LLAMA_GROUPS.items()):
-                weights = [layers[i].get_submodule(p).weight.detach() for p in paths]
+                weights = [layers[i].get_submodule(p).weight for p in paths]
                 gw = _prepare_group(
                     i,
                     g,
                     paths,
                     weights,
-                    hessians.get(group),
+                    hessians.pop(group, None),
                     options,
                     lut_rms,
                     hadamards,
@@ -547,79 +817,76 @@ def quantize_model(
                 table,
                 params,
                 mem_bytes=mem_bytes,
-                compile_step=compile_viterbi,
+                backend=backend,
                 desc=f"LDLQ layers {chunk[0]}-{chunk[-1]} n={n}",
             )
             for w, (states, w_hat) in zip(works, results):
                 quantized[w.layer].update(_finish_group(w, states, w_hat, tlut))
+        del by_n, works, results
         t_quant = (time.time() - t0) / len(chunk)
+
         for i in chunk:
-            layer_stats: dict[str, Any] = {
+            t1 = time.time()
+            stats = layer_stats[i] | {
                 "quantize_s": t_quant,
                 "proxy": {p: q.proxy for p, q in quantized[i].items()},
             }
             if options.finetune:
-                assert calibration is not None
-                t1 = time.time()
+                bar.set_postfix_str(f"layer {i}: fine-tuning")
                 had = {}
                 for path, q in quantized[i].items():
                     in_block, out_block = hadamard_blocks(q)
                     m, n = q.shape
-                    had[path] = (hadamards(n, in_block), hadamards(m, out_block))
+                    had[path] = (ft_hadamards(n, in_block), ft_hadamards(m, out_block))
                 quantized[i], ft_stats = finetune_layer(
                     layers[i],
                     quantized[i],
                     params,
                     had,
-                    calibration.inputs[i],
-                    calibration.layer_kwargs,
+                    inputs.pop(i),
+                    stream.layer_kwargs,
                     options.ft,
                     desc=f"finetune layer {i}",
                 )
-                layer_stats.update(ft_stats, finetune_s=time.time() - t1)
-            linears = _layer_tensors(quantized[i], params)
-            work.save_layer(i, {"linears": linears, "stats": layer_stats})
-            stats["layers"][i] = layer_stats
-
-    # 4. End-to-end fine-tuning of all layers together, once.
-    calibration = None  # the per-layer inputs are no longer needed
-    e2e = None
-    if fingerprints["e2e"] is not None:
-        e2e = work.load_e2e(fingerprints["e2e"])
-        if e2e is None:
-            result = _run_e2e(model, model_dir, work, params, sequences, options)
-            e2e = {
-                "options": fingerprints["e2e"],
-                "linears": {
-                    i: _layer_tensors(layer, params)
-                    for i, layer in result.linears.items()
-                },
-                "norms": result.norms,
-                "stats": result.stats,
-            }
-            _save(e2e, work.e2e_file)
-        stats["e2e"] = e2e["stats"]
-
-    # 5. The checkpoint.
-    write_qtip_checkpoint(model, model_dir, out_dir, work, params, options, run, e2e)
-    stats["total_s"] = time.time() - t_start
-    stats["layers"] = {
-        i: torch.load(work.layer_file(i))["stats"] for i in range(num_layers)
-    }
-    (out_dir / "quantize_stats.json").write_text(json.dumps(stats, indent=2))
-    return stats
+                stats.update(ft_stats, finetune_s=time.time() - t1)
+            stats["layer_s"] = (
+                stats["calibration_s"] + t_quant + stats.get("finetune_s", 0.0)
+            )
+            work.save_layer(
+                i, {"linears": _layer_tensors(quantized[i], params), "stats": stats}
+            )
+            if not run.keep_hessians:
+                work.hessian_file(i).unlink(missing_ok=True)
+            del layers[i], quantized[i]
+            bar.update(1)
+            proxy = sum(stats["proxy"].values()) / len(stats["proxy"])
+            ft = f", fine-tuning {stats['finetune_s']:.1f}" if options.finetune else ""
+            bar.write(
+                f"layer {i + 1}/{num_layers}: {stats['layer_s']:.1f} s "
+                f"(calibration {stats['calibration_s']:.1f}, BlockLDLQ "
+                f"{t_quant:.1f}{ft}), mean proxy error {proxy:.4f}"
+            )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    return backend
 
 
 def _run_e2e(
-    model: torch.nn.Module,
     model_dir: Path,
     work: WorkDir,
     params: QTIPCodeParams,
     sequences: torch.Tensor,
     options: QuantizeOptions,
+    plan: _Plan,
+    device: torch.device,
 ) -> E2EResult:
+    """End-to-end fine-tuning needs the whole original model (the teacher)."""
+    from transformers import AutoModelForCausalLM
+
     config = json.loads((model_dir / "config.json").read_text())
-    device = next(model.parameters()).device
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=plan.model_dtype)
+    model.to(device).eval()
     result = finetune_e2e(
         model,
         _load_quantized(work, config["num_hidden_layers"], params),
@@ -628,6 +895,7 @@ def _run_e2e(
         sequences,
         options.e2e,
         _store_dtype(config),
+        state_file=work.e2e_state_file,
     )
     del result.student  # only the tensors are kept
     return result
@@ -638,14 +906,8 @@ def _store_dtype(config: dict[str, Any]) -> torch.dtype:
     return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float16")
 
 
-def _hessian_ok(file: Path, calibration_id: str) -> bool:
-    if not file.exists():
-        return False
-    return torch.load(file)["id"] == calibration_id
-
-
 def write_qtip_checkpoint(
-    model: torch.nn.Module,
+    source: SourceModel,
     model_dir: Path,
     out_dir: Path,
     work: WorkDir,
@@ -654,7 +916,8 @@ def write_qtip_checkpoint(
     run: RunOptions,
     e2e: dict[str, Any] | None = None,
 ) -> None:
-    """Assemble the saved layers and the unquantized tensors; copy the tokenizer.
+    """Write the saved layers and the unquantized tensors shard by shard;
+    copy the tokenizer.
 
     With an end-to-end result, its projections and norms replace the
     per-layer ones.
@@ -662,41 +925,48 @@ def write_qtip_checkpoint(
     config = json.loads((model_dir / "config.json").read_text())
     dtype = _store_dtype(config)
     tied = config.get("tie_word_embeddings", False)
-    tensors: dict[str, torch.Tensor] = {}
-    quantized_prefixes = set()
-    for i in range(config["num_hidden_layers"]):
+    num_layers = config["num_hidden_layers"]
+    norms = e2e["norms"] if e2e is not None else {}
+    writer = ShardWriter(out_dir, int(run.max_shard_gb * GiB))
+
+    def copy(names: list[str]) -> None:
+        for name, tensor in source.tensors(names).items():
+            writer.add(name, norms.get(name, tensor).to(dtype))
+
+    quantized_weights = set()
+    for i in tqdm(range(num_layers), desc="writing", unit="layer", leave=False):
         if e2e is not None:
             linears = e2e["linears"][i]
         else:
             linears = torch.load(work.layer_file(i))["linears"]
         for path, t in linears.items():
             prefix = f"model.layers.{i}.{path}"
-            quantized_prefixes.add(prefix)
-            tensors.update(
-                qtip_checkpoint.linear_tensors(
-                    prefix,
-                    t["trellis"],
-                    t["SU"].to(dtype),
-                    t["SV"].float(),
-                    t["tlut"].half(),
-                    rcp=t["rcp"],
-                    tp_rank=t["tp_rank"],
-                )
-            )
-    for name, tensor in model.state_dict().items():
-        if name.removesuffix(".weight") in quantized_prefixes:
-            continue
-        if tied and name == "lm_head.weight":
-            continue
-        if e2e is not None and name in e2e["norms"]:
-            tensor = e2e["norms"][name]
-        tensors[name] = tensor.to(dtype)
-    qtip_checkpoint.write_checkpoint(
+            quantized_weights.add(f"{prefix}.weight")
+            for name, tensor in qtip_checkpoint.linear_tensors(
+                prefix,
+                t["trellis"],
+                t["SU"].to(dtype),
+                t["SV"].float(),
+                t["tlut"].half(),
+                rcp=t["rcp"],
+                tp_rank=t["tp_rank"],
+            ).items():
+                writer.add(name, tensor)
+        copy(
+            [
+                n
+                for n in source.layer_names(i)
+                if n not in quantized_weights and "rotary_emb" not in n
+            ]
+        )
+    rest = [n for n in source.names() if not n.startswith("model.layers.")]
+    copy([n for n in rest if not (tied and n == "lm_head.weight")])
+    writer.close()
+    write_config(
         out_dir,
         config,
-        tensors,
         qtip_checkpoint.quip_params(params, split_for_tp=options.tp_split > 0),
-        layout=run.layout,  # type: ignore[arg-type]
+        run.layout,  # type: ignore[arg-type]
     )
     for name in TOKENIZER_FILES:
         if (model_dir / name).exists():

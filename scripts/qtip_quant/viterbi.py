@@ -16,7 +16,9 @@ which torch.compile turns into a single kernel. This needs L >= 2*K*V,
 true for every code the kernels support (L=16, K*V <= 8).
 
 Everything is vectorised over a batch of B independent sequences (tiles);
-``quantize_sequences`` splits large batches to a memory budget.
+``ViterbiSolver`` splits large batches to a memory budget and picks the
+implementation: this module's torch steps (eager or compiled) or the
+Triton kernels of viterbi_gpu.py (the default on a GPU).
 """
 
 from collections.abc import Callable
@@ -185,28 +187,117 @@ def bytes_per_sequence(L: int, kv: int, S: int, compile_step: bool) -> int:
     return S * (1 << (L - kv)) + (1 << (L - kv)) * 32 + cost
 
 
-def quantize_sequences(
-    targets: torch.Tensor,
-    table: torch.Tensor,
-    L: int,
-    kv: int,
-    *,
-    mem_bytes: int,
-    compile_step: bool = False,
-) -> torch.Tensor:
-    """Tail-biting Viterbi of many sequences in batches that fit mem_bytes.
+BACKENDS = ("triton", "compile", "torch")
 
-    targets: (B, S, V). Returns int64 states (B, S).
+
+def default_backend(device: torch.device | str) -> str:
+    """Triton kernels on a GPU, the eager torch step elsewhere."""
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+class ViterbiSolver:
+    """Tail-biting Viterbi of batches of sequences against one table.
+
+    backend: "torch" (eager steps, any device), "compile" (the torch step
+    compiled into one kernel per trellis step) or "triton" (viterbi_gpu:
+    Triton kernels replayed as CUDA graphs). Batches are split to keep the
+    working memory under ``mem_bytes``. ``close()`` frees what the solver
+    keeps between calls (the CUDA graphs).
     """
-    B, S, _ = targets.shape
-    chunk = max(1, mem_bytes // bytes_per_sequence(L, kv, S, compile_step))
-    if chunk >= B:
-        return tail_biting_viterbi(targets, table, L, kv, compile_step=compile_step)
-    return torch.cat(
-        [
-            tail_biting_viterbi(
-                targets[i : i + chunk], table, L, kv, compile_step=compile_step
+
+    def __init__(
+        self,
+        table: torch.Tensor,
+        L: int,
+        kv: int,
+        *,
+        mem_bytes: int,
+        backend: str = "torch",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"Viterbi backend {backend!r} is not one of {BACKENDS}")
+        self.table, self.L, self.kv = table, L, kv
+        self.mem_bytes = mem_bytes
+        self.backend = backend
+        self._triton = None
+        if backend == "triton":
+            from .viterbi_gpu import TritonViterbi
+
+            self._triton = TritonViterbi(table, L, kv)
+
+    def _per_sequence(self, S: int) -> int:
+        if self._triton is not None:
+            from .viterbi_gpu import bytes_per_sequence as triton_bytes
+
+            return triton_bytes(self.L, self.kv, S)
+        return bytes_per_sequence(self.L, self.kv, S, self.backend == "compile")
+
+    def _solve(self, targets: torch.Tensor) -> torch.Tensor:
+        if self._triton is not None:
+            return self._triton(targets)
+        return tail_biting_viterbi(
+            targets,
+            self.table,
+            self.L,
+            self.kv,
+            compile_step=self.backend == "compile",
+        )
+
+    def __call__(self, targets: torch.Tensor) -> torch.Tensor:
+        """targets (B, S, V) -> int64 states (B, S)."""
+        B, S, _ = targets.shape
+        chunk = max(1, self.mem_bytes // self._per_sequence(S))
+        if chunk >= B:
+            return self._solve(targets)
+        return torch.cat(
+            [self._solve(targets[i : i + chunk]) for i in range(0, B, chunk)]
+        )
+
+    def close(self) -> None:
+        if self._triton is not None:
+            self._triton.close()
+
+
+def path_cost(targets: torch.Tensor, table: torch.Tensor, states: torch.Tensor):
+    """Squared error of each sequence's path, float64 (B,)."""
+    return (table[states].double() - targets.double()).pow(2).sum((1, 2))
+
+
+def checked_backend(table: torch.Tensor, L: int, kv: int, backend: str) -> str:
+    """backend, after a short check on this device; "compile" if the Triton
+    kernels fail or disagree with the torch step.
+
+    The check runs 64 random tail-biting sequences through both: every
+    Triton path must be circular and cost no more than the torch path (up
+    to float rounding; near-ties may pick another path of the same cost).
+    """
+    if backend != "triton":
+        return backend
+    V = table.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    rms = float(table.pow(2).mean().sqrt())
+    targets = (torch.randn(64, 128 // V, V, generator=gen) * rms).to(table.device)
+    try:
+        solver = ViterbiSolver(table, L, kv, mem_bytes=1 << 30, backend="triton")
+        # Twice: the first call captures the CUDA graph, the second replays it.
+        solver(targets)
+        states = solver(targets)
+        solver.close()
+        mask = (1 << (L - kv)) - 1
+        circular = torch.equal(states & mask, torch.roll(states, -1, dims=1) >> kv)
+        ours = path_cost(targets, table, states)
+        ref = path_cost(targets, table, tail_biting_viterbi(targets, table, L, kv))
+        worse = int((ours > ref * (1 + 1e-5) + 1e-6).sum())
+        if not circular or worse:
+            raise RuntimeError(
+                f"{'not tail-biting; ' if not circular else ''}{worse} of 64 paths "
+                "cost more than the torch step's"
             )
-            for i in range(0, B, chunk)
-        ]
-    )
+    except Exception as error:  # noqa: BLE001 - any failure means: fall back
+        print(
+            f"warning: the Triton Viterbi is unusable here ({error}); using the "
+            "compiled torch step (--viterbi compile)",
+            flush=True,
+        )
+        return "compile"
+    return "triton"
