@@ -28,6 +28,9 @@ SITE=/tmp/vllm-site
 VTREE=/tmp/vllm-tests-tree
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
+# The hosts keep NVLink multicast off; let vLLM's TP all-reduce not even set up
+# symmetric memory (its custom all-reduce and NCCL remain).
+export VLLM_ALLREDUCE_USE_SYMM_MEM=0
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
 export QTIP_GOLDEN_DIR=$REPO/.gpu/ref/goldens QTIP_HADAMARD_NPZ=$REPO/.gpu/ref/qtip_hadamard_k.npz
 cd "$REPO"
