@@ -14,8 +14,9 @@
 #   e2e     scripts/bench_e2e.py -> /tmp/e2e_h100.json, copied to $OUT
 #           (resumes: rerun the step on the same machine to finish the table;
 #           E2E_ARGS narrows it)
-#   parallel  the TP=2 / PP=2 model tests (two GPUs; PARALLEL_ARGS narrows
-#           them, e.g. "-k rcp0")
+#   parallel  the TP=2 / PP=2 model tests (two GPUs) and the one-GPU test of
+#           their kernel path; PARALLEL_K selects with pytest -k, e.g.
+#           "rcp0 or one_rank"
 #   scale   scripts/bench_scale.py -> /tmp/scale_h200.json, copied to $OUT
 #           (resumes like e2e; SCALE_ARGS narrows it, e.g.
 #           "--configs 405b-qtip2"; two-GPU configurations need two GPUs)
@@ -93,7 +94,7 @@ step_models() {
 step_parallel() {
   cd "$VTREE"
   timeout "${PARALLEL_TIMEOUT:-570}" python3 -m pytest -p no:cacheprovider -v -rfEs -s \
-    tests/models/quantization/test_qtip_parallel.py ${PARALLEL_ARGS:-} 2>&1 \
+    tests/models/quantization/test_qtip_parallel.py ${PARALLEL_K:+-k "$PARALLEL_K"} 2>&1 \
     | tee -a "$OUT/tests_parallel.log" | grep -E "PASSED|FAILED|SKIPPED|ERROR|max \|logprob|Error|passed|failed" | tail -40
   cd "$REPO"
 }
