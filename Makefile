@@ -37,7 +37,8 @@ QTIP_TREE_TESTS := tests/quantization/test_qtip.py \
 	tests/quantization/test_qtip_reference.py \
 	tests/kernels/quantization/test_qtip.py \
 	tests/kernels/quantization/test_qtip_fake.py \
-	tests/models/quantization/test_qtip.py
+	tests/models/quantization/test_qtip.py \
+	tests/models/quantization/test_qtip_parallel.py
 VLLM_CPU_TESTS := tests/quantization/test_register_quantization_config.py::test_register_quantization_config \
 	tests/quantization/test_humming_ignore.py \
 	tests/quantization/test_quantization_config_args.py

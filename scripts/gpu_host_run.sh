@@ -17,8 +17,9 @@
 #   serve   scripts/bench_serve.py (vllm serve + vllm bench serve, tokenizer
 #           from .gpu/tokenizer) -> /tmp/serve_h200.json, copied to $OUT
 #           (resumes like e2e; SERVE_ARGS narrows it)
-#   parallel  the TP=2 / PP=2 model tests (two GPUs; PARALLEL_ARGS narrows
-#           them, e.g. "-k rcp0")
+#   parallel  the TP=2 / PP=2 model tests (two GPUs) and the one-GPU test of
+#           their kernel path; PARALLEL_K selects with pytest -k, e.g.
+#           "rcp0 or one_rank"
 #   scale   scripts/bench_scale.py -> /tmp/scale_h200.json, copied to $OUT
 #           (resumes like e2e; SCALE_ARGS narrows it, e.g.
 #           "--configs 405b-qtip2"; two-GPU configurations need two GPUs)
@@ -31,6 +32,9 @@ SITE=/tmp/vllm-site
 VTREE=/tmp/vllm-tests-tree
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
+# The hosts keep NVLink multicast off; let vLLM's TP all-reduce not even set up
+# symmetric memory (its custom all-reduce and NCCL remain).
+export VLLM_ALLREDUCE_USE_SYMM_MEM=0
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
 export QTIP_GOLDEN_DIR=$REPO/.gpu/ref/goldens QTIP_HADAMARD_NPZ=$REPO/.gpu/ref/qtip_hadamard_k.npz
 cd "$REPO"
@@ -93,7 +97,7 @@ step_models() {
 step_parallel() {
   cd "$VTREE"
   timeout "${PARALLEL_TIMEOUT:-570}" python3 -m pytest -p no:cacheprovider -v -rfEs -s \
-    tests/models/quantization/test_qtip_parallel.py ${PARALLEL_ARGS:-} 2>&1 \
+    tests/models/quantization/test_qtip_parallel.py ${PARALLEL_K:+-k "$PARALLEL_K"} 2>&1 \
     | tee -a "$OUT/tests_parallel.log" | grep -E "PASSED|FAILED|SKIPPED|ERROR|max \|logprob|Error|passed|failed" | tail -40
   cd "$REPO"
 }

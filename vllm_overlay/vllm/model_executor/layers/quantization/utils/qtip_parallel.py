@@ -19,9 +19,9 @@ front of the transform that spans it:
   product, the output transform times SV; RowParallelLinear then all-reduces
   the partial outputs as for any layer (Hm and SV are linear).
 
-The products are gathered in fp32, so a column-parallel layer computes the
-same values as at TP=1. Every step has static shapes and no host sync, and
-vLLM's collectives are custom ops, so the forward is CUDA-graph and
+The products are gathered in fp32, so a column-parallel layer rounds nothing
+that it does not round at TP=1. Every step has static shapes and no host
+sync, and vLLM's collectives are custom ops, so the forward is CUDA-graph and
 torch.compile safe. The three steps, :func:`input_transform`,
 :func:`hat_product` and :func:`output_transform`, run the CUDA kernels or the
 reference codec with the reference numerics (fp16 GEMM input, fp32 products).
@@ -55,8 +55,9 @@ GATHER_OUTPUT = "output"
 def _qtip_hat_product(
     xh: torch.Tensor, trellis: torch.Tensor, tlut: torch.Tensor, m: int, K: int
 ) -> torch.Tensor:
-    # The batch dispatch of qtip_matmul, inside one op so that torch.compile
-    # sees no branch on the number of rows.
+    # The W_hat product of qtip_matmul on its own, with its batch dispatch
+    # inside one op so that torch.compile sees no branch on the number of
+    # rows. A GEMM-only kernel op would replace it.
     if xh.shape[0] < qtip_ops.QTIP_DENSE_MIN_ROWS:
         return qtip_ops.qtip_gemm(xh, trellis, tlut, m, K)
     w_hat = qtip_ops.qtip_decode(trellis, tlut, m, xh.shape[1], K)
