@@ -4,7 +4,10 @@
 #                              VLLM_DIR=<clone or site-packages>) and build
 #   make test                  run the test suite (CPU; GPU tests skip)
 #
-# Other targets: venv, fetch, unapply, status, patches, build-ext, lint, clean.
+#   make lint                  vLLM's own pre-commit checks on the series
+#
+# Other targets: venv, fetch, unapply, status, patches, build-ext, format,
+# lint-venv, clean.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -41,7 +44,13 @@ VLLM_CPU_TESTS := tests/quantization/test_register_quantization_config.py::test_
 	tests/quantization/test_humming_ignore.py \
 	tests/quantization/test_quantization_config_args.py
 
-.PHONY: venv fetch apply unapply status patches build build-ext test test-repo test-tree lint clean
+# vLLM 0.26.0's pre-commit tools, in their own environment.
+LINT_VENV ?= .venv-lint
+LPY := $(abspath $(LINT_VENV))/bin/python
+MARKDOWNLINT := $(abspath $(LINT_VENV))/node/node_modules/.bin/markdownlint-cli2
+MARKDOWNLINT_VERSION := 0.21.0
+
+.PHONY: venv fetch apply unapply status patches build build-ext test test-repo test-tree lint lint-venv format clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -92,9 +101,31 @@ test-repo:
 test-tree:
 	cd $(TREE) && { $(PYTEST) $(QTIP_TREE_TESTS) $(VLLM_CPU_TESTS) || [ $$? -eq 5 ]; }
 
-lint:
-	$(VPY) -m ruff check scripts tests vllm_overlay
-	$(VPY) -m ruff format --check scripts tests vllm_overlay
+lint-venv: $(LINT_VENV)/.installed
+$(LINT_VENV)/.installed: requirements-lint.txt
+	test -x $(LPY) || $(PYTHON) -m venv $(LINT_VENV)
+	$(LPY) -m pip install -q -r requirements-lint.txt
+	@if command -v npm >/dev/null; then \
+		npm install --prefix $(LINT_VENV)/node --no-audit --no-fund --silent \
+			markdownlint-cli2@$(MARKDOWNLINT_VERSION); \
+	else echo "npm not found: make lint will skip markdownlint"; fi
+	touch $@
+
+# ruff, mypy, typos, clang-format, markdownlint and vLLM's own hooks, run on
+# the series' files in the applied tree with the tree's configs (refreshing
+# the laid files first); ruff also on our scripts/ and tests/.
+lint: lint-venv
+	@test -f $(TREE)/.qtip_vllm_applied.json || { \
+		echo "error: run 'make apply' first: lint checks the series in the applied tree" >&2; exit 1; }
+	$(TREE_TOOL) apply
+	$(LPY) scripts/lint.py --tree $(TREE) --venv $(LINT_VENV) \
+		$$(test -x $(MARKDOWNLINT) && echo --markdownlint $(MARKDOWNLINT))
+
+# Rewrite our files the way the linters want them: ruff check --fix and ruff
+# format (vllm_overlay, scripts, tests), clang-format -i with vLLM's
+# .clang-format (csrc/quantization/qtip).
+format: lint-venv
+	$(LPY) scripts/lint.py --tree $(VLLM_SOURCE_DIR) --venv $(LINT_VENV) --format
 
 clean:
 	rm -rf $(BUILD_DIR)/qtip-ext
