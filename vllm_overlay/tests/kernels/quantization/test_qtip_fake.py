@@ -90,9 +90,9 @@ def test_wrapper_rejects_a_truncated_trellis():
 
 # Shared memory per block of an H100 (227 KiB) and of an sm_86/89 GPU
 # (99 KiB): a 28672-wide row (K=28) fits the first only.
-@pytest.mark.parametrize("optin, fits_28672", [(232448, True), (101376, False)])
-def test_hadamard_block_limits(monkeypatch, optin, fits_28672):
-    props = type("Props", (), {"shared_memory_per_block_optin": optin})
+@pytest.mark.parametrize("smem_bytes, fits_28672", [(232448, True), (101376, False)])
+def test_hadamard_block_limits(monkeypatch, smem_bytes, fits_28672):
+    props = type("Props", (), {"shared_memory_per_block_optin": smem_bytes})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     assert ops.qtip_hadamard_supported(4096, 1, "cuda")
     assert ops.qtip_hadamard_supported(576, 36, "cuda")
