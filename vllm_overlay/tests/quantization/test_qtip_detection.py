@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
+from tests.quantization.reference_qtip import quip_params
 from vllm.config import ModelConfig
 from vllm.model_executor.layers.quantization import (
     QUANTIZATION_METHODS,
     get_quantization_config,
 )
 from vllm.model_executor.layers.quantization.qtip import QTIPConfig
-from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import quip_params
 from vllm.model_executor.layers.quantization.utils.qtip_utils import QTIPCodeParams
 from vllm.transformers_utils.config import get_config
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tests.quantization.reference_qtip import dequantize_weight, pack_trellis
 from vllm.model_executor.layers.quantization.utils.qtip_hadamard import (
     HADAMARD_FACTOR_SIZES,
     hadamard_factor,
@@ -31,10 +32,8 @@ from vllm.model_executor.layers.quantization.utils.qtip_utils import (
     decode_states,
     decode_table,
     decode_weight,
-    dequantize_weight,
     get_hadamard_factor,
     hadamard_transform,
-    pack_trellis,
     qtip_linear_forward,
     unpack_trellis,
 )
