@@ -21,8 +21,6 @@ TREE := $(abspath $(VLLM_DIR))
 # the tree is an installed package.
 VLLM_SOURCE_DIR ?= $(if $(wildcard $(TREE)/CMakeLists.txt),$(TREE),$(DEFAULT_TREE))
 export TORCH_CUDA_ARCH_LIST ?= 8.0 8.6 8.9 9.0
-export QTIP_GOLDEN_DIR ?= $(abspath ../shared/reference/goldens)
-export QTIP_HADAMARD_NPZ ?= $(abspath ../shared/reference/qtip_hadamard_k.npz)
 # Downloads (the pinned sdist and wheel) are kept here; CI points it outside
 # the clone so they survive between runs.
 export QTIP_CACHE_DIR ?= $(BUILD_DIR)/cache

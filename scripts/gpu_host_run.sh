@@ -24,7 +24,6 @@ VTREE=/tmp/vllm-tests-tree
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
-export QTIP_GOLDEN_DIR=$REPO/.gpu/ref/goldens QTIP_HADAMARD_NPZ=$REPO/.gpu/ref/qtip_hadamard_k.npz
 cd "$REPO"
 
 step_setup() {

@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # Build, here, everything the offline H100 host needs in .gpu/ (git-ignored):
 # the vLLM 0.26.0 runtime bundle in three parts, the sdist's CMake helpers and
-# tests, the reference goldens, and wheels the host lacks. Then ship it with
+# tests, and wheels the host lacks. Then ship it with
 # three back-to-back device calls (part-aa, part-ab, part-ac + the rest) and
 # run scripts/gpu_host_run.sh there.
 set -euo pipefail
@@ -13,14 +13,13 @@ G=$REPO/.gpu
 mkdir -p "$G"
 [ -f "$G/parts/SHA256SUMS" ] || bash "$SHARED/gpu/make-vllm-bundle.sh" "$G/parts" 60
 cp "$SHARED/gpu/unpack-vllm-bundle.sh" "$G/"
-mkdir -p "$G/vllm-src/cmake" "$G/vllm-src/csrc/core" "$G/ref" "$G/whl"
+mkdir -p "$G/vllm-src/cmake" "$G/vllm-src/csrc/core" "$G/whl"
 cp "$SDIST_TREE/cmake/utils.cmake" "$G/vllm-src/cmake/"
 cp "$SDIST_TREE/csrc/core/registration.h" "$G/vllm-src/csrc/core/"
 # Pristine tests/ of the sdist (conftest.py and helpers); our overlay tests are
 # copied in on the host.
 tar xzf "$REPO/build/cache/vllm-0.26.0.tar.gz" -C "$G" vllm-0.26.0/tests
 tar czf "$G/vllm-tests.tgz" -C "$G/vllm-0.26.0" tests && rm -rf "$G/vllm-0.26.0"
-cp -r "$SHARED/reference/goldens" "$SHARED/reference/qtip_hadamard_k.npz" "$G/ref/"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 -d "$G/whl" \
   tblib==3.2.2 pytest-asyncio==1.5.0 model-hosting-container-standards==0.1.16 \
