@@ -5,6 +5,7 @@
 #   make test                  run the test suite (CPU; GPU tests skip)
 #
 #   make lint                  vLLM's own pre-commit checks on the series
+#   make pr VLLM_DIR=<clone>   the series as a PR branch of a vLLM v0.26.0 clone
 #
 # Other targets: venv, fetch, unapply, status, patches, build-ext, format,
 # lint-venv, clean.
@@ -48,7 +49,7 @@ LPY := $(abspath $(LINT_VENV))/bin/python
 MARKDOWNLINT := $(abspath $(LINT_VENV))/node/node_modules/.bin/markdownlint-cli2
 MARKDOWNLINT_VERSION := 0.21.0
 
-.PHONY: venv fetch apply unapply status patches build build-ext test test-repo test-tree lint lint-venv format clean
+.PHONY: venv fetch apply unapply status patches build build-ext test test-repo test-tree lint lint-venv format pr clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -124,6 +125,15 @@ lint: lint-venv
 # .clang-format (csrc/quantization/qtip).
 format: lint-venv
 	$(LPY) scripts/lint.py --tree $(VLLM_SOURCE_DIR) --venv $(LINT_VENV) --format
+
+# The pull-request branch (PR_BRANCH, default qtip; PR_FORCE=1 replaces it)
+# in a vLLM v0.26.0 git clone, as vLLM-style signed-off commits whose tree is
+# what `make apply` lays there; the pull request's text is PR_DESCRIPTION.md.
+pr:
+	@[ "$(TREE)" != "$(DEFAULT_TREE)" ] || { \
+		echo "usage: make pr VLLM_DIR=<a vLLM v0.26.0 git clone>" >&2; exit 1; }
+	$(PYTHON) scripts/make_pr.py --vllm-dir $(TREE) --branch $(or $(PR_BRANCH),qtip) \
+		$(if $(PR_FORCE),--force)
 
 clean:
 	rm -rf $(BUILD_DIR)/qtip-ext

@@ -7,7 +7,7 @@ are checked where they lie in the applied source tree, with the tree's own
 configs (pyproject.toml, .clang-format, .markdownlint.yaml) and hooks
 (tools/pre_commit/*), by the tool versions vLLM's .pre-commit-config.yaml
 pins (requirements-lint.txt). The project's own scripts/ and tests/ get the
-same ruff rules (ruff.toml).
+same ruff rules (ruff.toml), and typos reads them and our documents too.
 
     lint.py --tree build/vllm-0.26.0 --venv .venv-lint [--markdownlint BIN]
     lint.py --tree build/vllm-0.26.0 --venv .venv-lint --format
@@ -31,6 +31,14 @@ import vllm_tree  # noqa: E402
 REPO = vllm_tree.REPO
 C_SUFFIXES = (".cu", ".cuh", ".cpp", ".h", ".hpp", ".cc")
 REPO_PYTHON = ("scripts", "tests")
+# Our own files outside the series that typos reads too.
+REPO_TEXT = (
+    *REPO_PYTHON,
+    "Makefile",
+    "README.md",
+    "BENCHMARKS.md",
+    "PR_DESCRIPTION.md",
+)
 
 
 def series_files(tree: Path) -> list[str]:
@@ -78,6 +86,11 @@ def lint(tree: Path, venv: Path, markdownlint: str | None) -> int:
             REPO,
         ),
         ("ruff format (repo)", ["ruff", "format", "--check", *REPO_PYTHON], REPO),
+        (
+            "typos (repo)",
+            ["typos", "--config", str(tree / "pyproject.toml"), *REPO_TEXT],
+            REPO,
+        ),
     ]
     if markdownlint:
         checks.append(("markdownlint", [markdownlint, *md], tree))
