@@ -21,7 +21,10 @@ TREE := $(abspath $(VLLM_DIR))
 # CMake helpers and csrc headers: the tree itself, or the pinned sdist when
 # the tree is an installed package.
 VLLM_SOURCE_DIR ?= $(if $(wildcard $(TREE)/CMakeLists.txt),$(TREE),$(DEFAULT_TREE))
-export TORCH_CUDA_ARCH_LIST ?= 8.0 8.6 8.9 9.0
+# _qtip_C is built for TORCH_CUDA_ARCH_LIST when set, else for the GPU present,
+# else (no GPU) for the release list; `make build-release` always takes that.
+QTIP_RELEASE_ARCHS := 8.0 8.6 8.9 9.0
+export QTIP_RELEASE_ARCHS
 # Downloads (the pinned sdist and wheel) are kept here; CI points it outside
 # the clone so they survive between runs.
 export QTIP_CACHE_DIR ?= $(BUILD_DIR)/cache
@@ -49,7 +52,7 @@ LPY := $(abspath $(LINT_VENV))/bin/python
 MARKDOWNLINT := $(abspath $(LINT_VENV))/node/node_modules/.bin/markdownlint-cli2
 MARKDOWNLINT_VERSION := 0.21.0
 
-.PHONY: venv fetch apply unapply status patches build build-ext test test-repo test-tree lint lint-venv format pr clean
+.PHONY: venv fetch apply unapply status patches build build-ext build-release test test-repo test-tree lint lint-venv format pr clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -91,6 +94,10 @@ build: venv
 
 build-ext:
 	PATH=$(abspath $(VENV))/bin:$$PATH scripts/build_qtip_ext.sh $(VPY) $(VLLM_SOURCE_DIR) $(TREE) $(BUILD_DIR)/qtip-ext
+
+# Every release architecture, whatever GPU this machine has.
+build-release:
+	$(MAKE) build TORCH_CUDA_ARCH_LIST="$(QTIP_RELEASE_ARCHS)"
 
 test: test-repo test-tree
 
