@@ -242,6 +242,10 @@ class LlamaLinears(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.quant_config = quant_config
+        # What LlamaForCausalLM (SupportsQuant) registers with its config.
+        quant_config.packed_modules_mapping.update(
+            LlamaForCausalLM.packed_modules_mapping
+        )
         self.model = torch.nn.Module()
         self.model.layers = torch.nn.ModuleList()
         h, i = spec.hidden_size, spec.intermediate_size

@@ -62,12 +62,6 @@ _CODE_KEYS = ("L", "K", "V", "tlut_bits", "decode_mode", "td_x", "td_y")
 # Projections named by skip_list entries "{layer}_{projection}".
 _SKIP_ENTRY = re.compile(r"^(\d+)_(q|k|v|o|up|gate|down)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-# vLLM's fused Llama-style layers, used when the model did not register its
-# packed_modules_mapping with the config (e.g. a layer built on its own).
-_DEFAULT_PACKED_MODULES = {
-    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-    "gate_up_proj": ["gate_proj", "up_proj"],
-}
 # Layer parameter holding the checkpoint's "<proj>.tp_rank" (renamed on
 # load, see QTIPConfig.get_cache_scale_mapper).
 TP_RANK_PARAM = "qtip_tp_rank"
@@ -273,8 +267,8 @@ class QTIPConfig(QuantizationConfig):
                 "quantization_config nor quip_params"
             )
         layer_name = prefix.rsplit(".", 1)[-1]
-        mapping = {**_DEFAULT_PACKED_MODULES, **self.packed_modules_mapping}
-        shard_names = mapping.get(layer_name, [layer_name])
+        # The model registers its fused layers' projections (SupportsQuant).
+        shard_names = self.packed_modules_mapping.get(layer_name, [layer_name])
         indices = _LAYER_INDEX.findall(prefix)
         layer_index = indices[-1] if indices else None
         specs: list[tuple[str, QTIPCodeParams | None]] = []
