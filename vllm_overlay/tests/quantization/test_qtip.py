@@ -66,6 +66,10 @@ from vllm.model_executor.model_loader.weight_utils import initialize_dummy_weigh
 from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
+# Every test that sets up vLLM's process groups tears them down itself, so
+# vLLM's per-test global cleanup (about a second each) is not needed.
+pytestmark = pytest.mark.skip_global_cleanup
+
 # quip_params of a published relaxml checkpoint (Llama-2-7b-QTIP-2Bit).
 RELAXML_PARAMS = {
     "codebook": "bitshift",
@@ -758,11 +762,15 @@ def load_vllm_llama(path, tmp_path, dtype=torch.float16) -> LlamaForCausalLM:
     )
     with set_current_vllm_config(vllm_config):
         init_gloo_tp_group(f"{tmp_path}/dist_store")
-        # vLLM's own loader: builds the model, streams the safetensors
-        # files through load_weights and runs process_weights_after_loading.
-        model = get_model_loader(vllm_config.load_config).load_model(
-            vllm_config=vllm_config, model_config=model_config
-        )
+        try:
+            # vLLM's own loader: builds the model, streams the safetensors
+            # files through load_weights and runs process_weights_after_loading.
+            model = get_model_loader(vllm_config.load_config).load_model(
+                vllm_config=vllm_config, model_config=model_config
+            )
+        except BaseException:
+            cleanup_dist_env_and_memory()
+            raise
     assert isinstance(model, LlamaForCausalLM)
     return model
 

@@ -44,6 +44,10 @@ from vllm.model_executor.layers.quantization.utils.qtip_utils import (
 
 GOLDEN_DIR = Path(__file__).parent / "qtip_goldens"
 
+# No distributed state or GPU memory to clean up between these tests
+# (vLLM's conftest otherwise runs cleanup_dist_env_and_memory after each).
+pytestmark = pytest.mark.skip_global_cleanup
+
 HYB = QTIPCodeParams()
 # Generic-layout codes: computed codes with V=1, HYB/quantlut off the kernel
 # path, a free LUT, and a non-16x16 tile.

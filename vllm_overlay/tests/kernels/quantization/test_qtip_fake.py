@@ -17,10 +17,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vllm import _qtip_ops as ops
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("vllm._qtip_C") is None,
-    reason="vllm._qtip_C is not built (make build)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm._qtip_C") is None,
+        reason="vllm._qtip_C is not built (make build)",
+    ),
+    # Fake tensors only: nothing to clean up between tests.
+    pytest.mark.skip_global_cleanup,
+]
 
 OPS = ("qtip_gemm", "qtip_decode", "qtip_hadamard", "qtip_linear")
 
