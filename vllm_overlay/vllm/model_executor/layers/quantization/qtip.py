@@ -15,6 +15,7 @@ therefore keeps its own tensors and its own input transform.
 
 import dataclasses
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import regex as re
@@ -470,7 +471,7 @@ class QTIPLinearMethod(LinearMethodBase):
             tensors["tlut"] = torch.empty(lut_shape, dtype=torch.float16)
         for name, data in tensors.items():
             param = BasevLLMParameter(
-                data=data, weight_loader=_make_loader(self, layer, name)
+                data=data, weight_loader=_make_loader(layer, name)
             )
             layer.register_parameter(name, param)
         if dense_rows:
@@ -480,7 +481,7 @@ class QTIPLinearMethod(LinearMethodBase):
                 ),
                 input_dim=1,
                 output_dim=0,
-                weight_loader=_make_loader(self, layer, "weight"),
+                weight_loader=_make_loader(layer, "weight"),
             )
             layer.register_parameter("weight", weight)
         extra_weight_attrs.pop("weight_loader", None)
@@ -881,7 +882,9 @@ def _shard_index(layer: torch.nn.Module, shard_id: str | int | None) -> int:
     return shard_id
 
 
-def _make_loader(method: QTIPLinearMethod, layer: torch.nn.Module, name: str):
+def _make_loader(
+    layer: torch.nn.Module, name: str
+) -> Callable[[Parameter, torch.Tensor, str | int | None], None]:
     """Loader of checkpoint tensor `name` for every shard of `layer`."""
 
     def load(
