@@ -4,7 +4,11 @@
 #                              VLLM_DIR=<clone or site-packages>) and build
 #   make test                  run the test suite (CPU; GPU tests skip)
 #
-# Other targets: venv, fetch, unapply, status, patches, build-ext, lint, clean.
+#   make lint                  vLLM's own pre-commit checks on the series
+#   make pr VLLM_DIR=<clone>   the series as a PR branch of a vLLM v0.26.0 clone
+#
+# Other targets: venv, fetch, unapply, status, patches, build-ext, format,
+# lint-venv, clean.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -17,9 +21,10 @@ TREE := $(abspath $(VLLM_DIR))
 # CMake helpers and csrc headers: the tree itself, or the pinned sdist when
 # the tree is an installed package.
 VLLM_SOURCE_DIR ?= $(if $(wildcard $(TREE)/CMakeLists.txt),$(TREE),$(DEFAULT_TREE))
-export TORCH_CUDA_ARCH_LIST ?= 8.0 8.6 8.9 9.0
-export QTIP_GOLDEN_DIR ?= $(abspath ../shared/reference/goldens)
-export QTIP_HADAMARD_NPZ ?= $(abspath ../shared/reference/qtip_hadamard_k.npz)
+# _qtip_C is built for TORCH_CUDA_ARCH_LIST when set, else for the GPU present,
+# else (no GPU) for the release list; `make build-release` always takes that.
+QTIP_RELEASE_ARCHS := 8.0 8.6 8.9 9.0
+export QTIP_RELEASE_ARCHS
 # Downloads (the pinned sdist and wheel) are kept here; CI points it outside
 # the clone so they survive between runs.
 export QTIP_CACHE_DIR ?= $(BUILD_DIR)/cache
@@ -43,7 +48,13 @@ VLLM_CPU_TESTS := tests/quantization/test_register_quantization_config.py::test_
 	tests/quantization/test_humming_ignore.py \
 	tests/quantization/test_quantization_config_args.py
 
-.PHONY: venv fetch apply unapply status patches build build-ext test test-repo test-tree lint clean
+# vLLM 0.26.0's pre-commit tools, in their own environment.
+LINT_VENV ?= .venv-lint
+LPY := $(abspath $(LINT_VENV))/bin/python
+MARKDOWNLINT := $(abspath $(LINT_VENV))/node/node_modules/.bin/markdownlint-cli2
+MARKDOWNLINT_VERSION := 0.21.0
+
+.PHONY: venv fetch apply unapply status patches build build-ext build-release test test-repo test-tree lint lint-venv format pr clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -86,6 +97,10 @@ build: venv
 build-ext:
 	PATH=$(abspath $(VENV))/bin:$$PATH scripts/build_qtip_ext.sh $(VPY) $(VLLM_SOURCE_DIR) $(TREE) $(BUILD_DIR)/qtip-ext
 
+# Every release architecture, whatever GPU this machine has.
+build-release:
+	$(MAKE) build TORCH_CUDA_ARCH_LIST="$(QTIP_RELEASE_ARCHS)"
+
 test: test-repo test-tree
 
 test-repo:
@@ -94,9 +109,40 @@ test-repo:
 test-tree:
 	cd $(TREE) && { $(PYTEST) $(QTIP_TREE_TESTS) $(VLLM_CPU_TESTS) || [ $$? -eq 5 ]; }
 
-lint:
-	$(VPY) -m ruff check scripts tests vllm_overlay
-	$(VPY) -m ruff format --check scripts tests vllm_overlay
+lint-venv: $(LINT_VENV)/.installed
+$(LINT_VENV)/.installed: requirements-lint.txt
+	test -x $(LPY) || $(PYTHON) -m venv $(LINT_VENV)
+	$(LPY) -m pip install -q -r requirements-lint.txt
+	@if command -v npm >/dev/null; then \
+		npm install --prefix $(LINT_VENV)/node --no-audit --no-fund --silent \
+			markdownlint-cli2@$(MARKDOWNLINT_VERSION); \
+	else echo "npm not found: make lint will skip markdownlint"; fi
+	touch $@
+
+# ruff, mypy, typos, clang-format, markdownlint and vLLM's own hooks, run on
+# the series' files in the applied tree with the tree's configs (refreshing
+# the laid files first); ruff also on our scripts/ and tests/.
+lint: lint-venv
+	@test -f $(TREE)/.qtip_vllm_applied.json || { \
+		echo "error: run 'make apply' first: lint checks the series in the applied tree" >&2; exit 1; }
+	$(TREE_TOOL) apply
+	$(LPY) scripts/lint.py --tree $(TREE) --venv $(LINT_VENV) \
+		$$(test -x $(MARKDOWNLINT) && echo --markdownlint $(MARKDOWNLINT))
+
+# Rewrite our files the way the linters want them: ruff check --fix and ruff
+# format (vllm_overlay, scripts, tests), clang-format -i with vLLM's
+# .clang-format (csrc/quantization/qtip).
+format: lint-venv
+	$(LPY) scripts/lint.py --tree $(VLLM_SOURCE_DIR) --venv $(LINT_VENV) --format
+
+# The pull-request branch (PR_BRANCH, default qtip; PR_FORCE=1 replaces it)
+# in a vLLM v0.26.0 git clone, as vLLM-style signed-off commits whose tree is
+# what `make apply` lays there; the pull request's text is PR_DESCRIPTION.md.
+pr:
+	@[ "$(TREE)" != "$(DEFAULT_TREE)" ] || { \
+		echo "usage: make pr VLLM_DIR=<a vLLM v0.26.0 git clone>" >&2; exit 1; }
+	$(PYTHON) scripts/make_pr.py --vllm-dir $(TREE) --branch $(or $(PR_BRANCH),qtip) \
+		$(if $(PR_FORCE),--force)
 
 clean:
 	rm -rf $(BUILD_DIR)/qtip-ext

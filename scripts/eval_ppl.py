@@ -68,14 +68,14 @@ def dequantized_qtip_model(model_dir: str | Path, dtype: torch.dtype):
     list, per-projection codes, tied embeddings), whose QTIP linears are then
     replaced by nn.Linear: one decode per weight instead of one per forward.
     """
-    from qtip_quant.codec import qtip_checkpoint, qtip_utils
+    from qtip_quant.codec import qtip_checkpoint
 
     model = qtip_checkpoint.build_reference_model(model_dir)
     for name, module in list(model.named_modules()):
         if not isinstance(module, qtip_checkpoint.QTIPReferenceLinear):
             continue
         linear = torch.nn.Linear(module.in_features, module.out_features, bias=False)
-        linear.weight.data = qtip_utils.dequantize_weight(
+        linear.weight.data = qtip_checkpoint.dequantize_weight(
             module.trellis,
             module.SU,
             module.SV,

@@ -36,7 +36,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
 # symmetric memory (its custom all-reduce and NCCL remain).
 export VLLM_ALLREDUCE_USE_SYMM_MEM=0
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
-export QTIP_GOLDEN_DIR=$REPO/.gpu/ref/goldens QTIP_HADAMARD_NPZ=$REPO/.gpu/ref/qtip_hadamard_k.npz
 cd "$REPO"
 
 step_setup() {

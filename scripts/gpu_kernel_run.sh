@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/qtip-out}
 QK=/tmp/qtip-kernels
 mkdir -p "$OUT" "$QK/vllm"
 export PYTHONPATH=$QK:$REPO/vllm_overlay PYTHONUNBUFFERED=1
-export QTIP_GOLDEN_DIR=$REPO/.gpu/ref/goldens QTIP_HADAMARD_NPZ=$REPO/.gpu/ref/qtip_hadamard_k.npz
+# Goldens are found next to the tests (tests/quantization/qtip_goldens).
 cd "$REPO"
 
 step_build() {

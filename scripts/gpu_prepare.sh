@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # Build, here, everything the offline GPU host needs in .gpu/ (git-ignored):
 # the vLLM 0.26.0 runtime bundle in three parts, the sdist's CMake helpers and
-# tests, the reference goldens, and wheels the host lacks. Then ship it with
+# tests, and wheels the host lacks. Then ship it with
 # three back-to-back device calls (part-aa, part-ab, part-ac + the rest) and
 # run scripts/gpu_host_run.sh there.
 #   --kernels: only what scripts/gpu_kernel_run.sh needs (no vLLM; ~1 MB).
@@ -14,8 +14,8 @@ G=$REPO/.gpu
 mkdir -p "$G/vllm-src/cmake" "$G/vllm-src/csrc/core" "$G/ref"
 cp "$SDIST_TREE/cmake/utils.cmake" "$G/vllm-src/cmake/"
 cp "$SDIST_TREE/csrc/core/registration.h" "$G/vllm-src/csrc/core/"
-cp -r "$SHARED/reference/goldens" "$SHARED/reference/qtip_hadamard_k.npz" \
-  "$SHARED/reference/hyb_decode_bench.cu" "$G/ref/"
+# The decode-only ceiling the kernel benchmark is measured against.
+cp "$SHARED/reference/hyb_decode_bench.cu" "$G/ref/"
 [ "${1:-}" = "--kernels" ] && exit 0
 [ -f "$G/parts/SHA256SUMS" ] || bash "$SHARED/gpu/make-vllm-bundle.sh" "$G/parts" 45
 cp "$SHARED/gpu/unpack-vllm-bundle.sh" "$G/"

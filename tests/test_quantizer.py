@@ -234,7 +234,7 @@ def test_tile_order_matches_kernel_layout():
         ]
     )
     natural = ldlq._natural_states(seq[None], params, order)
-    trellis = qtip_utils.pack_trellis(natural.repeat(2, 2), 32, 32, params)
+    trellis = qtip_checkpoint.pack_trellis(natural.repeat(2, 2), 32, 32, params)
     assert torch.equal(
         qtip_utils.unpack_trellis(trellis, 32, 32, params)[:16, :8], natural
     )
@@ -268,7 +268,7 @@ def test_ldlq_tiles_pack_and_decode(params, shape, feedback):
     [(states, w_hat)] = ldlq.block_ldlq(
         [ldlq.LDLQJob(weight, fb)], table, params, mem_bytes=1 << 28
     )
-    trellis = qtip_utils.pack_trellis(states, m, n, params)
+    trellis = qtip_checkpoint.pack_trellis(states, m, n, params)
     assert torch.equal(qtip_utils.unpack_trellis(trellis, m, n, params).long(), states)
     assert torch.equal(qtip_utils.decode_weight(trellis, tlut, m, n, params), w_hat)
 
@@ -376,7 +376,7 @@ def test_quantize_write_load_roundtrip(tmp_path):
         assert tensors[f"{prefix}.SV"].dtype == torch.float32
         assert tensors[f"{prefix}.tlut"].dtype == torch.float16
         assert int(tensors[f"{prefix}.rcp"]) == 0
-        dense = qtip_utils.dequantize_weight(
+        dense = qtip_checkpoint.dequantize_weight(
             tensors[f"{prefix}.trellis"],
             tensors[f"{prefix}.SU"],
             tensors[f"{prefix}.SV"],
@@ -568,8 +568,8 @@ def test_tp_split_linear(rcp):
     [(states, w_hat)] = ldlq.block_ldlq([work.job], table, params, mem_bytes=1 << 28)
     q = quantize._finish_group(work, states, w_hat, tlut)["proj"]
     assert (q.rcp, q.tp_rank) == (rcp, 2)
-    trellis = qtip_utils.pack_trellis(q.states, 64, 64, params)
-    dense = qtip_utils.dequantize_weight(
+    trellis = qtip_checkpoint.pack_trellis(q.states, 64, 64, params)
+    dense = qtip_checkpoint.dequantize_weight(
         trellis, q.SU, q.SV, tlut, params, rcp=rcp, tp_rank=2
     )
     rel_mse = float((dense - weight).pow(2).sum() / weight.pow(2).sum())

@@ -470,7 +470,7 @@ def _layer_tensors(quantized: dict[str, QuantizedLinear], params: QTIPCodeParams
     for path, q in quantized.items():
         m, n = q.shape
         out[path] = {
-            "trellis": qtip_utils.pack_trellis(q.states, m, n, params),
+            "trellis": qtip_checkpoint.pack_trellis(q.states, m, n, params),
             "SU": q.SU,
             "SV": q.SV,
             "tlut": q.tlut,

@@ -7,15 +7,13 @@ The kernels implement the HYB trellis code of every published QTIP checkpoint
 published kernel byte layout. :func:`qtip_matmul` is the one entry point of a
 QTIP linear layer; the other wrappers expose the building blocks for tests
 and benchmarks.
-
-Only torch is imported here, so kernel harnesses can load this file without
-the rest of vLLM.
 """
 
 import contextlib
-import functools
 
 import torch
+
+from vllm.platforms import current_platform
 
 with contextlib.suppress(ImportError):
     import vllm._qtip_C  # noqa: F401
@@ -104,31 +102,36 @@ if _has_op("qtip_linear"):
         return x.new_empty((x.shape[0], SV.shape[0]))
 
 
-@functools.cache
-def _device_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def qtip_kernels_unavailable(
+    device: torch.device | str | int | None = None,
+) -> str | None:
+    """Why the QTIP kernels cannot run on ``device`` (default: the current
+    CUDA device), or None if they can.
+
+    They need the ``_qtip_C`` extension, an NVIDIA GPU (not ROCm) and compute
+    capability 8.0 or newer.
+    """
+    if not all(_has_op(name) for name in _OPS):
+        return "the vllm._qtip_C extension is not built"
+    if not current_platform.is_cuda():
+        return "the QTIP kernels run on NVIDIA CUDA GPUs only"
+    if device is None:
+        index = torch.accelerator.current_device_index()
+    else:
+        dev = torch.device("cuda", device) if isinstance(device, int) else device
+        dev = torch.device(dev)  # a str names a device too
+        if dev.type != "cuda":
+            return f"the weights are on {dev}, not on a CUDA GPU"
+        index = dev.index if dev.index is not None else 0
+    if not current_platform.has_device_capability(QTIP_MIN_CAPABILITY, index):
+        major, minor = QTIP_MIN_CAPABILITY
+        return f"the QTIP kernels need compute capability {major}.{minor} or newer"
+    return None
 
 
 def qtip_kernels_available(device: torch.device | str | int | None = None) -> bool:
-    """Whether the QTIP kernels can run on ``device`` (default: current CUDA).
-
-    True when the ``_qtip_C`` extension is loaded, the device is CUDA (not
-    ROCm) and its compute capability is at least 8.0. The capability is
-    looked up once per device.
-    """
-    if not all(_has_op(name) for name in _OPS):
-        return False
-    if not torch.cuda.is_available() or torch.version.hip is not None:
-        return False
-    if device is None:
-        index = torch.cuda.current_device()
-    else:
-        device = torch.device("cuda", device) if isinstance(device, int) else device
-        device = torch.device(device)
-        if device.type != "cuda":
-            return False
-        index = device.index if device.index is not None else 0
-    return _device_capability(index) >= QTIP_MIN_CAPABILITY
+    """Whether the QTIP kernels can run on ``device`` (default: current CUDA)."""
+    return qtip_kernels_unavailable(device) is None
 
 
 def qtip_hadamard_supported(
@@ -165,7 +168,7 @@ def _check_trellis(
         )
     if not trellis.is_contiguous():
         raise ValueError("trellis must be contiguous")
-    tlut_shapes = [(shards, *QTIP_TLUT_SHAPE)]
+    tlut_shapes: list[tuple[int, ...]] = [(shards, *QTIP_TLUT_SHAPE)]
     if shards == 1:
         tlut_shapes.append(QTIP_TLUT_SHAPE)
     if tlut.dtype != torch.float16 or tuple(tlut.shape) not in tlut_shapes:

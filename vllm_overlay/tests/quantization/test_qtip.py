@@ -17,6 +17,21 @@ import traceback
 import pytest
 import torch
 
+from tests.quantization.reference_qtip import (
+    LLAMA_PROJECTIONS,
+    QTIPReferenceLinear,
+    TinyLlamaSpec,
+    build_reference_model,
+    checkpoint_qtip_params,
+    dequantize_weight,
+    quip_params,
+    random_llama_checkpoint,
+    random_llama_tensors,
+    read_checkpoint,
+    reference_logprobs,
+    write_checkpoint,
+)
+from vllm import _qtip_ops as qtip_ops
 from vllm.config import (
     DeviceConfig,
     LoadConfig,
@@ -35,29 +50,14 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
     UnquantizedLinearMethod,
 )
-from vllm.model_executor.layers.quantization import get_quantization_config
-from vllm.model_executor.layers.quantization import qtip as qtip_module
+from vllm.model_executor.layers.quantization import get_quantization_config, qtip
 from vllm.model_executor.layers.quantization.qtip import (
     QTIPConfig,
     QTIPFusedCall,
     QTIPLinearMethod,
 )
-from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import (
-    LLAMA_PROJECTIONS,
-    QTIPReferenceLinear,
-    TinyLlamaSpec,
-    build_reference_model,
-    checkpoint_qtip_params,
-    quip_params,
-    random_llama_checkpoint,
-    random_llama_tensors,
-    read_checkpoint,
-    reference_logprobs,
-    write_checkpoint,
-)
 from vllm.model_executor.layers.quantization.utils.qtip_utils import (
     QTIPCodeParams,
-    dequantize_weight,
     get_hadamard_factor,
     qtip_linear_forward,
 )
@@ -65,6 +65,10 @@ from vllm.model_executor.model_loader import get_model_loader
 from vllm.model_executor.model_loader.weight_utils import initialize_dummy_weights
 from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader
+
+# Every test that sets up vLLM's process groups tears them down itself, so
+# vLLM's per-test global cleanup (about a second each) is not needed.
+pytestmark = pytest.mark.skip_global_cleanup
 
 # quip_params of a published relaxml checkpoint (Llama-2-7b-QTIP-2Bit).
 RELAXML_PARAMS = {
@@ -238,6 +242,10 @@ class LlamaLinears(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.quant_config = quant_config
+        # What LlamaForCausalLM (SupportsQuant) registers with its config.
+        quant_config.packed_modules_mapping.update(
+            LlamaForCausalLM.packed_modules_mapping
+        )
         self.model = torch.nn.Module()
         self.model.layers = torch.nn.ModuleList()
         h, i = spec.hidden_size, spec.intermediate_size
@@ -603,14 +611,29 @@ def test_dimension_not_in_whole_blocks(tp1):
         )
 
 
-def test_dummy_weights_run(tp1):
+@pytest.fixture
+def dummy_load_format(tp1):
+    """The current vLLM config says load_format="dummy", as the worker does."""
+    config = VllmConfig(
+        device_config=DeviceConfig(device="cpu"),
+        load_config=LoadConfig(load_format="dummy"),
+    )
+    with set_current_vllm_config(config):
+        yield
+
+
+def process_weights(linears: torch.nn.Module) -> None:
+    for module in linears.modules():
+        if isinstance(getattr(module, "quant_method", None), QTIPLinearMethod):
+            module.quant_method.process_weights_after_loading(module)
+
+
+def test_dummy_weights_run(dummy_load_format):
     # load_format="dummy" loads no tensor; the layers must still work.
     cfg = QTIPConfig.from_config(qtip_config(split_for_tp=True))
     linears = LlamaLinears(ONE_LAYER, cfg, torch.float16)
     initialize_dummy_weights(linears, model_config=None)
-    for module in linears.modules():
-        if isinstance(getattr(module, "quant_method", None), QTIPLinearMethod):
-            module.quant_method.process_weights_after_loading(module)
+    process_weights(linears)
     qkv = linears.model.layers[0].self_attn.qkv_proj
     assert qkv.rcp.tolist() == [2, 2, 2]
     # A numerically sane model: random trellis states, N(0, 1) codewords,
@@ -631,6 +654,108 @@ def test_dummy_weights_run(tp1):
     assert torch.equal(again_qkv.trellis, qkv.trellis)
     down = linears.model.layers[0].mlp.down_proj
     assert not torch.equal(down.SU[0, :64], qkv.SU[0, :64])
+
+
+def test_layer_that_received_no_tensor_is_reported(tp1):
+    # Without load_format="dummy", a layer no tensor reached is an error.
+    linears = LlamaLinears(ONE_LAYER, QTIPConfig.from_config(qtip_config()), torch.half)
+    with pytest.raises(ValueError, match=r"self_attn\.q_proj\.trellis was not found"):
+        process_weights(linears)
+
+
+def test_reference_path_is_logged_with_its_reason(tp1, monkeypatch):
+    # On this machine the layers cannot run the CUDA kernels (CPU weights, or
+    # no GPU at all): each layer says so at debug level, and the reason is
+    # warned once (warning_once).
+    warned, debug = [], []
+    monkeypatch.setattr(
+        qtip.logger, "warning_once", lambda msg, *args: warned.append(msg % args)
+    )
+    monkeypatch.setattr(qtip.logger, "debug", lambda msg, *a: debug.append(msg % a))
+    spec = TinyLlamaSpec(num_hidden_layers=1)
+    linears = LlamaLinears(spec, QTIPConfig.from_config(qtip_config()), torch.half)
+    linears.load(random_llama_tensors(spec))
+    reason = qtip_ops.qtip_kernels_unavailable(torch.device("cpu"))
+    assert reason is not None
+    assert all(reason in msg and "reference decoder" in msg for msg in warned)
+    assert len(warned) == 4  # one per layer here; vLLM's logger dedups them
+    layers = ("mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "qkv_proj")
+    assert sorted(msg.split(":")[0] for msg in debug) == [
+        f"QTIP layer model.layers.0.{'self_attn.' * (m == 'qkv_proj')}{m}"
+        for m in layers
+    ]
+    assert all(f"reference decoder ({reason})" in msg for msg in debug)
+    qkv = linears.model.layers[0].self_attn.qkv_proj
+    assert qkv.qtip_use_kernels is False
+
+
+def test_kernel_path_reasons():
+    hyb, other = QTIPCodeParams(K=2), QTIPCodeParams(K=2, V=1, decode_mode="1mad")
+    transform = qtip.QTIPTransform(
+        rcp=0, blocks=1, in_block=192, out_block=192, in_factor=12, out_factor=12
+    )
+
+    def shard(params: QTIPCodeParams) -> qtip.QTIPShard:
+        return qtip.QTIPShard("q_proj", params, 192, 192, 0, 0, 0, 0, 32, 32)
+
+    cuda = torch.device("cuda", 0)
+    reason = qtip._reference_path_reason([shard(hyb)], [transform], cuda)
+    if qtip_ops.qtip_kernels_available(cuda):
+        assert reason is None
+        reason = qtip._reference_path_reason([shard(other)], [transform], cuda)
+        assert reason is not None and "decode_mode='1mad'" in reason
+    else:
+        assert reason == qtip_ops.qtip_kernels_unavailable(cuda)
+
+
+def force_reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' switch: QTIP layers built from now on (until monkeypatch
+    undoes it) run the reference decoder, whether the kernels could run or not.
+    """
+    monkeypatch.setattr(
+        qtip, "_reference_path_reason", lambda *args: "forced by the test"
+    )
+
+
+@pytest.mark.skipif(
+    not qtip_ops.qtip_kernels_available(), reason="needs the QTIP CUDA kernels"
+)
+@pytest.mark.parametrize("tokens", [1, 5, 70])
+def test_kernel_path_matches_reference_path(tmp_path, monkeypatch, tokens):
+    # The same checkpoint through vLLM's layers on the GPU, once with the
+    # CUDA kernels and once with the reference decoder (the test switch).
+    spec = TinyLlamaSpec(num_hidden_layers=1, K=3, skip_list=["0_v"])
+    tensors = random_llama_tensors(spec)
+    cfg = QTIPConfig.from_config(
+        {"quant_method": "qtip", **quip_params(spec.code_params, **_spec_options(spec))}
+    )
+
+    def build() -> LlamaLinears:
+        with torch.device("cuda"):
+            linears = LlamaLinears(spec, cfg, torch.float16)
+        linears.load({name: t.cuda() for name, t in tensors.items()})
+        return linears
+
+    config = VllmConfig(device_config=DeviceConfig(device="cuda"))
+    with set_current_vllm_config(config):
+        init_gloo_tp_group(f"{tmp_path}/dist_store")
+        try:
+            kernels = build()
+            with monkeypatch.context() as patch:
+                force_reference_path(patch)
+                reference = build()
+            gen = torch.Generator(device="cuda").manual_seed(tokens)
+            for name in ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+                ours = kernels.model.layers[0].get_submodule(name)
+                ref = reference.model.layers[0].get_submodule(name)
+                assert ours.qtip_use_kernels and not ref.qtip_use_kernels
+                x = torch.randn(
+                    tokens, ours.input_size, generator=gen, device="cuda"
+                ).half()
+                y, y_ref = ours(x)[0].double(), ref(x)[0].double()
+                assert ((y - y_ref).norm() / y_ref.norm()).item() < 2e-3, name
+        finally:
+            cleanup_dist_env_and_memory()
 
 
 # ---------------------------------------------------------------------------
@@ -794,7 +919,7 @@ def test_split_for_tp_checkpoint_without_rcp(cpu_attention, tmp_path, monkeypatc
     params = quip_params(spec.code_params, **_spec_options(spec))
     logged: list[str] = []
     monkeypatch.setattr(
-        qtip_module.logger,
+        qtip.logger,
         "info_once",
         lambda msg, *args, **kwargs: logged.append(msg % args),
     )

@@ -20,6 +20,13 @@ import regex as re
 import torch
 from safetensors.torch import save_file
 
+from tests.quantization.reference_qtip import (
+    LLAMA_PROJECTIONS,
+    TinyLlamaSpec,
+    random_llama_tensors,
+    read_checkpoint,
+    write_checkpoint,
+)
 from tests.quantization.test_qtip import (
     assert_matches_reference,
     cpu_attention,  # noqa: F401 (a fixture)
@@ -28,13 +35,6 @@ from tests.quantization.test_qtip import (
 from vllm.config import DeviceConfig, ModelConfig, VllmConfig
 from vllm.distributed import cleanup_dist_env_and_memory
 from vllm.model_executor.layers.quantization.qtip import QTIPConfig
-from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import (
-    LLAMA_PROJECTIONS,
-    TinyLlamaSpec,
-    random_llama_tensors,
-    read_checkpoint,
-    write_checkpoint,
-)
 from vllm.model_executor.layers.quantization.utils.qtip_utils import QTIPCodeParams
 
 # The quantize_config.json of the integration guide, verbatim.

@@ -16,15 +16,19 @@ import pytest
 import regex as re
 import torch
 
+from tests.quantization.reference_qtip import quip_params
 from vllm.config import DeviceConfig, ModelConfig, VllmConfig
 from vllm.model_executor.layers.quantization import (
     QUANTIZATION_METHODS,
     get_quantization_config,
 )
 from vllm.model_executor.layers.quantization.qtip import QTIPConfig
-from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import quip_params
 from vllm.model_executor.layers.quantization.utils.qtip_utils import QTIPCodeParams
 from vllm.transformers_utils.config import get_config
+
+# No distributed state or GPU memory to clean up between these tests
+# (vLLM's conftest otherwise runs cleanup_dist_env_and_memory after each).
+pytestmark = pytest.mark.skip_global_cleanup
 
 # The quip_params of a published relaxml checkpoint (Llama-2-7b-QTIP-2Bit).
 QUIP_PARAMS = quip_params(QTIPCodeParams(K=2))

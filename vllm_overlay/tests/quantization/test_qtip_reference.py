@@ -5,13 +5,17 @@
 The codec is checked against golden vectors of the reference implementation
 and against slow scalar transcriptions of the format spec written here.
 
-Run `pytest tests/quantization/test_qtip_reference.py`. The goldens and the
-Hadamard data file are found through QTIP_GOLDEN_DIR and QTIP_HADAMARD_NPZ
-(defaults relative to the working directory).
+The golden files in qtip_goldens/ were produced by the reference
+implementation's own decode and forward: a random packed ``trellis`` (flat
+int16, kernel layout), ``tlut``, ``SU``, ``SV``, an input ``x`` and its output
+``y``, the decoded Hadamard-domain matrix ``hatW`` and the dense weight ``W``
+(y = x @ W.T); the metadata holds m, n and the code's parameters.
+
+Run `pytest tests/quantization/test_qtip_reference.py`.
 """
 
+import hashlib
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tests.quantization.reference_qtip import dequantize_weight, pack_trellis
 from vllm.model_executor.layers.quantization.utils.qtip_hadamard import (
     HADAMARD_FACTOR_SIZES,
     hadamard_factor,
@@ -31,18 +36,17 @@ from vllm.model_executor.layers.quantization.utils.qtip_utils import (
     decode_states,
     decode_table,
     decode_weight,
-    dequantize_weight,
     get_hadamard_factor,
     hadamard_transform,
-    pack_trellis,
     qtip_linear_forward,
     unpack_trellis,
 )
 
-GOLDEN_DIR = Path(os.environ.get("QTIP_GOLDEN_DIR", "../shared/reference/goldens"))
-HADAMARD_NPZ = Path(
-    os.environ.get("QTIP_HADAMARD_NPZ", "../shared/reference/qtip_hadamard_k.npz")
-)
+GOLDEN_DIR = Path(__file__).parent / "qtip_goldens"
+
+# No distributed state or GPU memory to clean up between these tests
+# (vLLM's conftest otherwise runs cleanup_dist_env_and_memory after each).
+pytestmark = pytest.mark.skip_global_cleanup
 
 HYB = QTIPCodeParams()
 # Generic-layout codes: computed codes with V=1, HYB/quantlut off the kernel
@@ -159,14 +163,10 @@ def _dense_hadamard(size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _golden_params():
-    if not GOLDEN_DIR.is_dir():
-        reason = f"QTIP golden dir {GOLDEN_DIR} not found (set QTIP_GOLDEN_DIR)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+def golden_files() -> list[Path]:
     files = sorted(GOLDEN_DIR.glob("*.safetensors"))
-    if not files:
-        return [pytest.param(None, id="no-goldens")]
-    return [pytest.param(f, id=f.stem) for f in files]
+    assert files, f"no QTIP golden files in {GOLDEN_DIR}"
+    return files
 
 
 def _load_golden(path: Path):
@@ -186,9 +186,8 @@ def _load_golden(path: Path):
     return params, int(meta["m"]), int(meta["n"]), layer, tensors
 
 
-@pytest.mark.parametrize("path", _golden_params())
+@pytest.mark.parametrize("path", golden_files(), ids=lambda p: p.stem)
 def test_golden(path):
-    assert path is not None, f"no *.safetensors golden files in {GOLDEN_DIR}"
     params, m, n, layer, t = _load_golden(path)
     trellis, tlut, SU, SV = t["trellis"], t["tlut"], t["SU"], t["SV"]
 
@@ -444,15 +443,30 @@ def test_hadamard_vendored_data():
         hadamard_factor_int8(16)
 
 
-@pytest.mark.skipif(
-    not HADAMARD_NPZ.is_file(),
-    reason=f"{HADAMARD_NPZ} not found (set QTIP_HADAMARD_NPZ)",
-)
-def test_hadamard_vendored_data_equals_npz():
-    data = np.load(HADAMARD_NPZ)
-    assert sorted(int(key[3:]) for key in data.files) == list(HADAMARD_FACTOR_SIZES)
-    for k in HADAMARD_FACTOR_SIZES:
-        assert torch.equal(hadamard_factor_int8(k), torch.from_numpy(data[f"had{k}"]))
+# sha256 of each H_K (int8, row-major) as every published QTIP checkpoint
+# uses it: the reference implementation's tables.
+HADAMARD_SHA256 = {
+    12: "67507aecbe2abee5607ebc930edc6e70f5046bd415503c71e71ac7dc6ddc9e50",
+    20: "f54960fecf1ccf70671b403318d07fd1babfee079c6ebd627812276c3f5d91ed",
+    28: "a6cb994c78f9acd4ce172a154b97e3982594cc0124ce7af90cb88810b9509a8c",
+    36: "d674d8240e6b622bff2b54fd5f16f903ef5ccbde6e5fba55a73e6b8616ce936d",
+    52: "9ee082772819b1055d61f2d6bc89d814caaeb2fdc5f4d8bb54317842856be195",
+    60: "091e76fba0aef58371335b478d7b3f320fcc77b1185eff7d2ed962cd5bc5a048",
+    108: "690a34c6c9ed2f0edaf44022cfe6147d7e788cc555505ed5293db3c255582370",
+    116: "e35aecfbc1d95799af1b7e871a0edd055aa6be30a8eee5f7cac3d67d29d188cf",
+    124: "9b41cf5242a1dd123127238db8506cf8f737d9072f592fde3b69ae918f7699df",
+    140: "b9ff01506ffe4db50af93f4c21e0c5af43159fbf5ccf5f8366f1c0efeee84417",
+    156: "99a1b852ce559ffd6291cfc39889b4963b068b27116191ce7fc24efcacc538fd",
+    172: "378ef12c7cc31f3ea558e1c66b9552a83128f8f732b0bc094b864c8e120d84bd",
+}
+
+
+@pytest.mark.parametrize("k", HADAMARD_FACTOR_SIZES)
+def test_hadamard_factors_are_the_published_ones(k):
+    # Ten come from compressed-tensors' table, H_20 and H_124 from
+    # qtip_hadamard itself; a change in either source fails here.
+    data = hadamard_factor_int8(k).contiguous().numpy().tobytes()
+    assert hashlib.sha256(data).hexdigest() == HADAMARD_SHA256[k]
 
 
 @pytest.mark.parametrize(

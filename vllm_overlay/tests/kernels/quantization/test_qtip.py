@@ -3,8 +3,8 @@
 """Tests for the QTIP CUDA kernels (vllm._qtip_C) against the reference codec.
 
 Run: pytest tests/kernels/quantization/test_qtip.py (needs a CUDA GPU with
-compute capability >= 8.0 and the _qtip_C extension). Golden vectors are found
-through QTIP_GOLDEN_DIR.
+compute capability >= 8.0 and the _qtip_C extension). The golden vectors are
+those of tests/quantization/qtip_goldens.
 
 Tolerances (relative Frobenius error against qtip_linear_forward, which uses
 the same reference numerics): 2e-3 for fp16 outputs and 8e-3 for bf16. The
@@ -14,7 +14,6 @@ GEMM on the dense path (the reference fallback's numerics) and the final
 rounding to the activation dtype.
 """
 
-import os
 from pathlib import Path
 
 import pytest
@@ -45,7 +44,7 @@ if not qtip_kernels_available():
         allow_module_level=True,
     )
 
-GOLDEN_DIR = Path(os.environ.get("QTIP_GOLDEN_DIR", "../shared/reference/goldens"))
+GOLDEN_DIR = Path(__file__).parents[2] / "quantization" / "qtip_goldens"
 DEVICE = "cuda"
 BATCHES = (1, 2, 3, 8, 16, 33, 256)
 SHAPES = (
@@ -92,9 +91,7 @@ def golden_files():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not golden_files(), reason=f"no goldens in {GOLDEN_DIR} (set QTIP_GOLDEN_DIR)"
-)
+@pytest.mark.skipif(not golden_files(), reason=f"no goldens in {GOLDEN_DIR}")
 @pytest.mark.parametrize("path", golden_files(), ids=lambda p: p.stem)
 def test_decode_and_forward_goldens(path: Path):
     from safetensors import safe_open
@@ -481,7 +478,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="SU must be float32"):
         call(SU=SU.half())
     with pytest.raises(ValueError, match="had_in must be a float32"):
-        call(had_in=factor(n)[:3])
+        call(had_in=torch.ones(3, 4, device=DEVICE))
     with pytest.raises(ValueError, match="shard_rows"):
         call(shard_rows=[64, 32])
     ops = torch.ops._qtip_C

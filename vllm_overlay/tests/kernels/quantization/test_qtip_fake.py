@@ -17,10 +17,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vllm import _qtip_ops as ops
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("vllm._qtip_C") is None,
-    reason="vllm._qtip_C is not built (make build)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm._qtip_C") is None,
+        reason="vllm._qtip_C is not built (make build)",
+    ),
+    # Fake tensors only: nothing to clean up between tests.
+    pytest.mark.skip_global_cleanup,
+]
 
 OPS = ("qtip_gemm", "qtip_decode", "qtip_hadamard", "qtip_linear")
 
@@ -90,9 +94,9 @@ def test_wrapper_rejects_a_truncated_trellis():
 
 # Shared memory per block of an H100 (227 KiB) and of an sm_86/89 GPU
 # (99 KiB): a 28672-wide row (K=28) fits the first only.
-@pytest.mark.parametrize("optin, fits_28672", [(232448, True), (101376, False)])
-def test_hadamard_block_limits(monkeypatch, optin, fits_28672):
-    props = type("Props", (), {"shared_memory_per_block_optin": optin})
+@pytest.mark.parametrize("smem_bytes, fits_28672", [(232448, True), (101376, False)])
+def test_hadamard_block_limits(monkeypatch, smem_bytes, fits_28672):
+    props = type("Props", (), {"shared_memory_per_block_optin": smem_bytes})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     assert ops.qtip_hadamard_supported(4096, 1, "cuda")
     assert ops.qtip_hadamard_supported(576, 36, "cuda")

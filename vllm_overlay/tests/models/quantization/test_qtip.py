@@ -22,15 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.quantization.utils import is_quant_method_supported
-from vllm import SamplingParams
-from vllm.inputs import TokensPrompt
-from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import (
+from tests.quantization.reference_qtip import (
     TinyLlamaSpec,
     build_reference_model,
     random_llama_checkpoint,
     reference_logprobs,
 )
+from tests.quantization.utils import is_quant_method_supported
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
 
 pytestmark = pytest.mark.skipif(
     not is_quant_method_supported("qtip"),

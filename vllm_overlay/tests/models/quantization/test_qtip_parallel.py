@@ -32,16 +32,16 @@ from tests.models.quantization.test_qtip import (
     reference,
     run_vllm,
 )
-from tests.quantization.test_qtip import LlamaLinears
-from tests.quantization.utils import is_quant_method_supported
-from vllm._qtip_ops import QTIP_DENSE_MIN_ROWS
-from vllm.model_executor.layers.quantization.qtip import QTIPConfig
-from vllm.model_executor.layers.quantization.utils.qtip_checkpoint import (
+from tests.quantization.reference_qtip import (
     TinyLlamaSpec,
     quip_params,
     random_llama_checkpoint,
     random_llama_tensors,
 )
+from tests.quantization.test_qtip import LlamaLinears
+from tests.quantization.utils import is_quant_method_supported
+from vllm._qtip_ops import QTIP_DENSE_MIN_ROWS
+from vllm.model_executor.layers.quantization.qtip import QTIPConfig
 
 pytestmark = pytest.mark.skipif(
     not is_quant_method_supported("qtip"),

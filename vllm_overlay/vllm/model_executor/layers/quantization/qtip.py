@@ -19,11 +19,12 @@ all-gather per layer (utils/qtip_parallel.py).
 """
 
 import dataclasses
-import re
 import zlib
+from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
+import regex as re
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -31,6 +32,7 @@ from torch.nn.parameter import Parameter
 from transformers import PretrainedConfig
 
 from vllm import _qtip_ops as qtip_ops
+from vllm.config import get_current_vllm_config_or_none
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
@@ -79,12 +81,6 @@ _DEFAULT_TILE = 16
 # Projections named by skip_list entries "{layer}_{projection}".
 _SKIP_ENTRY = re.compile(r"^(\d+)_(q|k|v|o|up|gate|down)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-# vLLM's fused Llama-style layers, used when the model did not register its
-# packed_modules_mapping with the config (e.g. a layer built on its own).
-_DEFAULT_PACKED_MODULES = {
-    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-    "gate_up_proj": ["gate_proj", "up_proj"],
-}
 # Layer parameter holding the checkpoint's "<proj>.tp_rank" (renamed on
 # load, see QTIPConfig.get_cache_scale_mapper).
 TP_RANK_PARAM = "qtip_tp_rank"
@@ -213,9 +209,6 @@ class QTIPConfig(QuantizationConfig):
             self._set_params(params)
         # Hadamard factors shared by all layers, keyed by (K, device).
         self._hadamard_factors: dict[tuple[int, torch.device], torch.Tensor] = {}
-        # Set once any QTIP tensor is loaded; a model that received none was
-        # initialized with dummy weights (load_format="dummy").
-        self.loaded_any_tensor = False
 
     def _set_params(self, params: QTIPCodeParams) -> None:
         _validate_code_params(params)
@@ -403,7 +396,9 @@ class QTIPConfig(QuantizationConfig):
     def get_cache_scale_mapper() -> "WeightsMapper":
         # A checkpoint's "<proj>.tp_rank" would resolve to the int attribute
         # LinearBase.tp_rank (fused layers look names up with getattr), so it
-        # is loaded under another name.
+        # is loaded under another name. This is the one checkpoint-name mapper
+        # a quantization config contributes to AutoWeightsLoader (it is named
+        # for KV-cache scales, whose mapping is kept).
         from vllm.model_executor.models.utils import WeightsMapper
 
         return QuantizationConfig.get_cache_scale_mapper() | WeightsMapper(
@@ -421,11 +416,11 @@ class QTIPConfig(QuantizationConfig):
                 "quantization_config, quip_params or quantize_config.json"
             )
         layer_name = prefix.rsplit(".", 1)[-1]
-        mapping = {**_DEFAULT_PACKED_MODULES, **self.packed_modules_mapping}
-        shard_names = mapping.get(layer_name, [layer_name])
+        # The model registers its fused layers' projections (SupportsQuant).
+        shard_names = self.packed_modules_mapping.get(layer_name, [layer_name])
         indices = _LAYER_INDEX.findall(prefix)
         layer_index = indices[-1] if indices else None
-        specs = []
+        specs: list[tuple[str, QTIPCodeParams | None]] = []
         for name in shard_names:
             key = name.removesuffix("_proj")
             if f"{layer_index}_{key}" in self.skip_list:
@@ -633,7 +628,7 @@ class QTIPLinearMethod(LinearMethodBase):
             tensors["tlut"] = torch.empty(lut_shape, dtype=torch.float16)
         for name, data in tensors.items():
             param = BasevLLMParameter(
-                data=data, weight_loader=_make_loader(self, layer, name)
+                data=data, weight_loader=_make_loader(layer, name)
             )
             layer.register_parameter(name, param)
         if dense_rows:
@@ -643,7 +638,7 @@ class QTIPLinearMethod(LinearMethodBase):
                 ),
                 input_dim=1,
                 output_dim=0,
-                weight_loader=_make_loader(self, layer, "weight"),
+                weight_loader=_make_loader(layer, "weight"),
             )
             layer.register_parameter("weight", weight)
         extra_weight_attrs.pop("weight_loader", None)
@@ -652,8 +647,7 @@ class QTIPLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         prefix = getattr(layer, "prefix", "")
-        if not self.quant_config.loaded_any_tensor:
-            # load_format="dummy": no tensor arrived.
+        if not layer.qtip_loaded and _loading_dummy_weights():
             _init_dummy_weights(layer, prefix)
         else:
             self.quant_config.fill_missing_tlut(layer, prefix)
@@ -699,15 +693,13 @@ class QTIPLinearMethod(LinearMethodBase):
                 layer.register_buffer(f"qtip_had_{side}_{i}", had, persistent=False)
         # The CUDA kernels run the HYB code of the published checkpoints; any
         # other code, or a device without them, uses the reference codec.
-        # Tests set this to False to compare the two paths.
         quantized = [sh for sh in layer.qtip_shards if sh.params is not None]
-        layer.qtip_use_kernels = qtip_ops.qtip_kernels_available(device) and all(
-            _kernel_supports(shard.params, transform, device)
-            for shard, transform in zip(quantized, transforms)
-        )
+        reason = _reference_path_reason(quantized, transforms, device)
+        layer.qtip_use_kernels = reason is None
         layer.qtip_fused_call = (
             None if layer.qtip_gather else _fused_call(layer.qtip_shards, transforms)
         )
+        _log_path(layer, prefix, reason)
 
     def apply(
         self,
@@ -860,26 +852,73 @@ def _fused_call(
     )
 
 
-def _kernel_supports(
-    params: QTIPCodeParams, transform: QTIPTransform, device: torch.device
-) -> bool:
-    """Whether the CUDA kernels implement this shard's code and transforms.
+def _reference_path_reason(
+    shards: list[QTIPShard], transforms: list[QTIPTransform], device: torch.device
+) -> str | None:
+    """Why a layer's quantized shards cannot run the CUDA kernels (None: they can).
 
-    They decode the HYB code (L=16, V=2, 9-bit table) in the kernel layout,
-    and transform blocks that qtip_hadamard takes on this device.
+    The kernels decode the HYB code (quantlut_sym, L=16, V=2, 9-bit table) in
+    the kernel layout, with K in QTIP_KERNEL_K, and take Hadamard blocks that
+    fit the device's shared memory.
     """
-    return (
-        params.decode_mode == "quantlut_sym"
-        and params.uses_kernel_layout
-        and params.K in qtip_ops.QTIP_KERNEL_K
-        and params.tlut_bits == 9
-        and qtip_ops.qtip_hadamard_supported(
-            transform.in_block, transform.in_factor, device
+    reason = qtip_ops.qtip_kernels_unavailable(device)
+    if reason is not None:
+        return reason
+    for shard, transform in zip(shards, transforms):
+        params = shard.params
+        assert params is not None
+        if not (
+            params.decode_mode == "quantlut_sym"
+            and params.uses_kernel_layout
+            and params.K in qtip_ops.QTIP_KERNEL_K
+            and params.tlut_bits == 9
+        ):
+            return (
+                f"the QTIP kernels decode the HYB code of the published "
+                f"checkpoints (quantlut_sym, L=16, V=2, tlut_bits=9, K in "
+                f"{qtip_ops.QTIP_KERNEL_K}), not decode_mode="
+                f"{params.decode_mode!r}, L={params.L}, V={params.V}, "
+                f"tlut_bits={params.tlut_bits}, K={params.K}"
+            )
+        for block, factor in (
+            (transform.in_block, transform.in_factor),
+            (transform.out_block, transform.out_factor),
+        ):
+            if not qtip_ops.qtip_hadamard_supported(block, factor, device):
+                return (
+                    f"the QTIP Hadamard kernel does not take {block}-wide "
+                    f"blocks (H_{factor}) on this GPU"
+                )
+    return None
+
+
+def _log_path(layer: torch.nn.Module, prefix: str, reason: str | None) -> None:
+    """Say which path a layer takes (debug), and once why a layer falls back."""
+    if reason is not None:
+        logger.warning_once(
+            "QTIP: %s. Layers run the reference decoder instead, which decodes "
+            "the whole weight matrix on every forward (much slower).",
+            reason,
         )
-        and qtip_ops.qtip_hadamard_supported(
-            transform.out_block, transform.out_factor, device
+        logger.debug("QTIP layer %s: reference decoder (%s)", prefix, reason)
+    elif layer.qtip_fused_call is not None:
+        logger.debug(
+            "QTIP layer %s: CUDA kernels, %d shard(s) in one call",
+            prefix,
+            len(layer.qtip_shards),
         )
-    )
+    else:
+        logger.debug("QTIP layer %s: CUDA kernels, shard by shard", prefix)
+
+
+def _loading_dummy_weights() -> bool:
+    """Whether the model is being loaded with load_format="dummy".
+
+    The worker sets load_config.load_format to "dummy" for dummy loads
+    (also for load_dummy_weights=True), under the current vLLM config.
+    """
+    config = get_current_vllm_config_or_none()
+    return config is not None and config.load_config.load_format == "dummy"
 
 
 def _shard_extent(
@@ -1023,7 +1062,9 @@ def _shard_index(layer: torch.nn.Module, shard_id: str | int | None) -> int:
     return shard_id
 
 
-def _make_loader(method: QTIPLinearMethod, layer: torch.nn.Module, name: str):
+def _make_loader(
+    layer: torch.nn.Module, name: str
+) -> Callable[[Parameter, torch.Tensor, str | int | None], None]:
     """Loader of checkpoint tensor `name` for every shard of `layer`."""
 
     def load(
@@ -1042,7 +1083,6 @@ def _make_loader(method: QTIPLinearMethod, layer: torch.nn.Module, name: str):
                 f"QTIP layer {prefix}: unexpected checkpoint tensor {tensor}: "
                 f"{shard.name} {why}"
             )
-        method.quant_config.loaded_any_tensor = True
         n, n_full, in_rank = layer.qtip_in_size, layer.qtip_in_full, layer.qtip_in_rank
         rows = (shard.out_rank * shard.out_size, shard.out_size)
         cols = (in_rank * n, n)

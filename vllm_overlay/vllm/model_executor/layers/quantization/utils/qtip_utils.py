@@ -3,7 +3,9 @@
 """Pure-PyTorch reference codec for QTIP (trellis-coded quantization).
 
 This is the ground truth that the CUDA kernels and the checkpoint loader are
-tested against. It covers:
+tested against, and the forward of layers the kernels do not cover. It
+covers the decoding side (the encoder and dense dequantization live with the
+tests, in tests/quantization/reference_qtip.py):
 
 * the bitshift-trellis codes (HYB ``quantlut_sym``, ``1mad``, ``2mad``,
   ``3inst``, ``quantlut``, ``lut``): state -> V weights,
@@ -13,11 +15,7 @@ tested against. It covers:
 * QTIP's randomized Hadamard transform ``(H_K kron Sylvester) / sqrt(n)``
   with its exact choice of the small factor H_K,
 * the forward ``y = SV * (Hm @ W_hat @ Hn^T @ (SU * x))`` with the reference
-  numerics, and dense dequantization.
-
-Only torch, the standard library and the sibling data module are imported,
-so kernel harnesses can load this file without vLLM (put this directory on
-``sys.path`` and ``import qtip_utils``).
+  numerics.
 """
 
 import math
@@ -25,13 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    from .qtip_hadamard import HADAMARD_FACTOR_SIZES, hadamard_factor
-except ImportError:  # Loaded standalone, outside the vllm package.
-    from qtip_hadamard import (  # type: ignore[no-redef]
-        HADAMARD_FACTOR_SIZES,
-        hadamard_factor,
-    )
+from vllm.model_executor.layers.quantization.utils.qtip_hadamard import (
+    HADAMARD_FACTOR_SIZES,
+    hadamard_factor,
+)
 
 DECODE_MODES = ("quantlut_sym", "1mad", "2mad", "3inst", "quantlut", "lut")
 # Modes that read the per-layer lookup table ``tlut``.
@@ -307,22 +302,6 @@ def _tile_streams_from_trellis(
     return stream.reshape(mt, nt, -1)
 
 
-def _trellis_from_tile_streams(
-    streams: torch.Tensor, m: int, n: int, params: QTIPCodeParams
-) -> torch.Tensor:
-    """Inverse of _tile_streams_from_trellis: int16 (tiles, words/tile)."""
-    if params.uses_kernel_layout:
-        k = params.K
-        mem = streams.reshape(m // 32, 2, n // 32, 2, 32, k)
-        mem = mem.permute(0, 2, 4, 3, 1, 5).flip(-1).reshape(-1, 2)
-        words = mem[:, 0] | (mem[:, 1] << 8)
-    else:
-        pairs = streams.reshape(-1, 2)
-        words = (pairs[:, 0] << 8) | pairs[:, 1]
-    words = torch.where(words >= 0x8000, words - 0x10000, words)
-    return words.to(torch.int16).reshape(trellis_shape(m, n, params))
-
-
 def _sequence_to_natural(
     seq: torch.Tensor, m: int, n: int, params: QTIPCodeParams
 ) -> torch.Tensor:
@@ -336,18 +315,6 @@ def _sequence_to_natural(
     # Generic: row-major over (td_x rows, td_y/V groups).
     seq = seq.reshape(mt, nt, params.td_x, params.td_y // params.V)
     return seq.permute(0, 2, 1, 3).reshape(m, n // params.V)
-
-
-def _natural_to_sequence(
-    states: torch.Tensor, m: int, n: int, params: QTIPCodeParams
-) -> torch.Tensor:
-    """Inverse of _sequence_to_natural."""
-    mt, nt = m // params.td_x, n // params.td_y
-    if params.uses_kernel_layout:
-        s = states.reshape(mt, 2, 8, nt, 2, 4)  # (.., a, g, .., d, q)
-        return s.permute(0, 3, 2, 5, 4, 1).reshape(mt, nt, -1)
-    s = states.reshape(mt, params.td_x, nt, params.td_y // params.V)
-    return s.permute(0, 2, 1, 3).reshape(mt, nt, -1)
 
 
 def unpack_trellis(
@@ -371,72 +338,6 @@ def unpack_trellis(
     shift = (24 - params.L - start % 8).to(torch.int32)
     seq = (windows[..., start // 8] >> shift) & ((1 << params.L) - 1)
     return _sequence_to_natural(seq, m, n, params)
-
-
-def _word_field_plan(
-    params: QTIPCodeParams, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Which stream fields land in each 16-bit word of a tile, and where.
-
-    Returns (field index, left shift (negative: right shift), valid), each
-    (words per tile, fields per word) int32.
-    """
-    L, kv = params.L, params.K * params.V
-    num_states = params.tile_size // params.V
-    num_words = params.tile_size * params.K // 16
-    starts = [0] + [L + (t - 1) * kv for t in range(1, num_states)]
-    lengths = [L] + [kv] * (num_states - 1)
-    plan = []
-    for w in range(num_words):
-        lo, hi = 16 * w, 16 * w + 16
-        plan.append(
-            [
-                # The field's last bit sits at word bit hi - start - length.
-                (t, hi - start - length)
-                for t, (start, length) in enumerate(zip(starts, lengths))
-                if start < hi and start + length > lo
-            ]
-        )
-    width = max(len(row) for row in plan)
-    idx = [[t for t, _ in row] + [0] * (width - len(row)) for row in plan]
-    shift = [[sh for _, sh in row] + [0] * (width - len(row)) for row in plan]
-    valid = [[1] * len(row) + [0] * (width - len(row)) for row in plan]
-    return tuple(
-        torch.tensor(a, dtype=torch.int32, device=device) for a in (idx, shift, valid)
-    )
-
-
-def pack_trellis(
-    states: torch.Tensor, m: int, n: int, params: QTIPCodeParams
-) -> torch.Tensor:
-    """Pack states (m, n // V) into the int16 trellis (m*n/T, T*K/16).
-
-    As in the reference, each tile's stream is the first state's L bits
-    followed by the low K*V bits of every later state, cut to T*K bits; for
-    tail-biting sequences this is the exact inverse of unpack_trellis.
-    """
-    params.validate()
-    _check_dims(m, n, params)
-    if tuple(states.shape) != (m, n // params.V):
-        raise ValueError(
-            f"states has shape {tuple(states.shape)}, expected "
-            f"{(m, n // params.V)} (m, n // V)"
-        )
-    seq = _natural_to_sequence(states.to(torch.int32), m, n, params)
-    L, kv = params.L, params.K * params.V
-    # Stream fields: state 0 (L bits) at bit 0, then the low kv bits of
-    # state t at bit L + (t-1)*kv; bits past T*K are dropped.
-    fields = seq & ((1 << kv) - 1)
-    fields[..., 0] = seq[..., 0] & ((1 << L) - 1)
-    idx, shift, valid = _word_field_plan(params, states.device)
-    vals = fields[..., idx]
-    placed = torch.where(
-        shift >= 0, vals << shift.clamp(min=0), vals >> (-shift).clamp(min=0)
-    )
-    # Fields cover disjoint bits, so the sum is their bitwise OR.
-    words = ((placed & 0xFFFF) * valid).sum(-1, dtype=torch.int32)
-    streams = torch.stack((words >> 8, words & 0xFF), dim=-1).flatten(-2)
-    return _trellis_from_tile_streams(streams, m, n, params)
 
 
 def decode_weight(
@@ -655,26 +556,3 @@ def qtip_linear_forward(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, m)
-
-
-def dequantize_weight(
-    trellis: torch.Tensor,
-    SU: torch.Tensor,
-    SV: torch.Tensor,
-    tlut: torch.Tensor | None,
-    params: QTIPCodeParams,
-    *,
-    rcp: int = 0,
-    tp_rank: int = 8,
-) -> torch.Tensor:
-    """Dense W = diag(SV) @ Hm @ W_hat @ Hn^T @ diag(SU): float32 (m, n).
-
-    ``y = x @ W.T`` then matches qtip_linear_forward up to its fp16 rounding.
-    """
-    m, n = _layer_dims(SU, SV)
-    in_block, out_block = _block_sizes(int(rcp), int(tp_rank), m, n)
-    w = decode_weight(trellis, tlut, m, n, params)
-    # Rows of W_hat @ Hn^T are Hn applied to rows of W_hat.
-    w = hadamard_transform(w, block_size=in_block)
-    w = hadamard_transform(w.T, block_size=out_block).T
-    return SV.float()[:, None] * w * SU.float()[None, :]

@@ -1,7 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-"""Write and read QTIP checkpoints; random tiny models and a reference model.
+"""Test-side QTIP helpers: the encoder, checkpoints and an HF reference model.
 
+vLLM only decodes QTIP weights (qtip_utils); the tests also need the other
+direction and a model to compare with:
+
+* :func:`pack_trellis` packs trellis states into a checkpoint's int16 words
+  (the inverse of ``unpack_trellis``) and :func:`dequantize_weight` gives the
+  dense weight a QTIP layer computes with.
 * :func:`write_checkpoint` writes a model directory in one of the three
   ways QTIP is declared: the layout of the published relaxml checkpoints
   (``config.json`` with a top-level ``quip_params`` dict), with
@@ -18,10 +24,10 @@
 * :func:`build_reference_model` loads such a directory into a
   HF-transformers ``LlamaForCausalLM`` whose quantized linears run the
   reference forward ``qtip_linear_forward``; it is the ground truth for the
-  vLLM tests.
+  model tests.
 
-Only torch, safetensors and the reference codec are needed to write; the
-reference model also needs transformers.
+The qtip-vllm quantizer (scripts/qtip_quant) writes its checkpoints with the
+same functions.
 """
 
 import dataclasses
@@ -38,9 +44,143 @@ from safetensors.torch import save_file
 from vllm.model_executor.layers.quantization.utils.qtip_utils import (
     TLUT_DECODE_MODES,
     QTIPCodeParams,
+    _block_sizes,
+    _check_dims,
+    _layer_dims,
+    decode_weight,
+    hadamard_transform,
     qtip_linear_forward,
     trellis_shape,
 )
+
+# ---------------------------------------------------------------------------
+# Encoder and dense weights
+# ---------------------------------------------------------------------------
+
+
+def _trellis_from_tile_streams(
+    streams: torch.Tensor, m: int, n: int, params: QTIPCodeParams
+) -> torch.Tensor:
+    """Inverse of qtip_utils._tile_streams_from_trellis: int16 (tiles, words/tile)."""
+    if params.uses_kernel_layout:
+        k = params.K
+        mem = streams.reshape(m // 32, 2, n // 32, 2, 32, k)
+        mem = mem.permute(0, 2, 4, 3, 1, 5).flip(-1).reshape(-1, 2)
+        words = mem[:, 0] | (mem[:, 1] << 8)
+    else:
+        pairs = streams.reshape(-1, 2)
+        words = (pairs[:, 0] << 8) | pairs[:, 1]
+    words = torch.where(words >= 0x8000, words - 0x10000, words)
+    return words.to(torch.int16).reshape(trellis_shape(m, n, params))
+
+
+def _natural_to_sequence(
+    states: torch.Tensor, m: int, n: int, params: QTIPCodeParams
+) -> torch.Tensor:
+    """Inverse of qtip_utils._sequence_to_natural."""
+    mt, nt = m // params.td_x, n // params.td_y
+    if params.uses_kernel_layout:
+        s = states.reshape(mt, 2, 8, nt, 2, 4)  # (.., a, g, .., d, q)
+        return s.permute(0, 3, 2, 5, 4, 1).reshape(mt, nt, -1)
+    s = states.reshape(mt, params.td_x, nt, params.td_y // params.V)
+    return s.permute(0, 2, 1, 3).reshape(mt, nt, -1)
+
+
+def _word_field_plan(
+    params: QTIPCodeParams, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which stream fields land in each 16-bit word of a tile, and where.
+
+    Returns (field index, left shift (negative: right shift), valid), each
+    (words per tile, fields per word) int32.
+    """
+    L, kv = params.L, params.K * params.V
+    num_states = params.tile_size // params.V
+    num_words = params.tile_size * params.K // 16
+    starts = [0] + [L + (t - 1) * kv for t in range(1, num_states)]
+    lengths = [L] + [kv] * (num_states - 1)
+    plan = []
+    for w in range(num_words):
+        lo, hi = 16 * w, 16 * w + 16
+        plan.append(
+            [
+                # The field's last bit sits at word bit hi - start - length.
+                (t, hi - start - length)
+                for t, (start, length) in enumerate(zip(starts, lengths))
+                if start < hi and start + length > lo
+            ]
+        )
+    width = max(len(row) for row in plan)
+    idx = [[t for t, _ in row] + [0] * (width - len(row)) for row in plan]
+    shift = [[sh for _, sh in row] + [0] * (width - len(row)) for row in plan]
+    valid = [[1] * len(row) + [0] * (width - len(row)) for row in plan]
+
+    def tensor(a: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(a, dtype=torch.int32, device=device)
+
+    return tensor(idx), tensor(shift), tensor(valid)
+
+
+def pack_trellis(
+    states: torch.Tensor, m: int, n: int, params: QTIPCodeParams
+) -> torch.Tensor:
+    """Pack states (m, n // V) into the int16 trellis (m*n/T, T*K/16).
+
+    As in the reference, each tile's stream is the first state's L bits
+    followed by the low K*V bits of every later state, cut to T*K bits; for
+    tail-biting sequences this is the exact inverse of unpack_trellis.
+    """
+    params.validate()
+    _check_dims(m, n, params)
+    if tuple(states.shape) != (m, n // params.V):
+        raise ValueError(
+            f"states has shape {tuple(states.shape)}, expected "
+            f"{(m, n // params.V)} (m, n // V)"
+        )
+    seq = _natural_to_sequence(states.to(torch.int32), m, n, params)
+    L, kv = params.L, params.K * params.V
+    # Stream fields: state 0 (L bits) at bit 0, then the low kv bits of
+    # state t at bit L + (t-1)*kv; bits past T*K are dropped.
+    fields = seq & ((1 << kv) - 1)
+    fields[..., 0] = seq[..., 0] & ((1 << L) - 1)
+    idx, shift, valid = _word_field_plan(params, states.device)
+    vals = fields[..., idx]
+    placed = torch.where(
+        shift >= 0, vals << shift.clamp(min=0), vals >> (-shift).clamp(min=0)
+    )
+    # Fields cover disjoint bits, so the sum is their bitwise OR.
+    words = ((placed & 0xFFFF) * valid).sum(-1, dtype=torch.int32)
+    streams = torch.stack((words >> 8, words & 0xFF), dim=-1).flatten(-2)
+    return _trellis_from_tile_streams(streams, m, n, params)
+
+
+def dequantize_weight(
+    trellis: torch.Tensor,
+    SU: torch.Tensor,
+    SV: torch.Tensor,
+    tlut: torch.Tensor | None,
+    params: QTIPCodeParams,
+    *,
+    rcp: int = 0,
+    tp_rank: int = 8,
+) -> torch.Tensor:
+    """Dense W = diag(SV) @ Hm @ W_hat @ Hn^T @ diag(SU): float32 (m, n).
+
+    ``y = x @ W.T`` then matches qtip_linear_forward up to its fp16 rounding.
+    """
+    m, n = _layer_dims(SU, SV)
+    in_block, out_block = _block_sizes(int(rcp), int(tp_rank), m, n)
+    w = decode_weight(trellis, tlut, m, n, params)
+    # Rows of W_hat @ Hn^T are Hn applied to rows of W_hat.
+    w = hadamard_transform(w, block_size=in_block)
+    w = hadamard_transform(w.T, block_size=out_block).T
+    return SV.float()[:, None] * w * SU.float()[None, :]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint files
+# ---------------------------------------------------------------------------
+
 
 CheckpointLayout = Literal["relaxml", "quantization_config", "quantize_config"]
 
