@@ -99,8 +99,7 @@ struct SignedLut {
   }
 
   // State (16-bit window in the low bits, garbage above) -> half2 bits.
-  __device__ __forceinline__ static uint32_t lookup(const char* lut,
-                                                    uint32_t s,
+  __device__ __forceinline__ static uint32_t lookup(const char* lut, uint32_t s,
                                                     uint32_t lane_term) {
     uint32_t v = s * s + s;
     uint32_t addr = kCopies == 16 ? ((v & 0xFFC0u) | lane_term)
@@ -146,10 +145,9 @@ __device__ __forceinline__ void decode_block(const uint32_t (&w)[K],
     // Segments are 16 bits: tiles 0/1 in w0 low/high, tiles 2/3 in w1.
     uint32_t n0 = __shfl_sync(0xffffffffu, w[0], src);
     uint32_t n1 = __shfl_sync(0xffffffffu, w[1], src);
-    uint32_t hi[4] = {__byte_perm(w[0], n0, 0x1054),
-                      __byte_perm(w[0], n0, 0x3276),
-                      __byte_perm(w[1], n1, 0x1054),
-                      __byte_perm(w[1], n1, 0x3276)};
+    uint32_t hi[4] = {
+        __byte_perm(w[0], n0, 0x1054), __byte_perm(w[0], n0, 0x3276),
+        __byte_perm(w[1], n1, 0x1054), __byte_perm(w[1], n1, 0x3276)};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       // hi = segment << 16 | next segment; state j at stream bit 4j.
@@ -190,8 +188,8 @@ __device__ __forceinline__ void decode_block(const uint32_t (&w)[K],
       frag[i][0] = Lut::lookup(lut, w[i] >> 16, lane_term);
       frag[i][1] = Lut::lookup(lut, w[i] >> 8, lane_term);
       frag[i][2] = Lut::lookup(lut, w[i], lane_term);
-      frag[i][3] = Lut::lookup(lut, __byte_perm(w[i], np, 0x2104 + i),
-                               lane_term);
+      frag[i][3] =
+          Lut::lookup(lut, __byte_perm(w[i], np, 0x2104 + i), lane_term);
     }
   }
 }

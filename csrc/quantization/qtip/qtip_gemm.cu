@@ -101,10 +101,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       static_cast<uint32_t>(__cvta_generic_to_shared(stage));
   const int passes = (nbt + NB - 1) / NB;
 
-  const int u_begin =
-      (int)((int64_t)plan.units * blockIdx.x / gridDim.x);
-  const int u_end =
-      (int)((int64_t)plan.units * (blockIdx.x + 1) / gridDim.x);
+  const int u_begin = (int)((int64_t)plan.units * blockIdx.x / gridDim.x);
+  const int u_end = (int)((int64_t)plan.units * (blockIdx.x + 1) / gridDim.x);
   int lut_shard = -1;
 
   for (int u = u_begin; u < u_end; ++u) {
@@ -120,8 +118,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     const int k0 = (int)((int64_t)nblk * split / plan.splits);
     const int k1 = (int)((int64_t)nblk * (split + 1) / plan.splits);
     const int nchunks = (k1 - k0 + chunk_blocks - 1) / chunk_blocks;
-    const uint8_t* wptr = trellis + ((size_t)grt * nblk) * Blk::kBytes +
-                          lane * Blk::kLaneBytes;
+    const uint8_t* wptr =
+        trellis + ((size_t)grt * nblk) * Blk::kBytes + lane * Blk::kLaneBytes;
     const uint4* xs = xf + (size_t)s * nbt * nblk * 32;
 
     for (int pass = 0; pass < passes; ++pass) {
@@ -274,8 +272,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int mr = i & 1, kc = i >> 1;
-      __half* p = w + (size_t)(bi * 32 + mr * 16 + g) * n + bj * 32 + kc * 16 +
-                  2 * q;
+      __half* p =
+          w + (size_t)(bi * 32 + mr * 16 + g) * n + bj * 32 + kc * 16 + 2 * q;
       // a0 (g, 2q), a1 (g+8, 2q), a2 (g, 2q+8), a3 (g+8, 2q+8)
       *reinterpret_cast<uint32_t*>(p) = frag[i][0];
       *reinterpret_cast<uint32_t*>(p + 8 * (size_t)n) = frag[i][1];
@@ -324,10 +322,10 @@ void check_tlut(const torch::Tensor& tlut, const torch::Tensor& trellis,
               ": tlut must be float16, got ", tlut.scalar_type());
   const bool one = tlut.dim() == 2 && shards == 1;
   const bool stacked = tlut.dim() == 3 && tlut.size(0) == shards;
-  TORCH_CHECK((one || stacked) && tlut.size(-2) == kTlutRows &&
-                  tlut.size(-1) == 2,
-              op, ": tlut must have shape (", shards,
-              ", 512, 2) (or (512, 2) for one shard), got ", tlut.sizes());
+  TORCH_CHECK(
+      (one || stacked) && tlut.size(-2) == kTlutRows && tlut.size(-1) == 2, op,
+      ": tlut must have shape (", shards,
+      ", 512, 2) (or (512, 2) for one shard), got ", tlut.sizes());
   TORCH_CHECK(tlut.is_contiguous(), op, ": tlut must be contiguous");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(tlut.data_ptr()) % 4 == 0, op,
               ": tlut data must be 4-byte aligned");
@@ -351,9 +349,11 @@ MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
   const int limit = (int)prop.sharedMemPerBlockOptin;
   const int min_stage = 2 * c.nb * kStages * 512;
   c.copies = SignedLut<32>::kBytes + min_stage <= limit ? 32 : 16;
-  const int lut = c.copies == 32 ? SignedLut<32>::kBytes : SignedLut<16>::kBytes;
+  const int lut =
+      c.copies == 32 ? SignedLut<32>::kBytes : SignedLut<16>::kBytes;
   // Two staging buffers of nb x chunk_blocks x 512 bytes, at most ~96 KiB.
-  int blocks = std::min(64, std::min(limit - lut, 96 * 1024) / (2 * c.nb * 512));
+  int blocks =
+      std::min(64, std::min(limit - lut, 96 * 1024) / (2 * c.nb * 512));
   c.chunk_blocks = std::max(kStages, blocks / kStages * kStages);
   c.smem = lut + 2 * c.nb * c.chunk_blocks * 512;
   TORCH_CHECK(c.smem <= limit, "qtip_gemm: needs ", c.smem,
@@ -485,8 +485,8 @@ torch::Tensor qtip_mma(const torch::Tensor& xf, int64_t rows,
                   xf.dim() == 3 && xf.size(0) == shards.count &&
                   xf.size(1) == nbt * 8 && xf.size(2) == s.n,
               "qtip_gemm: fragment-ordered x~ must be contiguous float16 (",
-              shards.count, ", ", nbt * 8, ", ", s.n, ") on ",
-              trellis.device(), ", got ", xf.scalar_type(), " ", xf.sizes());
+              shards.count, ", ", nbt * 8, ", ", s.n, ") on ", trellis.device(),
+              ", got ", xf.scalar_type(), " ", xf.sizes());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(xf.data_ptr()) % 16 == 0,
               "qtip_gemm: x~ data must be 16-byte aligned");
   const c10::cuda::CUDAGuard guard(trellis.device());
@@ -561,8 +561,9 @@ torch::Tensor qtip_decode(const torch::Tensor& trellis,
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int smem = SignedLut<16>::kBytes;
   const int per_sm = std::max<int>(
-      1, std::min<int>(prop->maxThreadsPerMultiProcessor / kDecodeThreads,
-                       (int)(prop->sharedMemPerMultiprocessor / (smem + 1024))));
+      1,
+      std::min<int>(prop->maxThreadsPerMultiProcessor / kDecodeThreads,
+                    (int)(prop->sharedMemPerMultiprocessor / (smem + 1024))));
   // About one wave over all shards: grid.y is the shard and every shard
   // gets the same grid.x, sized for the largest shard (smaller ones finish
   // early).

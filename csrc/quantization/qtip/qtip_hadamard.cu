@@ -98,8 +98,8 @@ __device__ __forceinline__ int64_t out_index(int64_t copy_base, int row,
   const int c = col & 31;
   const int lane = (row & 7) * 4 + ((c & 7) >> 1);
   const int half = (c >> 4) * 4 + ((c >> 3) & 1) * 2 + (c & 1);
-  return copy_base + (((int64_t)(row >> 3) * (n >> 5) + (col >> 5)) * 32 + lane) * 8 +
-         half;
+  return copy_base +
+         (((int64_t)(row >> 3) * (n >> 5) + (col >> 5)) * 32 + lane) * 8 + half;
 }
 
 template <typename T>
@@ -157,12 +157,14 @@ struct HadSegments {
 };
 
 template <typename InT, typename OutT>
-__global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
-    const InT* __restrict__ x, const float* __restrict__ in_scale,
-    const float* __restrict__ out_scale, const float* __restrict__ had,
-    OutT* __restrict__ y, int rows, int n, HadSegments segs, int K,
-    bool transpose, int rchunk, int p_splits, int in_splits,
-    int64_t copy_stride, bool frag) {
+__global__ void __launch_bounds__(kHadMaxThreads)
+    qtip_hadamard_kernel(const InT* __restrict__ x,
+                         const float* __restrict__ in_scale,
+                         const float* __restrict__ out_scale,
+                         const float* __restrict__ had, OutT* __restrict__ y,
+                         int rows, int n, HadSegments segs, int K,
+                         bool transpose, int rchunk, int p_splits,
+                         int in_splits, int64_t copy_stride, bool frag) {
   extern __shared__ __align__(16) float X[];
   const int per_row = segs.blk0[segs.count];
   const int copy_row = blockIdx.x / per_row, j = blockIdx.x % per_row;
@@ -196,8 +198,10 @@ __global__ void __launch_bounds__(kHadMaxThreads) qtip_hadamard_kernel(
       for (int i = 0; i < 8; ++i) v[i] *= s[i];
     }
     butterflies<8>(v);
-    reinterpret_cast<float4*>(X + g * 8)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(X + g * 8)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    reinterpret_cast<float4*>(X + g * 8)[0] =
+        make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(X + g * 8)[1] =
+        make_float4(v[4], v[5], v[6], v[7]);
   }
   __syncthreads();
   for (int bit = 3; bit < log2P; bit += 3) {
@@ -288,16 +292,16 @@ void check_scale(const std::optional<torch::Tensor>& s, const char* name,
                  const torch::Tensor& x, bool allow_copies) {
   if (!s.has_value()) return;
   const torch::Tensor& t = *s;
-  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "qtip_hadamard: ",
-              name, " must be on the device of x (", x.device(), ")");
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "qtip_hadamard: ", name,
+              " must be on the device of x (", x.device(), ")");
   TORCH_CHECK(t.scalar_type() == at::kFloat, "qtip_hadamard: ", name,
               " must be float32, got ", t.scalar_type());
-  const bool ok = (t.dim() == 1 || (allow_copies && t.dim() == 2 &&
-                                    t.size(0) >= 1 && t.size(0) <= kMaxShards)) &&
-                  t.size(-1) == x.size(-1);
-  TORCH_CHECK(ok, "qtip_hadamard: ", name, " must have shape (",
-              x.size(-1), ",)", allow_copies ? " or (shards, n)" : "",
-              ", got ", t.sizes());
+  const bool ok =
+      (t.dim() == 1 || (allow_copies && t.dim() == 2 && t.size(0) >= 1 &&
+                        t.size(0) <= kMaxShards)) &&
+      t.size(-1) == x.size(-1);
+  TORCH_CHECK(ok, "qtip_hadamard: ", name, " must have shape (", x.size(-1),
+              ",)", allow_copies ? " or (shards, n)" : "", ", got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "qtip_hadamard: ", name,
               " must be contiguous");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
@@ -399,8 +403,8 @@ torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
   if (had_k.has_value()) {
     const torch::Tensor& h = *had_k;
     TORCH_CHECK(h.is_cuda() && h.device() == x.device(),
-                "qtip_hadamard: had_k must be on the device of x (",
-                x.device(), ")");
+                "qtip_hadamard: had_k must be on the device of x (", x.device(),
+                ")");
     TORCH_CHECK(h.scalar_type() == at::kFloat,
                 "qtip_hadamard: had_k must be float32, got ", h.scalar_type());
     TORCH_CHECK(h.dim() == 2 && h.size(0) == h.size(1) && h.size(0) > 1,
@@ -412,22 +416,23 @@ torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
   TORCH_CHECK(!segment_sizes.empty() &&
                   (int64_t)segment_sizes.size() <= kMaxShards &&
                   block_sizes.size() == segment_sizes.size(),
-              "qtip_hadamard: block_sizes ", block_sizes,
-              " and segment_sizes ", segment_sizes,
-              " must have the same length, 1 to ", kMaxShards);
+              "qtip_hadamard: block_sizes ", block_sizes, " and segment_sizes ",
+              segment_sizes, " must have the same length, 1 to ", kMaxShards);
   kernels::HadSegments segs{};
   segs.count = (int)segment_sizes.size();
   int64_t col = 0, max_b = 0, min_P = std::numeric_limits<int64_t>::max();
   for (int s = 0; s < segs.count; ++s) {
     const int64_t len = segment_sizes[s], b = block_sizes[s];
-    TORCH_CHECK(b > 0 && len > 0 && len % b == 0, "qtip_hadamard: block_size=",
-                b, " must divide the segment size ", len, " (segment ", s,
+    TORCH_CHECK(b > 0 && len > 0 && len % b == 0,
+                "qtip_hadamard: block_size=", b,
+                " must divide the segment size ", len, " (segment ", s,
                 " of the last dim of x)");
     TORCH_CHECK(b % K == 0, "qtip_hadamard: block_size=", b,
                 " is not a multiple of the had_k size K=", K);
     const int64_t P = b / K;
-    TORCH_CHECK(P >= 8 && (P & (P - 1)) == 0, "qtip_hadamard: block_size/K = ",
-                b, "/", K, " = ", P, " must be a power of two >= 8");
+    TORCH_CHECK(P >= 8 && (P & (P - 1)) == 0,
+                "qtip_hadamard: block_size/K = ", b, "/", K, " = ", P,
+                " must be a power of two >= 8");
     int log2P = 0;
     while ((int64_t{1} << log2P) < P) ++log2P;
     segs.col[s] = (int)col;
@@ -463,10 +468,10 @@ torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
   // Fragment order pads the rows to whole n8 tiles (padding rows are left
   // unwritten: they only feed GEMM output columns that are discarded).
   const int64_t out_rows = fragment_out ? (rows + 7) / 8 * 8 : rows;
-  auto y = copies_out || fragment_out
-               ? torch::empty({copies, out_rows, n},
-                              x.options().dtype(out_dtype))
-               : torch::empty({rows, n}, x.options().dtype(out_dtype));
+  auto y =
+      copies_out || fragment_out
+          ? torch::empty({copies, out_rows, n}, x.options().dtype(out_dtype))
+          : torch::empty({rows, n}, x.options().dtype(out_dtype));
   if (rows == 0) return y;
   const int64_t max_P = max_b / K;
   int p_splits = 1;

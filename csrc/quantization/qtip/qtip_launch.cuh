@@ -67,9 +67,9 @@ void ensure_max_dynamic_smem(Kernel kernel, DeviceFlags& done) {
   const int dev = c10::cuda::current_device();
   if (dev < kMaxDevices && done[dev].load(std::memory_order_relaxed)) return;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  C10_CUDA_CHECK(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      (int)prop->sharedMemPerBlockOptin));
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           (int)prop->sharedMemPerBlockOptin));
   if (dev < kMaxDevices) done[dev].store(true, std::memory_order_relaxed);
 }
 
@@ -104,8 +104,8 @@ void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
   config.stream = stream;
   config.attrs = &attr;
   config.numAttrs = prop->major >= 9 ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel,
-                                    static_cast<KernelArgs>(args)...));
+  C10_CUDA_CHECK(
+      cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...));
 }
 
 }  // namespace qtip

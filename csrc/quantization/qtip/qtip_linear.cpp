@@ -30,8 +30,7 @@ torch::Tensor qtip_linear(const torch::Tensor& x, const torch::Tensor& trellis,
                           const std::optional<torch::Tensor>& had_in,
                           const std::optional<torch::Tensor>& had_out,
                           int64_t in_block, c10::IntArrayRef out_blocks,
-                          c10::IntArrayRef shard_rows,
-                          int64_t dense_min_rows) {
+                          c10::IntArrayRef shard_rows, int64_t dense_min_rows) {
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "qtip_linear: x must be float16 or bfloat16, got ",
               x.scalar_type());
@@ -61,8 +60,7 @@ torch::Tensor qtip_linear(const torch::Tensor& x, const torch::Tensor& trellis,
     std::vector<torch::Tensor> parts;
     int64_t row = 0;
     for (int64_t s = 0; s < shards; ++s) {
-      parts.push_back(
-          at::matmul(xh[s], w.narrow(0, row, shard_rows[s]).t()));
+      parts.push_back(at::matmul(xh[s], w.narrow(0, row, shard_rows[s]).t()));
       row += shard_rows[s];
     }
     acc = shards == 1 ? parts[0] : at::cat(parts, 1);

@@ -38,11 +38,11 @@ torch::Tensor qtip_decode(const torch::Tensor& trellis,
 
 // y = factor * out_scale * H(in_scale * x) along the last dim of x (rows, n),
 // computed in fp32; x may also be float32 split-K partial sums (splits,
-// rows, n), added in order first. The columns are split into segments of segment_sizes,
-// each transformed block-diagonally with blocks of its block_sizes entry,
-// H_b = (H_K kron Sylvester) / sqrt(b) (H_K^T when transpose); had_k is H_K
-// as float32 (K, K), None for powers of two. in_scale (shards, n) gives one
-// output copy per shard: y (shards, rows, n).
+// rows, n), added in order first. The columns are split into segments of
+// segment_sizes, each transformed block-diagonally with blocks of its
+// block_sizes entry, H_b = (H_K kron Sylvester) / sqrt(b) (H_K^T when
+// transpose); had_k is H_K as float32 (K, K), None for powers of two. in_scale
+// (shards, n) gives one output copy per shard: y (shards, rows, n).
 torch::Tensor qtip_hadamard(const torch::Tensor& x,
                             const std::optional<torch::Tensor>& in_scale,
                             const std::optional<torch::Tensor>& out_scale,

@@ -23,8 +23,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
   m.impl("qtip_gemm", torch::kCUDA, &vllm::qtip::qtip_gemm);
 
   // W_hat (m, n) fp16, for the dense (large batch) path.
-  m.def(
-      "qtip_decode(Tensor trellis, Tensor tlut, int[] shard_rows) -> Tensor");
+  m.def("qtip_decode(Tensor trellis, Tensor tlut, int[] shard_rows) -> Tensor");
   m.impl("qtip_decode", torch::kCUDA, &vllm::qtip::qtip_decode);
 
   // factor * out_scale * H(in_scale * x) along the last dim of x (rows, n),

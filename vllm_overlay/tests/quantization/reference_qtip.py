@@ -360,9 +360,9 @@ def checkpoint_qtip_params(
         return config["quantization_config"]
     if isinstance(config.get("quip_params"), dict):
         return {"quant_method": "qtip", **config["quip_params"]}
-    for name in QTIP_CONFIG_FILES if path is not None else ():
-        file = Path(path) / name
-        if file.is_file():
+    for name in QTIP_CONFIG_FILES:
+        file = None if path is None else Path(path) / name
+        if file is not None and file.is_file():
             return json.loads(file.read_text())
     raise ValueError(
         "config.json has neither quantization_config nor quip_params, and no "

@@ -883,7 +883,7 @@ def assert_matches_reference(
 def _qtip_layer_outputs(model: torch.nn.Module) -> dict[str, tuple]:
     """Per QTIP layer: rcp, tp_rank, transforms, SV and the output of a fixed
     random input."""
-    outputs = {}
+    outputs: dict[str, tuple] = {}
     for name, module in model.named_modules():
         if not isinstance(getattr(module, "quant_method", None), QTIPLinearMethod):
             continue

@@ -329,7 +329,7 @@ def test_guide_example_verbatim_names_its_v(tmp_path):
 def test_guide_example_loads_and_matches_reference(tmp_path, overrides, flag):
     config = {**GUIDE_EXAMPLE, **overrides}
     path = tmp_path / "ckpt"
-    drop = ()
+    drop: tuple[str, ...] = ()
     if config["decode_mode"] == "quantlut":
         # Every projection takes the converted table but q_proj, whose own
         # tlut in the checkpoint wins.

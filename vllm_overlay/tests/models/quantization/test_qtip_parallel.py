@@ -87,9 +87,10 @@ CHECKPOINTS = {
     ),
 }
 
-PARALLEL_RUNS = {
-    "tp2": dict(tensor_parallel_size=2, enforce_eager=False),
-    "pp2": dict(pipeline_parallel_size=2, enforce_eager=True),
+# name: (enforce_eager, vLLM parallel arguments)
+PARALLEL_RUNS: dict[str, tuple[bool, dict[str, int]]] = {
+    "tp2": (False, dict(tensor_parallel_size=2)),
+    "pp2": (True, dict(pipeline_parallel_size=2)),
 }
 
 
@@ -139,8 +140,8 @@ def test_qtip_parallel_matches_tp1(vllm_runner, tmp_path, no_tf32, checkpoint):
     base = run_vllm(vllm_runner, path, prompts, dtype, enforce_eager=True)
     ref_model = reference(path)
     check_prompt_logprobs(base, prompts, ref_model, dtype)
-    for name, kwargs in PARALLEL_RUNS.items():
-        outputs = run_vllm(vllm_runner, path, prompts, dtype, **kwargs)
+    for name, (eager, kwargs) in PARALLEL_RUNS.items():
+        outputs = run_vllm(vllm_runner, path, prompts, dtype, eager, **kwargs)
         check_prompt_logprobs(outputs, prompts, ref_model, dtype)
         check_same_as_tp1(base, outputs, dtype, name)
 
