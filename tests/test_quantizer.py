@@ -901,6 +901,21 @@ def test_sharded_output_loads_in_vllm_and_reference(tmp_path, cpu_attention):
         cleanup_dist_env_and_memory()
 
 
+def test_proxy_error_does_not_grow_with_width():
+    """Issue 14's quality check, CPU-sized: the first 16 rows of o_proj of a
+    Llama-3.1-8B-shaped layer (4096 wide) and of a SmolLM2-135M-shaped one
+    (576 wide), quantized at K=2 with Hessians of the same statistics, have
+    the same proxy error, the wide one no larger (bench_scale.py runs every
+    projection at K=2, 3, 4)."""
+    from qtip_quant.width_check import width_check
+
+    [(path, row)] = width_check((2,), rows=16, groups=("o",))["2"].items()
+    assert path == "self_attn.o_proj"
+    # 2-bit QTIP on a Gaussian weight, after LDLQ with this Hessian.
+    assert 0.01 < row["SmolLM2-135M"] < 0.04
+    assert 0.7 < row["ratio"] < 1.1
+
+
 def test_unsupported_models_are_refused():
     from transformers import LlamaConfig, MistralConfig
 

@@ -709,7 +709,9 @@ def quantize_model(
 
     # 4. The checkpoint.
     print(f"stage 4/4: writing {out_dir}", flush=True)
+    t0 = time.time()
     write_qtip_checkpoint(source, model_dir, out_dir, work, params, options, run, e2e)
+    stats["write_s"] = time.time() - t0
     stats["total_s"] = time.time() - t_start
     stats["layers"] = {
         i: torch.load(work.layer_file(i))["stats"] for i in range(num_layers)
