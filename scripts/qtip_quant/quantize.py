@@ -39,12 +39,7 @@ from tqdm.auto import tqdm
 from .codebook import initial_tlut
 from .codec import QTIPCodeParams, qtip_checkpoint, qtip_utils
 from .e2e import E2EOptions, E2EResult, finetune_e2e
-from .finetune import (
-    FinetuneOptions,
-    QuantizedLinear,
-    finetune_layer,
-    hadamard_blocks,
-)
+from .finetune import FinetuneOptions, QuantizedLinear, finetune_layer
 from .hessian import (
     LLAMA_GROUPS,
     CalibrationStream,
@@ -181,19 +176,15 @@ def check_model(config: Any, tp_split: int = 0) -> None:
 
 
 class _Hadamards:
-    """Dense Hadamard matrices, built once per (size, block, device)."""
+    """Dense float64 Hadamard matrices, built once per (size, block)."""
 
-    def __init__(
-        self, device: torch.device | str, dtype: torch.dtype = torch.float64
-    ) -> None:
+    def __init__(self, device: torch.device | str) -> None:
         self.device = device
-        self.dtype = dtype
         self.cache: dict[tuple[int, int | None], torch.Tensor] = {}
 
     def __call__(self, n: int, block: int | None) -> torch.Tensor:
         if (n, block) not in self.cache:
-            h = hadamard_matrix(n, block, self.device).to(self.dtype)
-            self.cache[(n, block)] = h
+            self.cache[(n, block)] = hadamard_matrix(n, block, self.device)
         return self.cache[(n, block)]
 
 
@@ -742,7 +733,6 @@ def _quantize_layers(
     lut_rms = float(table.pow(2).mean().sqrt())
     backend = checked_backend(table, params.L, params.K * params.V, plan.viterbi)
     hadamards = _Hadamards(device)
-    ft_hadamards = _Hadamards(device, torch.float32)
     mem_bytes = _viterbi_memory(run)
     stream = CalibrationStream(
         source,
@@ -835,16 +825,10 @@ def _quantize_layers(
             }
             if options.finetune:
                 bar.set_postfix_str(f"layer {i}: fine-tuning")
-                had = {}
-                for path, q in quantized[i].items():
-                    in_block, out_block = hadamard_blocks(q)
-                    m, n = q.shape
-                    had[path] = (ft_hadamards(n, in_block), ft_hadamards(m, out_block))
                 quantized[i], ft_stats = finetune_layer(
                     layers[i],
                     quantized[i],
                     params,
-                    had,
                     inputs.pop(i),
                     stream.layer_kwargs,
                     options.ft,
@@ -893,7 +877,6 @@ def _run_e2e(
         model,
         _load_quantized(work, config["num_hidden_layers"], params),
         params,
-        _Hadamards(device, torch.float32),
         sequences,
         options.e2e,
         _store_dtype(config),
