@@ -169,6 +169,19 @@ def test_triton_viterbi_matches_torch(triton_interpreter, L, kv, V, B):
     assert torch.equal(solver(targets), expected)
 
 
+def test_triton_viterbi_is_checked_before_use(triton_interpreter, monkeypatch):
+    """The start-of-run check keeps the Triton Viterbi when it agrees with
+    the torch step and falls back to the compiled torch step otherwise."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(1 << 6, 2, generator=gen)
+    assert viterbi.checked_backend(table, 6, 2, "triton", steps=8) == "triton"
+    assert viterbi.checked_backend(table, 6, 2, "torch") == "torch"
+    monkeypatch.setattr(
+        triton_interpreter.TritonViterbi, "__call__", lambda self, t: t[..., 0].long()
+    )
+    assert viterbi.checked_backend(table, 6, 2, "triton", steps=8) == "compile"
+
+
 def test_viterbi_solver_splits_batches():
     """A memory budget of a few sequences gives the same paths in chunks."""
     gen = torch.Generator().manual_seed(0)

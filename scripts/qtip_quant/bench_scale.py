@@ -12,8 +12,8 @@ from 128 x 2048 random calibration tokens, BlockLDLQ, per-layer fine-tuning
 (the defaults: 64 sequences, 5 epochs), one layer per step. Each row runs in
 its own process, so its peak host memory (ru_maxrss) and peak GPU memory
 (torch.cuda.max_memory_allocated) are its own. The Llama-3.1-8B rows run
-under a 22 GiB cap (``set_per_process_memory_fraction`` and
-``--gpu-mem-gb 22``), so they also show that 8B fits a 24 GB GPU.
+with ``--gpu-mem-gb 22`` (checks and batch sizes as on a 24 GB GPU), so their
+peak shows whether 8B fits one.
 
 Per row: ``layer_s`` (mean wall time of a timed layer: reading it from the
 safetensors file, calibration + Hessians, BlockLDLQ, fine-tuning, saving)
@@ -218,11 +218,6 @@ def worker_row(spec: dict[str, Any]) -> dict[str, Any]:
     from .quantize import QuantizeOptions, RunOptions, quantize_model
 
     device = spec["device"]
-    if spec["gpu_mem_gb"] and device == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(
-            min(1.0, spec["gpu_mem_gb"] * GiB / total)
-        )
     gen = torch.Generator().manual_seed(0)
     seqs = torch.randint(0, VOCAB, (spec["calib_seqs"], spec["seqlen"]), generator=gen)
     options = QuantizeOptions(K=spec["K"], hessian=True, finetune=True)
