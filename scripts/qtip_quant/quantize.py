@@ -556,7 +556,8 @@ def _plan_run(
     ]
     layer_bytes = layer_file_bytes(config, options.K)
     e2e_bytes = config.num_hidden_layers * layer_bytes if options.e2e_finetune else 0
-    hessian_layers = len(missing_h) if run.keep_hessians else min(1, len(missing_h))
+    # Without keep_hessians only the current chunk's are on disk at once.
+    hessian_layers = len(missing_h) if run.keep_hessians else min(k, len(missing_h))
     check_disk(
         [
             (work.hessian_dir, hessian_layers * hessian_file_bytes(config), "Hessians"),
@@ -730,7 +731,6 @@ def _quantize_layers(
     device = torch.device(run.device)
     num_layers = config.num_hidden_layers
     table = qtip_utils.decode_table(params, tlut.to(device), device=device)
-    lut_rms = float(table.pow(2).mean().sqrt())
     backend = checked_backend(table, params.L, params.K * params.V, plan.viterbi)
     hadamards = _Hadamards(device)
     mem_bytes = _viterbi_memory(run)
@@ -783,38 +783,17 @@ def _quantize_layers(
 
         t0 = time.time()
         bar.set_postfix_str(f"layers {chunk[0]}-{chunk[-1]}: BlockLDLQ")
-        by_n: dict[int, list[_GroupWork]] = defaultdict(list)
-        for i in chunk:
-            hessians = (
-                load_hessians(work.hessian_file(i), device) if options.hessian else {}
-            )
-            for g, (group, paths) in enumerate(LLAMA_GROUPS.items()):
-                weights = [layers[i].get_submodule(p).weight for p in paths]
-                gw = _prepare_group(
-                    i,
-                    g,
-                    paths,
-                    weights,
-                    hessians.pop(group, None),
-                    options,
-                    lut_rms,
-                    hadamards,
-                    GROUP_RCP[group] if options.tp_split else 0,
-                )
-                by_n[weights[0].shape[1]].append(gw)
-        quantized: dict[int, dict[str, QuantizedLinear]] = defaultdict(dict)
-        for n, works in by_n.items():
-            results = block_ldlq(
-                [w.job for w in works],
-                table,
-                params,
-                mem_bytes=mem_bytes,
-                backend=backend,
-                desc=f"LDLQ layers {chunk[0]}-{chunk[-1]} n={n}",
-            )
-            for w, (states, w_hat) in zip(works, results):
-                quantized[w.layer].update(_finish_group(w, states, w_hat, tlut))
-        del by_n, works, results
+        quantized = _quantize_chunk(
+            {i: layers[i] for i in chunk},
+            options,
+            work,
+            params,
+            tlut,
+            table,
+            hadamards,
+            mem_bytes,
+            backend,
+        )
         t_quant = (time.time() - t0) / len(chunk)
 
         for i in chunk:
@@ -835,12 +814,11 @@ def _quantize_layers(
                     desc=f"finetune layer {i}",
                 )
                 stats.update(ft_stats, finetune_s=time.time() - t1)
-            stats["layer_s"] = (
-                stats["calibration_s"] + t_quant + stats.get("finetune_s", 0.0)
-            )
-            work.save_layer(
-                i, {"linears": _layer_tensors(quantized[i], params), "stats": stats}
-            )
+            linears = _layer_tensors(quantized[i], params)
+            # Everything this layer took: reading and calibrating it, its share
+            # of the chunk's BlockLDLQ, fine-tuning and packing.
+            stats["layer_s"] = stats["calibration_s"] + t_quant + time.time() - t1
+            work.save_layer(i, {"linears": linears, "stats": stats})
             if not run.keep_hessians:
                 work.hessian_file(i).unlink(missing_ok=True)
             del layers[i], quantized[i]
@@ -856,6 +834,55 @@ def _quantize_layers(
             torch.cuda.empty_cache()
     bar.close()
     return backend
+
+
+def _quantize_chunk(
+    layers: dict[int, torch.nn.Module],
+    options: QuantizeOptions,
+    work: WorkDir,
+    params: QTIPCodeParams,
+    tlut: torch.Tensor,
+    table: torch.Tensor,
+    hadamards: _Hadamards,
+    mem_bytes: int,
+    backend: str,
+) -> dict[int, dict[str, QuantizedLinear]]:
+    """BlockLDLQ of the projections of a chunk of layers: groups with the
+    same in_features share the Viterbi calls of each column block."""
+    lut_rms = float(table.pow(2).mean().sqrt())
+    by_n: dict[int, list[_GroupWork]] = defaultdict(list)
+    for i, layer in layers.items():
+        hessians = (
+            load_hessians(work.hessian_file(i), table.device) if options.hessian else {}
+        )
+        for g, (group, paths) in enumerate(LLAMA_GROUPS.items()):
+            weights = [layer.get_submodule(p).weight for p in paths]
+            gw = _prepare_group(
+                i,
+                g,
+                paths,
+                weights,
+                hessians.pop(group, None),
+                options,
+                lut_rms,
+                hadamards,
+                GROUP_RCP[group] if options.tp_split else 0,
+            )
+            by_n[weights[0].shape[1]].append(gw)
+    first, last = min(layers), max(layers)
+    quantized: dict[int, dict[str, QuantizedLinear]] = defaultdict(dict)
+    for n, works in by_n.items():
+        results = block_ldlq(
+            [w.job for w in works],
+            table,
+            params,
+            mem_bytes=mem_bytes,
+            backend=backend,
+            desc=f"LDLQ layers {first}-{last} n={n}",
+        )
+        for w, (states, w_hat) in zip(works, results):
+            quantized[w.layer].update(_finish_group(w, states, w_hat, tlut))
+    return quantized
 
 
 def _run_e2e(
