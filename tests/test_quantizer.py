@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """The QTIP quantizer (scripts/qtip_quant), on CPU with tiny shapes.
 
-Viterbi optimality against exhaustive search, tail-biting consistency of the
-L=16 codes and of packed tiles, BlockLDLQ, and quantize -> write -> load ->
-reference forward on a tiny random Llama. Needs the applied vLLM tree (the
-codec and checkpoint writer).
+Viterbi optimality against exhaustive search, the Triton Viterbi (Triton's CPU
+interpreter) against the torch step, tail-biting consistency of the L=16 codes
+and of packed tiles, BlockLDLQ, the streaming calibration against a
+whole-model pass, quantize -> write -> load -> reference forward on a tiny
+random Llama, kill-and-resume, bad inputs refused before any work, a sharded
+checkpoint through vLLM's loader, and the proxy error against layer width.
+Needs the applied vLLM tree (the codec and checkpoint writer).
 """
 
 import importlib
