@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """The QTIP quantizer (scripts/qtip_quant), on CPU with tiny shapes.
 
-Viterbi optimality against exhaustive search, tail-biting consistency of the
-L=16 codes and of packed tiles, BlockLDLQ, and quantize -> write -> load ->
-reference forward on a tiny random Llama. Needs the applied vLLM tree (the
-codec and checkpoint writer).
+Viterbi optimality against exhaustive search, the Triton Viterbi (Triton's CPU
+interpreter) against the torch step, tail-biting consistency of the L=16 codes
+and of packed tiles, BlockLDLQ, the streaming calibration against a
+whole-model pass, quantize -> write -> load -> reference forward on a tiny
+random Llama, kill-and-resume, bad inputs refused before any work, a sharded
+checkpoint through vLLM's loader, and the proxy error against layer width.
+Needs the applied vLLM tree (the codec and checkpoint writer).
 """
 
 import importlib
@@ -167,6 +170,19 @@ def test_triton_viterbi_matches_torch(triton_interpreter, L, kv, V, B):
     expected = viterbi.tail_biting_viterbi(targets, table, L, kv)
     solver = viterbi.ViterbiSolver(table, L, kv, mem_bytes=1 << 20, backend="triton")
     assert torch.equal(solver(targets), expected)
+
+
+def test_triton_viterbi_is_checked_before_use(triton_interpreter, monkeypatch):
+    """The start-of-run check keeps the Triton Viterbi when it agrees with
+    the torch step and falls back to the compiled torch step otherwise."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(1 << 6, 2, generator=gen)
+    assert viterbi.checked_backend(table, 6, 2, "triton", steps=8) == "triton"
+    assert viterbi.checked_backend(table, 6, 2, "torch") == "torch"
+    monkeypatch.setattr(
+        triton_interpreter.TritonViterbi, "__call__", lambda self, t: t[..., 0].long()
+    )
+    assert viterbi.checked_backend(table, 6, 2, "triton", steps=8) == "compile"
 
 
 def test_viterbi_solver_splits_batches():
@@ -899,6 +915,21 @@ def test_sharded_output_loads_in_vllm_and_reference(tmp_path, cpu_attention):
             torch.testing.assert_close(down, mlp.down_proj(h), rtol=0, atol=0)
     finally:
         cleanup_dist_env_and_memory()
+
+
+def test_proxy_error_does_not_grow_with_width():
+    """Issue 14's quality check, CPU-sized: the first 16 rows of o_proj of a
+    Llama-3.1-8B-shaped layer (4096 wide) and of a SmolLM2-135M-shaped one
+    (576 wide), quantized at K=2 with Hessians of the same statistics, have
+    the same proxy error, the wide one no larger (bench_scale.py runs every
+    projection at K=2, 3, 4)."""
+    from qtip_quant.width_check import width_check
+
+    [(path, row)] = width_check((2,), rows=16, groups=("o",))["2"].items()
+    assert path == "self_attn.o_proj"
+    # 2-bit QTIP on a Gaussian weight, after LDLQ with this Hessian.
+    assert 0.01 < row["SmolLM2-135M"] < 0.04
+    assert 0.7 < row["ratio"] < 1.1
 
 
 def test_unsupported_models_are_refused():

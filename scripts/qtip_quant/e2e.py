@@ -26,7 +26,6 @@ result as an uninterrupted one.
 import copy
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .codec import QTIPCodeParams
-from .finetune import QuantizedLinear, TrainableQTIPLinear, hadamard_blocks
+from .finetune import QuantizedLinear, TrainableQTIPLinear
 from .model_io import LAYER_NORMS
 
 
@@ -64,15 +63,13 @@ def build_student(
     model: torch.nn.Module,
     quantized: dict[int, dict[str, QuantizedLinear]],
     params: QTIPCodeParams,
-    hadamard: Callable[[int, int | None], torch.Tensor],
     norms: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, TrainableQTIPLinear]]:
     """An fp32 copy of model whose projections are TrainableQTIPLinears.
 
     quantized maps layer index -> projection path -> its QuantizedLinear;
-    hadamard(n, block) gives the dense float32 Hadamard (shared between
-    modules). norms optionally overrides RMSNorm weights by checkpoint name.
-    Only SU, SV, tlut and the norm weights require gradients.
+    norms optionally overrides RMSNorm weights by checkpoint name. Only SU,
+    SV, tlut and the norm weights require gradients.
     """
     device = next(model.parameters()).device
     student = copy.deepcopy(model).float()
@@ -80,11 +77,7 @@ def build_student(
     modules = {}
     for i, layer in quantized.items():
         for path, q in layer.items():
-            in_block, out_block = hadamard_blocks(q)
-            m, n = q.shape
-            module = TrainableQTIPLinear(
-                q, params, (hadamard(n, in_block), hadamard(m, out_block))
-            ).to(device)
+            module = TrainableQTIPLinear(q, params).to(device)
             parent, _, attr = path.rpartition(".")
             setattr(student.model.layers[i].get_submodule(parent), attr, module)
             modules[f"model.layers.{i}.{path}"] = module
@@ -129,7 +122,6 @@ def finetune_e2e(
     model: torch.nn.Module,
     quantized: dict[int, dict[str, QuantizedLinear]],
     params: QTIPCodeParams,
-    hadamard: Callable[[int, int | None], torch.Tensor],
     sequences: torch.Tensor,
     options: E2EOptions,
     store_dtype: torch.dtype,
@@ -160,7 +152,7 @@ def finetune_e2e(
     device = next(model.parameters()).device
     autocast = options.autocast and device.type == "cuda"
     t0 = time.time()
-    student, modules = build_student(model, quantized, params, hadamard)
+    student, modules = build_student(model, quantized, params)
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     optimizer = torch.optim.Adam(trainable.values(), lr=options.lr)
     data = sequences[: options.seqs]

@@ -52,24 +52,43 @@ def hadamard_blocks(q: QuantizedLinear) -> tuple[int | None, int | None]:
     )
 
 
+class _Hadamard(torch.autograd.Function):
+    """``x @ Hn.T`` along the last dim (``x @ Hn`` with transpose), by the
+    codec's fast transform; the gradient is the other one (Hn is orthogonal)."""
+
+    @staticmethod
+    def forward(ctx, x, transpose: bool, block: int | None):  # type: ignore[override]
+        ctx.transpose, ctx.block = transpose, block
+        return qtip_utils.hadamard_transform(x, transpose=transpose, block_size=block)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        out = qtip_utils.hadamard_transform(
+            grad, transpose=not ctx.transpose, block_size=ctx.block
+        )
+        return out, None, None
+
+
 class TrainableQTIPLinear(torch.nn.Module):
     """Differentiable stand-in for nn.Linear during fine-tuning.
 
     The dense weight ``diag(SV) Hm W_hat(tlut) Hn^T diag(SU)`` is rebuilt
     each call from the frozen states, so gradients reach SU, SV and tlut.
+    The Hadamards are the codec's fast transforms (as in
+    ``qtip_utils.dequantize_weight``): O(mn log n) per rebuild instead of
+    the O(mn(m + n)) of dense products, which dominated fine-tuning of wide
+    layers.
     """
 
     def __init__(
         self,
         q: QuantizedLinear,
         params: QTIPCodeParams,
-        hadamards: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         super().__init__()
         self.params = params
+        self.in_block, self.out_block = hadamard_blocks(q)
         self.register_buffer("states", q.states)
-        self.register_buffer("h_in", hadamards[0].float())
-        self.register_buffer("h_out", hadamards[1].float())
         self.SU = torch.nn.Parameter(q.SU.float().clone())
         self.SV = torch.nn.Parameter(q.SV.float().clone())
         self.tlut = (
@@ -79,7 +98,10 @@ class TrainableQTIPLinear(torch.nn.Module):
     def weight(self) -> torch.Tensor:
         m, n = self.SV.numel(), self.SU.numel()
         w_hat = qtip_utils.decode_states(self.states, self.params, self.tlut)
-        w = self.h_out @ w_hat.reshape(m, n) @ self.h_in.T
+        # Rows of W_hat Hn^T are Hn applied to rows of W_hat; then Hm on
+        # the columns.
+        w = _Hadamard.apply(w_hat.reshape(m, n), False, self.in_block)
+        w = _Hadamard.apply(w.T, False, self.out_block).T
         return self.SV[:, None] * w * self.SU[None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +143,6 @@ def finetune_layer(
     layer: torch.nn.Module,
     quantized: dict[str, QuantizedLinear],
     params: QTIPCodeParams,
-    hadamards: dict[str, tuple[torch.Tensor, torch.Tensor]],
     inputs: list[torch.Tensor],
     layer_kwargs: dict[str, Any],
     options: FinetuneOptions,
@@ -145,7 +166,7 @@ def finetune_layer(
         ]
     modules = {}
     for path, q in quantized.items():
-        modules[path] = TrainableQTIPLinear(q, params, hadamards[path]).to(device)
+        modules[path] = TrainableQTIPLinear(q, params).to(device)
         if modules[path].tlut is not None and not options.train_tlut:
             modules[path].tlut.requires_grad_(False)
         _set_submodule(work, path, modules[path])

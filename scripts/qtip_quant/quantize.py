@@ -39,12 +39,7 @@ from tqdm.auto import tqdm
 from .codebook import initial_tlut
 from .codec import QTIPCodeParams, qtip_checkpoint, qtip_utils
 from .e2e import E2EOptions, E2EResult, finetune_e2e
-from .finetune import (
-    FinetuneOptions,
-    QuantizedLinear,
-    finetune_layer,
-    hadamard_blocks,
-)
+from .finetune import FinetuneOptions, QuantizedLinear, finetune_layer
 from .hessian import (
     LLAMA_GROUPS,
     CalibrationStream,
@@ -181,19 +176,15 @@ def check_model(config: Any, tp_split: int = 0) -> None:
 
 
 class _Hadamards:
-    """Dense Hadamard matrices, built once per (size, block, device)."""
+    """Dense float64 Hadamard matrices, built once per (size, block)."""
 
-    def __init__(
-        self, device: torch.device | str, dtype: torch.dtype = torch.float64
-    ) -> None:
+    def __init__(self, device: torch.device | str) -> None:
         self.device = device
-        self.dtype = dtype
         self.cache: dict[tuple[int, int | None], torch.Tensor] = {}
 
     def __call__(self, n: int, block: int | None) -> torch.Tensor:
         if (n, block) not in self.cache:
-            h = hadamard_matrix(n, block, self.device).to(self.dtype)
-            self.cache[(n, block)] = h
+            self.cache[(n, block)] = hadamard_matrix(n, block, self.device)
         return self.cache[(n, block)]
 
 
@@ -565,7 +556,8 @@ def _plan_run(
     ]
     layer_bytes = layer_file_bytes(config, options.K)
     e2e_bytes = config.num_hidden_layers * layer_bytes if options.e2e_finetune else 0
-    hessian_layers = len(missing_h) if run.keep_hessians else min(1, len(missing_h))
+    # Without keep_hessians only the current chunk's are on disk at once.
+    hessian_layers = len(missing_h) if run.keep_hessians else min(k, len(missing_h))
     check_disk(
         [
             (work.hessian_dir, hessian_layers * hessian_file_bytes(config), "Hessians"),
@@ -709,7 +701,9 @@ def quantize_model(
 
     # 4. The checkpoint.
     print(f"stage 4/4: writing {out_dir}", flush=True)
+    t0 = time.time()
     write_qtip_checkpoint(source, model_dir, out_dir, work, params, options, run, e2e)
+    stats["write_s"] = time.time() - t0
     stats["total_s"] = time.time() - t_start
     stats["layers"] = {
         i: torch.load(work.layer_file(i))["stats"] for i in range(num_layers)
@@ -737,10 +731,8 @@ def _quantize_layers(
     device = torch.device(run.device)
     num_layers = config.num_hidden_layers
     table = qtip_utils.decode_table(params, tlut.to(device), device=device)
-    lut_rms = float(table.pow(2).mean().sqrt())
     backend = checked_backend(table, params.L, params.K * params.V, plan.viterbi)
     hadamards = _Hadamards(device)
-    ft_hadamards = _Hadamards(device, torch.float32)
     mem_bytes = _viterbi_memory(run)
     stream = CalibrationStream(
         source,
@@ -791,38 +783,17 @@ def _quantize_layers(
 
         t0 = time.time()
         bar.set_postfix_str(f"layers {chunk[0]}-{chunk[-1]}: BlockLDLQ")
-        by_n: dict[int, list[_GroupWork]] = defaultdict(list)
-        for i in chunk:
-            hessians = (
-                load_hessians(work.hessian_file(i), device) if options.hessian else {}
-            )
-            for g, (group, paths) in enumerate(LLAMA_GROUPS.items()):
-                weights = [layers[i].get_submodule(p).weight for p in paths]
-                gw = _prepare_group(
-                    i,
-                    g,
-                    paths,
-                    weights,
-                    hessians.pop(group, None),
-                    options,
-                    lut_rms,
-                    hadamards,
-                    GROUP_RCP[group] if options.tp_split else 0,
-                )
-                by_n[weights[0].shape[1]].append(gw)
-        quantized: dict[int, dict[str, QuantizedLinear]] = defaultdict(dict)
-        for n, works in by_n.items():
-            results = block_ldlq(
-                [w.job for w in works],
-                table,
-                params,
-                mem_bytes=mem_bytes,
-                backend=backend,
-                desc=f"LDLQ layers {chunk[0]}-{chunk[-1]} n={n}",
-            )
-            for w, (states, w_hat) in zip(works, results):
-                quantized[w.layer].update(_finish_group(w, states, w_hat, tlut))
-        del by_n, works, results
+        quantized = _quantize_chunk(
+            {i: layers[i] for i in chunk},
+            options,
+            work,
+            params,
+            tlut,
+            table,
+            hadamards,
+            mem_bytes,
+            backend,
+        )
         t_quant = (time.time() - t0) / len(chunk)
 
         for i in chunk:
@@ -833,28 +804,21 @@ def _quantize_layers(
             }
             if options.finetune:
                 bar.set_postfix_str(f"layer {i}: fine-tuning")
-                had = {}
-                for path, q in quantized[i].items():
-                    in_block, out_block = hadamard_blocks(q)
-                    m, n = q.shape
-                    had[path] = (ft_hadamards(n, in_block), ft_hadamards(m, out_block))
                 quantized[i], ft_stats = finetune_layer(
                     layers[i],
                     quantized[i],
                     params,
-                    had,
                     inputs.pop(i),
                     stream.layer_kwargs,
                     options.ft,
                     desc=f"finetune layer {i}",
                 )
                 stats.update(ft_stats, finetune_s=time.time() - t1)
-            stats["layer_s"] = (
-                stats["calibration_s"] + t_quant + stats.get("finetune_s", 0.0)
-            )
-            work.save_layer(
-                i, {"linears": _layer_tensors(quantized[i], params), "stats": stats}
-            )
+            linears = _layer_tensors(quantized[i], params)
+            # Everything this layer took: reading and calibrating it, its share
+            # of the chunk's BlockLDLQ, fine-tuning and packing.
+            stats["layer_s"] = stats["calibration_s"] + t_quant + time.time() - t1
+            work.save_layer(i, {"linears": linears, "stats": stats})
             if not run.keep_hessians:
                 work.hessian_file(i).unlink(missing_ok=True)
             del layers[i], quantized[i]
@@ -870,6 +834,55 @@ def _quantize_layers(
             torch.cuda.empty_cache()
     bar.close()
     return backend
+
+
+def _quantize_chunk(
+    layers: dict[int, torch.nn.Module],
+    options: QuantizeOptions,
+    work: WorkDir,
+    params: QTIPCodeParams,
+    tlut: torch.Tensor,
+    table: torch.Tensor,
+    hadamards: _Hadamards,
+    mem_bytes: int,
+    backend: str,
+) -> dict[int, dict[str, QuantizedLinear]]:
+    """BlockLDLQ of the projections of a chunk of layers: groups with the
+    same in_features share the Viterbi calls of each column block."""
+    lut_rms = float(table.pow(2).mean().sqrt())
+    by_n: dict[int, list[_GroupWork]] = defaultdict(list)
+    for i, layer in layers.items():
+        hessians = (
+            load_hessians(work.hessian_file(i), table.device) if options.hessian else {}
+        )
+        for g, (group, paths) in enumerate(LLAMA_GROUPS.items()):
+            weights = [layer.get_submodule(p).weight for p in paths]
+            gw = _prepare_group(
+                i,
+                g,
+                paths,
+                weights,
+                hessians.pop(group, None),
+                options,
+                lut_rms,
+                hadamards,
+                GROUP_RCP[group] if options.tp_split else 0,
+            )
+            by_n[weights[0].shape[1]].append(gw)
+    first, last = min(layers), max(layers)
+    quantized: dict[int, dict[str, QuantizedLinear]] = defaultdict(dict)
+    for n, works in by_n.items():
+        results = block_ldlq(
+            [w.job for w in works],
+            table,
+            params,
+            mem_bytes=mem_bytes,
+            backend=backend,
+            desc=f"LDLQ layers {first}-{last} n={n}",
+        )
+        for w, (states, w_hat) in zip(works, results):
+            quantized[w.layer].update(_finish_group(w, states, w_hat, tlut))
+    return quantized
 
 
 def _run_e2e(
@@ -891,7 +904,6 @@ def _run_e2e(
         model,
         _load_quantized(work, config["num_hidden_layers"], params),
         params,
-        _Hadamards(device, torch.float32),
         sequences,
         options.e2e,
         _store_dtype(config),

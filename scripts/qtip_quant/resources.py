@@ -64,8 +64,6 @@ def layer_memory(
     tokens = batch_size * seqlen
     sizes = {n for n in inputs.values()} | {m for m, _ in shapes.values()}
     hadamards = sum(8 * n * n for n in sizes)
-    if finetune:
-        hadamards += sum(4 * n * n for n in sizes)
     layer = weights * model_bytes
     # One batch through the layer, plus the float64 Hessian sums and the
     # float64 copy of the widest hooked input.
@@ -96,8 +94,8 @@ def layer_memory(
         + viterbi
     )
     # The float32 copy of the layer, the frozen states (int64, one per two
-    # weights), the rebuilt weights autograd keeps (about three float32
-    # copies) and one batch's activations in float32.
+    # weights), the rebuilt weights and their fast-Hadamard intermediates
+    # (about three float32 copies) and one batch's activations in float32.
     finetune_bytes = (
         layer
         + 4 * weights
