@@ -150,9 +150,12 @@ __device__ __forceinline__ void decode_block(const uint32_t (&w)[K],
         __byte_perm(w[1], n1, 0x1054), __byte_perm(w[1], n1, 0x3276)};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      // hi = segment << 16 | next segment; state j at stream bit 4j.
+      // hi = segment << 16 | next segment; state j at stream bit 4j. The
+      // first window of tiles 0 and 2 is a word's low half as it stands
+      // (bits above the window are harmless): no shift.
+      frag[i][0] = Lut::lookup(lut, i & 1 ? hi[i] >> 16 : w[i >> 1], lane_term);
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 1; j < 4; ++j)
         frag[i][j] = Lut::lookup(lut, hi[i] >> (16 - 4 * j), lane_term);
     }
   } else if constexpr (K == 3) {

@@ -94,7 +94,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   // One staging buffer: NB n8 tiles x chunk_blocks blocks x 32 lanes.
   const int buf_vecs = NB * chunk_blocks * 32;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31;
+  // Read through a shuffle from lane 0 so the compiler knows it is
+  // warp-uniform: the per-warp branches below then need no divergence
+  // guards and the LUT base stays in a uniform register.
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   const int g = lane >> 2, q = lane & 3;
   const uint32_t lane_term = Lut::lane_term(lane);
   const uint32_t stage_addr =
