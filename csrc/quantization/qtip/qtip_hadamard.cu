@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
                          const float* __restrict__ out_scale,
                          const float* __restrict__ had, OutT* __restrict__ y,
                          int rows, int n, HadSegments segs, int K,
-                         bool transpose, int rchunk, int p_splits,
+                         bool transpose, int rchunk, int p_splits, int ksplit,
                          int in_splits, int64_t copy_stride, bool frag) {
   extern __shared__ __align__(16) float X[];
   const int per_row = segs.blk0[segs.count];
@@ -256,19 +256,23 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   const int p_lo = (int)((int64_t)ps * P / p_splits);
   const int plen = (int)((int64_t)(ps + 1) * P / p_splits) - p_lo;
   const int items = (rchunk / 8) * plen;
-  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+  // y[rs..rs+7][p] = sum over k of M[k][sub*8..] * X[k][p], the k-range
+  // [k0, k1) of it.
+  auto dot = [&](int it, int k0, int k1, float (&acc)[8]) {
     const int sub = it / plen, p = p_lo + it % plen;
-    const int rs = r0 + sub * 8;
-    if (rs >= K) continue;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     const float4* m4 = reinterpret_cast<const float4*>(M + sub * 8);
-    for (int k = 0; k < K; ++k) {
+#pragma unroll 4
+    for (int k = k0; k < k1; ++k) {
       const float v = X[k * P + p];
       const float4 h0 = m4[k * (rchunk / 4)], h1 = m4[k * (rchunk / 4) + 1];
       acc[0] += h0.x * v, acc[1] += h0.y * v, acc[2] += h0.z * v;
       acc[3] += h0.w * v, acc[4] += h1.x * v, acc[5] += h1.y * v;
       acc[6] += h1.z * v, acc[7] += h1.w * v;
     }
+  };
+  auto store = [&](int it, const float (&acc)[8]) {
+    const int sub = it / plen, p = p_lo + it % plen;
+    const int rs = r0 + sub * 8;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int r = rs + j;
@@ -280,6 +284,39 @@ __global__ void __launch_bounds__(kHadMaxThreads)
             from_float<OutT>(val);
       }
     }
+  };
+  if (ksplit == 1) {
+    for (int it = threadIdx.x; it < items; it += blockDim.x) {
+      if (r0 + (it / plen) * 8 >= K) continue;
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      dot(it, 0, K, acc);
+      store(it, acc);
+    }
+    return;
+  }
+  // Few rows: ksplit threads share each output group (one pass, the host
+  // guarantees items * ksplit <= blockDim.x), each summing a k-range, so the
+  // dependent chain is K / ksplit long; the partial sums meet in shared
+  // memory and are added in k-range order (deterministic).
+  float* partial = M + K * rchunk;
+  const int ks = threadIdx.x / items, it = threadIdx.x % items;
+  const bool mine = ks < ksplit && r0 + (it / plen) * 8 < K;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (mine) {
+    dot(it, K * ks / ksplit, K * (ks + 1) / ksplit, acc);
+    if (ks > 0) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        partial[((ks - 1) * items + it) * 8 + j] = acc[j];
+    }
+  }
+  __syncthreads();
+  if (mine && ks == 0) {
+    for (int other = 1; other < ksplit; ++other)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        acc[j] += partial[((other - 1) * items + it) * 8 + j];
+    store(it, acc);
   }
 }
 
@@ -318,7 +355,7 @@ struct HadArgs {
   int copies, rows, n, K;
   kernels::HadSegments segs;
   bool transpose;
-  int rchunk, p_splits, threads, smem;
+  int rchunk, p_splits, ksplit, threads, smem;
   int in_splits;
   int64_t copy_stride;
   bool frag;
@@ -335,8 +372,8 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
   launch_dependent(kernel, grid, dim3(a.threads), a.smem, stream,
                    reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale,
                    a.had, reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.segs,
-                   a.K, a.transpose, a.rchunk, a.p_splits, a.in_splits,
-                   a.copy_stride, a.frag);
+                   a.K, a.transpose, a.rchunk, a.p_splits, a.ksplit,
+                   a.in_splits, a.copy_stride, a.frag);
 }
 
 template <typename InT>
@@ -483,9 +520,15 @@ torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
     p_splits =
         (int)std::clamp<int64_t>(want, 1, std::max<int64_t>(1, min_P / 32));
   }
-  const int64_t work = std::max<int64_t>(
-      max_b / 8,
-      K > 1 ? (rchunk / 8) * ((max_P + p_splits - 1) / p_splits) : 0);
+  // H_K step: output groups of 8 rows x 1 column per CTA; with few of them
+  // (small batches) several threads split each group's K-long sum.
+  const int64_t items =
+      K > 1 ? (rchunk / 8) * ((max_P + p_splits - 1) / p_splits) : 0;
+  int ksplit = 1;
+  while (K > 1 && items * ksplit * 2 <= kernels::kHadMaxThreads &&
+         ksplit * 2 * 8 <= K && smem + ksplit * 2 * items * 8 * 4 <= smem_limit)
+    ksplit *= 2;
+  const int64_t work = std::max<int64_t>(max_b / 8, items * ksplit);
   HadArgs a{};
   a.x = x.data_ptr();
   a.in_scale = in_scale ? in_scale->data_ptr<float>() : nullptr;
@@ -500,9 +543,10 @@ torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
   a.transpose = transpose;
   a.rchunk = rchunk;
   a.p_splits = p_splits;
+  a.ksplit = ksplit;
   a.threads = (int)std::clamp<int64_t>((work + 31) / 32 * 32, 64,
                                        kernels::kHadMaxThreads);
-  a.smem = (int)smem;
+  a.smem = (int)(smem + (ksplit - 1) * items * 8 * 4);
   a.in_splits = (int)in_splits;
   a.copy_stride = out_rows * n;
   a.frag = fragment_out;
