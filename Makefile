@@ -131,7 +131,7 @@ lint: lint-venv
 
 # Rewrite our files the way the linters want them: ruff check --fix and ruff
 # format (vllm_overlay, scripts, tests), clang-format -i with vLLM's
-# .clang-format (csrc/quantization/qtip).
+# .clang-format (csrc/libtorch_stable/quantization/qtip).
 format: lint-venv
 	$(LPY) scripts/lint.py --tree $(VLLM_SOURCE_DIR) --venv $(LINT_VENV) --format
 

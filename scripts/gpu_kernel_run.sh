@@ -21,7 +21,7 @@ step_build() {
   mkdir -p /tmp/qtip-kernels-build
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 - <<'PY' 2>&1 | tail -20
 import glob, shutil, torch.utils.cpp_extension as ce
-srcs = sorted(glob.glob("csrc/quantization/qtip/*.cu") + glob.glob("csrc/quantization/qtip/*.cpp"))
+srcs = sorted(glob.glob("csrc/libtorch_stable/quantization/qtip/*.cu") + glob.glob("csrc/libtorch_stable/quantization/qtip/*.cpp"))
 m = ce.load(name="_qtip_C", sources=srcs, extra_include_paths=[".gpu/vllm-src/csrc"],
             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v"],
             build_directory="/tmp/qtip-kernels-build", verbose=False)

@@ -57,12 +57,15 @@ COMMITS = (
     ),
     Commit(
         "[Kernel] QTIP trellis-decode GEMM and Hadamard kernels",
-        "vllm._qtip_C: a fused trellis-decode + tensor-core GEMM for small\n"
-        "batches, a decode to fp16 followed by cuBLAS from 64 rows on, and a\n"
+        "Built into _C_stable_libtorch on the stable libtorch ABI (ops\n"
+        "torch.ops._qtip_C.*): a persistent trellis-decode + tensor-core GEMM\n"
+        "that decodes each weight once per 64 batch rows, with deterministic\n"
+        "split-K, a decode to fp16 followed by cuBLAS from 256 rows on, and a\n"
         "Hadamard kernel with the sign/scale vectors folded in; one call runs\n"
         "every shard of a fused q/k/v or gate/up layer. Python wrappers with\n"
         "fake (meta) implementations for torch.compile, and kernel tests\n"
-        "against the reference codec (opcheck, CUDA graphs, torch.compile).",
+        "against the reference codec (opcheck, CUDA graphs, torch.compile,\n"
+        "determinism).",
         patches=("0003",),
     ),
     Commit(

@@ -4,7 +4,7 @@
 regenerate the series from an edited tree.
 
 A *source tree* (the pinned sdist or a git clone) gets everything: the
-overlay, the kernels in csrc/quantization/qtip and every patch. An *installed
+overlay, the kernels in csrc/libtorch_stable/quantization/qtip and every patch. An *installed
 package* (a site-packages directory holding vllm/) gets the Python part only:
 the overlay's vllm/ files and the patches that touch nothing outside vllm/.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_DIR = REPO / "vllm_overlay"
-KERNEL_DIR = Path("csrc/quantization/qtip")  # same path in our repo and the tree
+KERNEL_DIR = Path("csrc/libtorch_stable/quantization/qtip")  # same path in our repo and the tree
 PATCH_DIR = REPO / "patches"
 MANIFEST_NAME = ".qtip_vllm_applied.json"
 PINNED_VERSION = "0.26.0"

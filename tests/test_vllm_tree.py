@@ -68,11 +68,12 @@ def test_apply_lays_overlay_and_patches(tree):
     assert '"qtip": QTIPConfig' in init
     assert "quip_params" in (tree / CONFIG_PY).read_text()
     assert "cmake/qtip.cmake" in (tree / "CMakeLists.txt").read_text()
-    assert 'CMakeExtension(name="vllm._qtip_C"' in (tree / "setup.py").read_text()
+    # The kernels join _C_stable_libtorch: no extension of their own.
+    assert "_qtip_C" not in (tree / "setup.py").read_text()
     for rel, src in vllm_tree.overlay_files("source").items():
         assert (tree / rel).read_bytes() == src.read_bytes(), rel
     assert (tree / QTIP_PY).is_file()
-    assert any((tree / "csrc/quantization/qtip").iterdir())
+    assert any((tree / "csrc/libtorch_stable/quantization/qtip").iterdir())
 
 
 def test_apply_twice_is_a_noop(tree, capsys):

@@ -25,7 +25,7 @@ except ImportError:  # torch < 2.4
 
 # Batch rows from which decoding W_hat to fp16 once and running cuBLAS beats
 # the fused decode + GEMM kernel (which decodes W_hat once per 64 rows).
-# Measured on the H200 (see csrc/quantization/qtip/NOTES.md).
+# Measured on the H200 (see csrc/libtorch_stable/quantization/qtip/NOTES.md).
 QTIP_DENSE_MIN_ROWS = 256
 
 # Bits per weight with a kernel, and the HYB table shape.

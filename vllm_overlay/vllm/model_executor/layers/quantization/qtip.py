@@ -96,7 +96,7 @@ _DEFAULT_TP_RANK = 8
 # split) or on the output (column-parallel split).
 _RCP_ROW = 1
 _RCP_COL = 2
-# Shards one kernel call takes (kMaxShards in csrc/quantization/qtip).
+# Shards one kernel call takes (kMaxShards in csrc/libtorch_stable/quantization/qtip).
 _MAX_FUSED_SHARDS = 8
 # quantlut_path files that are pickles: never loaded, since unpickling can run
 # arbitrary code. The converter turns a trusted one into safetensors.

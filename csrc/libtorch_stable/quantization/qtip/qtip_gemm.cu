@@ -30,9 +30,7 @@
 //  * The number of splits comes from the shape, the batch and the SM count
 //    (a cost model of waves vs. partial-sum traffic), never from timing.
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/all.h>
+#include <torch/csrc/stable/accelerator.h>
 
 #include <algorithm>
 #include <cmath>
@@ -298,41 +296,44 @@ struct TrellisShape {
   int K;
 };
 
-TrellisShape check_trellis(const torch::Tensor& trellis, const char* op) {
-  TORCH_CHECK(trellis.is_cuda(), op, ": trellis must be a CUDA tensor");
-  TORCH_CHECK(trellis.scalar_type() == at::kShort, op,
-              ": trellis must be int16, got ", trellis.scalar_type());
-  TORCH_CHECK(trellis.dim() == 3, op,
-              ": trellis must be 3-D (m/32, n/32, 64*K), got shape ",
-              trellis.sizes());
-  TORCH_CHECK(trellis.is_contiguous(), op, ": trellis must be contiguous");
+TrellisShape check_trellis(const Tensor& trellis, const char* op) {
+  STD_TORCH_CHECK(trellis.is_cuda(), op, ": trellis must be a CUDA tensor");
+  STD_TORCH_CHECK(trellis.scalar_type() == ScalarType::Short, op,
+                  ": trellis must be int16, got ", trellis.scalar_type());
+  STD_TORCH_CHECK(trellis.dim() == 3, op,
+                  ": trellis must be 3-D (m/32, n/32, 64*K), got shape ",
+                  shape(trellis));
+  STD_TORCH_CHECK(trellis.is_contiguous(), op, ": trellis must be contiguous");
   const int64_t last = trellis.size(2);
-  TORCH_CHECK(last == 128 || last == 192 || last == 256, op,
-              ": trellis last dim must be 64*K for K in {2, 3, 4}, got ", last);
-  TORCH_CHECK(trellis.size(0) > 0 && trellis.size(1) > 0, op,
-              ": trellis is empty, shape ", trellis.sizes());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(trellis.data_ptr()) % 16 == 0, op,
-              ": trellis data must be 16-byte aligned");
+  STD_TORCH_CHECK(last == 128 || last == 192 || last == 256, op,
+                  ": trellis last dim must be 64*K for K in {2, 3, 4}, got ",
+                  last);
+  STD_TORCH_CHECK(trellis.size(0) > 0 && trellis.size(1) > 0, op,
+                  ": trellis is empty, shape ", shape(trellis));
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(trellis.data_ptr()) % 16 == 0, op,
+                  ": trellis data must be 16-byte aligned");
   check_device_capability(trellis, op);
   return {trellis.size(0) * 32, trellis.size(1) * 32, (int)(last / 64)};
 }
 
 // tlut: (512, 2) for one shard or (shards, 512, 2).
-void check_tlut(const torch::Tensor& tlut, const torch::Tensor& trellis,
-                int64_t shards, const char* op) {
-  TORCH_CHECK(tlut.is_cuda() && tlut.device() == trellis.device(), op,
-              ": tlut must be on the trellis device ", trellis.device());
-  TORCH_CHECK(tlut.scalar_type() == at::kHalf, op,
-              ": tlut must be float16, got ", tlut.scalar_type());
+void check_tlut(const Tensor& tlut, const Tensor& trellis, int64_t shards,
+                const char* op) {
+  STD_TORCH_CHECK(
+      tlut.is_cuda() && tlut.get_device_index() == trellis.get_device_index(),
+      op,
+      ": tlut must be on the trellis device cuda:", trellis.get_device_index());
+  STD_TORCH_CHECK(tlut.scalar_type() == ScalarType::Half, op,
+                  ": tlut must be float16, got ", tlut.scalar_type());
   const bool one = tlut.dim() == 2 && shards == 1;
   const bool stacked = tlut.dim() == 3 && tlut.size(0) == shards;
-  TORCH_CHECK(
+  STD_TORCH_CHECK(
       (one || stacked) && tlut.size(-2) == kTlutRows && tlut.size(-1) == 2, op,
       ": tlut must have shape (", shards,
-      ", 512, 2) (or (512, 2) for one shard), got ", tlut.sizes());
-  TORCH_CHECK(tlut.is_contiguous(), op, ": tlut must be contiguous");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(tlut.data_ptr()) % 4 == 0, op,
-              ": tlut data must be 4-byte aligned");
+      ", 512, 2) (or (512, 2) for one shard), got ", shape(tlut));
+  STD_TORCH_CHECK(tlut.is_contiguous(), op, ": tlut must be contiguous");
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(tlut.data_ptr()) % 4 == 0, op,
+                  ": tlut data must be 4-byte aligned");
 }
 
 // Launch shape of one qtip_mma_kernel call.
@@ -360,8 +361,8 @@ MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
       std::min(64, std::min(limit - lut, 96 * 1024) / (2 * c.nb * 512));
   c.chunk_blocks = std::max(kStages, blocks / kStages * kStages);
   c.smem = lut + 2 * c.nb * c.chunk_blocks * 512;
-  TORCH_CHECK(c.smem <= limit, "qtip_gemm: needs ", c.smem,
-              " bytes of shared memory per block, this GPU allows ", limit);
+  STD_TORCH_CHECK(c.smem <= limit, "qtip_gemm: needs ", c.smem,
+                  " bytes of shared memory per block, this GPU allows ", limit);
   return c;
 }
 
@@ -454,59 +455,64 @@ void launch_decode(const uint8_t* trellis, const __half* tlut, __half* w,
 
 }  // namespace
 
-void check_device_capability(const torch::Tensor& t, const char* op) {
-  // Device properties are cached by PyTorch: no driver query per call.
-  const cudaDeviceProp* prop =
-      at::cuda::getDeviceProperties(t.device().index());
-  TORCH_CHECK(prop->major >= 8, op,
-              ": the QTIP kernels need compute capability >= 8.0 "
-              "(mma.sync m16n8k16), got ",
-              prop->major, ".", prop->minor);
+void check_device_capability(const Tensor& t, const char* op) {
+  // Device properties are cached (vLLM's get_device_prop): no driver query
+  // per call.
+  const torch::stable::accelerator::DeviceGuard guard(t.get_device_index());
+  const cudaDeviceProp* prop = get_device_prop();
+  STD_TORCH_CHECK(prop->major >= 8, op,
+                  ": the QTIP kernels need compute capability >= 8.0 "
+                  "(mma.sync m16n8k16), got ",
+                  prop->major, ".", prop->minor);
 }
 
-torch::Tensor qtip_fragment_layout(const torch::Tensor& x) {
+Tensor qtip_fragment_layout(const Tensor& x) {
   // (copies, rows, n) -> (copies, nbt * 8, n) with each n8 tile x 32-column
   // block stored as 32 lanes x 8 halves: lane g*4+q holds row g, columns
   // kc*16 + h*8 + 2q + e at half kc*4 + h*2 + e.
   const int64_t copies = x.size(0), rows = x.size(1), n = x.size(2);
   const int64_t nbt = (rows + 7) / 8;
-  auto padded = at::constant_pad_nd(x, {0, 0, 0, nbt * 8 - rows}).contiguous();
-  return padded.view({copies, nbt, 8, n / 32, 2, 2, 4, 2})
-      .permute({0, 1, 3, 2, 6, 4, 5, 7})
-      .contiguous()
-      .view({copies, nbt * 8, n});
+  const Tensor padded = torch::stable::contiguous(
+      torch::stable::pad(x, {0, 0, 0, nbt * 8 - rows}));
+  const Tensor tiles =
+      torch::stable::view(padded, {copies, nbt, 8, n / 32, 2, 2, 4, 2});
+  return torch::stable::view(
+      torch::stable::contiguous(permute(tiles, {0, 1, 3, 2, 6, 4, 5, 7})),
+      {copies, nbt * 8, n});
 }
 
-torch::Tensor qtip_mma(const torch::Tensor& xf, int64_t rows,
-                       const torch::Tensor& trellis, const torch::Tensor& tlut,
-                       c10::IntArrayRef shard_rows) {
+Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
+                const Tensor& tlut, const std::vector<int64_t>& shard_rows) {
   const TrellisShape s = check_trellis(trellis, "qtip_gemm");
   const ShardRows shards = make_shard_rows(shard_rows, s.m, "qtip_gemm");
   check_tlut(tlut, trellis, shards.count, "qtip_gemm");
   const int64_t nbt = (rows + 7) / 8;
-  TORCH_CHECK(xf.is_cuda() && xf.device() == trellis.device() &&
-                  xf.scalar_type() == at::kHalf && xf.is_contiguous() &&
-                  xf.dim() == 3 && xf.size(0) == shards.count &&
-                  xf.size(1) == nbt * 8 && xf.size(2) == s.n,
-              "qtip_gemm: fragment-ordered x~ must be contiguous float16 (",
-              shards.count, ", ", nbt * 8, ", ", s.n, ") on ", trellis.device(),
-              ", got ", xf.scalar_type(), " ", xf.sizes());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(xf.data_ptr()) % 16 == 0,
-              "qtip_gemm: x~ data must be 16-byte aligned");
-  const c10::cuda::CUDAGuard guard(trellis.device());
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  STD_TORCH_CHECK(
+      xf.is_cuda() && xf.get_device_index() == trellis.get_device_index() &&
+          xf.scalar_type() == ScalarType::Half && xf.is_contiguous() &&
+          xf.dim() == 3 && xf.size(0) == shards.count &&
+          xf.size(1) == nbt * 8 && xf.size(2) == s.n,
+      "qtip_gemm: fragment-ordered x~ must be contiguous float16 (",
+      shards.count, ", ", nbt * 8, ", ", s.n,
+      ") on cuda:", trellis.get_device_index(), ", got ", xf.scalar_type(), " ",
+      shape(xf));
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(xf.data_ptr()) % 16 == 0,
+                  "qtip_gemm: x~ data must be 16-byte aligned");
+  const torch::stable::accelerator::DeviceGuard guard(
+      trellis.get_device_index());
+  const cudaDeviceProp* prop = get_device_prop();
   const MmaConfig c = mma_config(*prop, nbt);
   const int sms = prop->multiProcessorCount;
   const MmaPlan plan = mma_plan(shards, s.n / 32, rows, nbt, c.warps, sms);
-  auto part = torch::empty({plan.splits, rows, s.m},
-                           trellis.options().dtype(at::kFloat));
+  Tensor part =
+      new_tensor({plan.splits, rows, s.m}, ScalarType::Float, trellis);
   if (rows == 0) return part;
   const int grid = std::min(sms, plan.units);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = get_current_cuda_stream();
   const auto* tr = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
   const auto* tl = reinterpret_cast<const __half*>(tlut.data_ptr());
   const auto* xv = reinterpret_cast<const uint4*>(xf.data_ptr());
-  float* pp = part.data_ptr<float>();
+  float* pp = part.mutable_data_ptr<float>();
   const int m = (int)s.m, nblk = (int)(s.n / 32);
   auto run = [&](auto k_tag) {
     constexpr int K = decltype(k_tag)::value;
@@ -530,39 +536,42 @@ torch::Tensor qtip_mma(const torch::Tensor& xf, int64_t rows,
   return part;
 }
 
-torch::Tensor qtip_gemm(const torch::Tensor& x, const torch::Tensor& trellis,
-                        const torch::Tensor& tlut,
-                        c10::IntArrayRef shard_rows) {
-  TORCH_CHECK(x.is_cuda() && x.device() == trellis.device(),
-              "qtip_gemm: x must be on the trellis device ", trellis.device());
-  TORCH_CHECK(x.scalar_type() == at::kHalf,
-              "qtip_gemm: x must be float16 (the Hadamard-domain "
-              "activations), got ",
-              x.scalar_type());
+Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
+                 const std::vector<int64_t>& shard_rows) {
+  STD_TORCH_CHECK(
+      x.is_cuda() && x.get_device_index() == trellis.get_device_index(),
+      "qtip_gemm: x must be on the trellis device cuda:",
+      trellis.get_device_index());
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Half,
+                  "qtip_gemm: x must be float16 (the Hadamard-domain "
+                  "activations), got ",
+                  x.scalar_type());
   const TrellisShape s = check_trellis(trellis, "qtip_gemm");
   const int64_t shards = make_shard_rows(shard_rows, s.m, "qtip_gemm").count;
   const int64_t n = s.n;
-  TORCH_CHECK(((x.dim() == 2 && shards == 1) ||
-               (x.dim() == 3 && x.size(0) == shards)) &&
-                  x.size(-1) == n,
-              "qtip_gemm: x must have shape (", shards,
-              ", B, n) (or (B, n) for one shard) with n = 32 * "
-              "trellis.size(1) = ",
-              n, ", got ", x.sizes());
+  STD_TORCH_CHECK(((x.dim() == 2 && shards == 1) ||
+                   (x.dim() == 3 && x.size(0) == shards)) &&
+                      x.size(-1) == n,
+                  "qtip_gemm: x must have shape (", shards,
+                  ", B, n) (or (B, n) for one shard) with n = 32 * "
+                  "trellis.size(1) = ",
+                  n, ", got ", shape(x));
   const int64_t rows = x.size(-2);
-  const torch::Tensor xf = qtip_fragment_layout(x.reshape({shards, rows, n}));
-  return qtip_mma(xf, rows, trellis, tlut, shard_rows).sum(0);
+  const Tensor xf =
+      qtip_fragment_layout(torch::stable::reshape(x, {shards, rows, n}));
+  return torch::stable::sum(qtip_mma(xf, rows, trellis, tlut, shard_rows),
+                            std::vector<int64_t>{0});
 }
 
-torch::Tensor qtip_decode(const torch::Tensor& trellis,
-                          const torch::Tensor& tlut,
-                          c10::IntArrayRef shard_rows) {
+Tensor qtip_decode(const Tensor& trellis, const Tensor& tlut,
+                   const std::vector<int64_t>& shard_rows) {
   const TrellisShape s = check_trellis(trellis, "qtip_decode");
   const ShardRows shards = make_shard_rows(shard_rows, s.m, "qtip_decode");
   check_tlut(tlut, trellis, shards.count, "qtip_decode");
-  const c10::cuda::CUDAGuard guard(trellis.device());
-  auto w = torch::empty({s.m, s.n}, trellis.options().dtype(at::kHalf));
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const torch::stable::accelerator::DeviceGuard guard(
+      trellis.get_device_index());
+  Tensor w = new_tensor({s.m, s.n}, ScalarType::Half, trellis);
+  const cudaDeviceProp* prop = get_device_prop();
   const int smem = SignedLut<16>::kBytes;
   const int per_sm = std::max<int>(
       1,
@@ -578,7 +587,7 @@ torch::Tensor qtip_decode(const torch::Tensor& trellis,
   const int64_t wave = (int64_t)prop->multiProcessorCount * per_sm;
   const int grid = (int)std::max<int64_t>(
       1, std::min<int64_t>(blocks_needed, wave / shards.count));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = get_current_cuda_stream();
   const auto* tr = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
   const auto* tl = reinterpret_cast<const __half*>(tlut.data_ptr());
   auto* wp = reinterpret_cast<__half*>(w.data_ptr());
@@ -592,7 +601,7 @@ torch::Tensor qtip_decode(const torch::Tensor& trellis,
     default:
       launch_decode<4>(tr, tl, wp, s, shards, grid, smem, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
   return w;
 }
 

@@ -34,11 +34,9 @@
 //     are split over gridDim.y blocks (each redoing the cheap Sylvester part)
 //     to spread it over the GPU.
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/all.h>
+#include <torch/csrc/stable/accelerator.h>
 
 #include <algorithm>
 #include <limits>
@@ -325,24 +323,27 @@ __global__ void __launch_bounds__(kHadMaxThreads)
 namespace {
 
 // A per-column scale (n,); in_scale may also be (copies, n).
-void check_scale(const std::optional<torch::Tensor>& s, const char* name,
-                 const torch::Tensor& x, bool allow_copies) {
+void check_scale(const std::optional<Tensor>& s, const char* name,
+                 const Tensor& x, bool allow_copies) {
   if (!s.has_value()) return;
-  const torch::Tensor& t = *s;
-  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "qtip_hadamard: ", name,
-              " must be on the device of x (", x.device(), ")");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "qtip_hadamard: ", name,
-              " must be float32, got ", t.scalar_type());
+  const Tensor& t = *s;
+  STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == x.get_device_index(),
+                  "qtip_hadamard: ", name,
+                  " must be on the device of x (cuda:", x.get_device_index(),
+                  ")");
+  STD_TORCH_CHECK(t.scalar_type() == ScalarType::Float, "qtip_hadamard: ", name,
+                  " must be float32, got ", t.scalar_type());
   const bool ok =
       (t.dim() == 1 || (allow_copies && t.dim() == 2 && t.size(0) >= 1 &&
                         t.size(0) <= kMaxShards)) &&
       t.size(-1) == x.size(-1);
-  TORCH_CHECK(ok, "qtip_hadamard: ", name, " must have shape (", x.size(-1),
-              ",)", allow_copies ? " or (shards, n)" : "", ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "qtip_hadamard: ", name,
-              " must be contiguous");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
-              "qtip_hadamard: ", name, " data must be 16-byte aligned");
+  STD_TORCH_CHECK(ok, "qtip_hadamard: ", name, " must have shape (", x.size(-1),
+                  ",)", allow_copies ? " or (shards, n)" : "", ", got ",
+                  shape(t));
+  STD_TORCH_CHECK(t.is_contiguous(), "qtip_hadamard: ", name,
+                  " must be contiguous");
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                  "qtip_hadamard: ", name, " data must be 16-byte aligned");
 }
 
 // Launch arguments shared by every dtype instantiation.
@@ -377,12 +378,11 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
 }
 
 template <typename InT>
-void dispatch_out(at::ScalarType out_dtype, const HadArgs& a,
-                  cudaStream_t stream) {
+void dispatch_out(ScalarType out_dtype, const HadArgs& a, cudaStream_t stream) {
   switch (out_dtype) {
-    case at::kHalf:
+    case ScalarType::Half:
       return launch_hadamard<InT, __half>(a, stream);
-    case at::kBFloat16:
+    case ScalarType::BFloat16:
       return launch_hadamard<InT, __nv_bfloat16>(a, stream);
     default:
       return launch_hadamard<InT, float>(a, stream);
@@ -391,85 +391,91 @@ void dispatch_out(at::ScalarType out_dtype, const HadArgs& a,
 
 }  // namespace
 
-torch::Tensor qtip_hadamard(const torch::Tensor& x,
-                            const std::optional<torch::Tensor>& in_scale,
-                            const std::optional<torch::Tensor>& out_scale,
-                            const std::optional<torch::Tensor>& had_k,
-                            bool transpose, c10::IntArrayRef block_sizes,
-                            c10::IntArrayRef segment_sizes, double factor,
-                            at::ScalarType out_dtype) {
+Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
+                     const std::optional<Tensor>& out_scale,
+                     const std::optional<Tensor>& had_k, bool transpose,
+                     const std::vector<int64_t>& block_sizes,
+                     const std::vector<int64_t>& segment_sizes, double factor,
+                     ScalarType out_dtype) {
   return qtip_hadamard_impl(x, in_scale, out_scale, had_k, transpose,
                             block_sizes, segment_sizes, factor, out_dtype,
                             /*fragment_out=*/false);
 }
 
-torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
-                                 const std::optional<torch::Tensor>& in_scale,
-                                 const std::optional<torch::Tensor>& out_scale,
-                                 const std::optional<torch::Tensor>& had_k,
-                                 bool transpose, c10::IntArrayRef block_sizes,
-                                 c10::IntArrayRef segment_sizes, double factor,
-                                 at::ScalarType out_dtype, bool fragment_out) {
-  TORCH_CHECK(x.is_cuda(), "qtip_hadamard: x must be a CUDA tensor");
+Tensor qtip_hadamard_impl(const Tensor& x,
+                          const std::optional<Tensor>& in_scale,
+                          const std::optional<Tensor>& out_scale,
+                          const std::optional<Tensor>& had_k, bool transpose,
+                          const std::vector<int64_t>& block_sizes,
+                          const std::vector<int64_t>& segment_sizes,
+                          double factor, ScalarType out_dtype,
+                          bool fragment_out) {
+  STD_TORCH_CHECK(x.is_cuda(), "qtip_hadamard: x must be a CUDA tensor");
   const auto in_dtype = x.scalar_type();
-  TORCH_CHECK(in_dtype == at::kHalf || in_dtype == at::kBFloat16 ||
-                  in_dtype == at::kFloat,
-              "qtip_hadamard: x must be float16, bfloat16 or float32, got ",
-              in_dtype);
-  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kBFloat16 ||
-                  out_dtype == at::kFloat,
-              "qtip_hadamard: out_dtype must be float16, bfloat16 or "
-              "float32, got ",
-              out_dtype);
-  TORCH_CHECK(x.dim() == 2 || (x.dim() == 3 && in_dtype == at::kFloat),
-              "qtip_hadamard: x must be 2-D (rows, n), or float32 split-K "
-              "partial sums (splits, rows, n), got ",
-              in_dtype, " ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "qtip_hadamard: x must be contiguous");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "qtip_hadamard: x data must be 16-byte aligned");
+  STD_TORCH_CHECK(
+      in_dtype == ScalarType::Half || in_dtype == ScalarType::BFloat16 ||
+          in_dtype == ScalarType::Float,
+      "qtip_hadamard: x must be float16, bfloat16 or float32, got ", in_dtype);
+  STD_TORCH_CHECK(out_dtype == ScalarType::Half ||
+                      out_dtype == ScalarType::BFloat16 ||
+                      out_dtype == ScalarType::Float,
+                  "qtip_hadamard: out_dtype must be float16, bfloat16 or "
+                  "float32, got ",
+                  out_dtype);
+  STD_TORCH_CHECK(
+      x.dim() == 2 || (x.dim() == 3 && in_dtype == ScalarType::Float),
+      "qtip_hadamard: x must be 2-D (rows, n), or float32 split-K "
+      "partial sums (splits, rows, n), got ",
+      in_dtype, " ", shape(x));
+  STD_TORCH_CHECK(x.is_contiguous(), "qtip_hadamard: x must be contiguous");
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+                  "qtip_hadamard: x data must be 16-byte aligned");
   check_device_capability(x, "qtip_hadamard");
   const int64_t n = x.size(-1);
   const int64_t in_splits = x.dim() == 3 ? x.size(0) : 1;
-  TORCH_CHECK(in_splits >= 1, "qtip_hadamard: x has no splits, shape ",
-              x.sizes());
-  TORCH_CHECK(!fragment_out || n % 32 == 0,
-              "qtip_hadamard: fragment output needs n % 32 == 0, got n = ", n);
+  STD_TORCH_CHECK(in_splits >= 1, "qtip_hadamard: x has no splits, shape ",
+                  shape(x));
+  STD_TORCH_CHECK(
+      !fragment_out || n % 32 == 0,
+      "qtip_hadamard: fragment output needs n % 32 == 0, got n = ", n);
   int64_t K = 1;
   const float* had = nullptr;
   if (had_k.has_value()) {
-    const torch::Tensor& h = *had_k;
-    TORCH_CHECK(h.is_cuda() && h.device() == x.device(),
-                "qtip_hadamard: had_k must be on the device of x (", x.device(),
-                ")");
-    TORCH_CHECK(h.scalar_type() == at::kFloat,
-                "qtip_hadamard: had_k must be float32, got ", h.scalar_type());
-    TORCH_CHECK(h.dim() == 2 && h.size(0) == h.size(1) && h.size(0) > 1,
-                "qtip_hadamard: had_k must be square (K, K), got ", h.sizes());
-    TORCH_CHECK(h.is_contiguous(), "qtip_hadamard: had_k must be contiguous");
+    const Tensor& h = *had_k;
+    STD_TORCH_CHECK(h.is_cuda() && h.get_device_index() == x.get_device_index(),
+                    "qtip_hadamard: had_k must be on the device of x (cuda:",
+                    x.get_device_index(), ")");
+    STD_TORCH_CHECK(h.scalar_type() == ScalarType::Float,
+                    "qtip_hadamard: had_k must be float32, got ",
+                    h.scalar_type());
+    STD_TORCH_CHECK(h.dim() == 2 && h.size(0) == h.size(1) && h.size(0) > 1,
+                    "qtip_hadamard: had_k must be square (K, K), got ",
+                    shape(h));
+    STD_TORCH_CHECK(h.is_contiguous(),
+                    "qtip_hadamard: had_k must be contiguous");
     K = h.size(0);
-    had = h.data_ptr<float>();
+    had = h.const_data_ptr<float>();
   }
-  TORCH_CHECK(!segment_sizes.empty() &&
-                  (int64_t)segment_sizes.size() <= kMaxShards &&
-                  block_sizes.size() == segment_sizes.size(),
-              "qtip_hadamard: block_sizes ", block_sizes, " and segment_sizes ",
-              segment_sizes, " must have the same length, 1 to ", kMaxShards);
+  STD_TORCH_CHECK(
+      !segment_sizes.empty() && (int64_t)segment_sizes.size() <= kMaxShards &&
+          block_sizes.size() == segment_sizes.size(),
+      "qtip_hadamard: block_sizes ", join(block_sizes), " and segment_sizes ",
+      join(segment_sizes), " must have the same length, 1 to ", kMaxShards);
   kernels::HadSegments segs{};
   segs.count = (int)segment_sizes.size();
   int64_t col = 0, max_b = 0, min_P = std::numeric_limits<int64_t>::max();
   for (int s = 0; s < segs.count; ++s) {
     const int64_t len = segment_sizes[s], b = block_sizes[s];
-    TORCH_CHECK(b > 0 && len > 0 && len % b == 0,
-                "qtip_hadamard: block_size=", b,
-                " must divide the segment size ", len, " (segment ", s,
-                " of the last dim of x)");
-    TORCH_CHECK(b % K == 0, "qtip_hadamard: block_size=", b,
-                " is not a multiple of the had_k size K=", K);
+    STD_TORCH_CHECK(b > 0 && len > 0 && len % b == 0,
+                    "qtip_hadamard: block_size=", b,
+                    " must divide the segment size ", len, " (segment ", s,
+                    " of the last dim of x)");
+    STD_TORCH_CHECK(b % K == 0, "qtip_hadamard: block_size=", b,
+                    " is not a multiple of the had_k size K=", K);
     const int64_t P = b / K;
-    TORCH_CHECK(P >= 8 && (P & (P - 1)) == 0,
-                "qtip_hadamard: block_size/K = ", b, "/", K, " = ", P,
-                " must be a power of two >= 8");
+    STD_TORCH_CHECK(P >= 8 && (P & (P - 1)) == 0,
+                    "qtip_hadamard: block_size/K = ", b, "/", K, " = ", P,
+                    " must be a power of two >= 8");
     int log2P = 0;
     while ((int64_t{1} << log2P) < P) ++log2P;
     segs.col[s] = (int)col;
@@ -481,34 +487,34 @@ torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
     max_b = std::max(max_b, b);
     min_P = std::min(min_P, P);
   }
-  TORCH_CHECK(col == n, "qtip_hadamard: segment_sizes ", segment_sizes,
-              " sum to ", col, ", but x has ", n, " columns");
+  STD_TORCH_CHECK(col == n, "qtip_hadamard: segment_sizes ",
+                  join(segment_sizes), " sum to ", col, ", but x has ", n,
+                  " columns");
   check_scale(in_scale, "in_scale", x, true);
   check_scale(out_scale, "out_scale", x, false);
   // One transformed copy of x per row of a 2-D in_scale (per shard).
   const bool copies_out = in_scale.has_value() && in_scale->dim() == 2;
   const int64_t copies = copies_out ? in_scale->size(0) : 1;
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const cudaDeviceProp* prop = get_device_prop();
   const int64_t smem_limit = (int64_t)prop->sharedMemPerBlockOptin;
   // Rows of H_K per block: 32, or fewer when shared memory is tight.
   int rchunk = 32;
   while (K > 1 && rchunk > 8 && (max_b + K * rchunk) * 4 > smem_limit)
     rchunk /= 2;
   const int64_t smem = (max_b + (K > 1 ? K * rchunk : 0)) * 4;
-  TORCH_CHECK(smem <= smem_limit, "qtip_hadamard: block_size=", max_b,
-              " needs ", smem, " bytes of shared memory, this GPU allows ",
-              smem_limit);
+  STD_TORCH_CHECK(smem <= smem_limit, "qtip_hadamard: block_size=", max_b,
+                  " needs ", smem, " bytes of shared memory, this GPU allows ",
+                  smem_limit);
 
   const int64_t rows = x.size(-2);
   // Fragment order pads the rows to whole n8 tiles (padding rows are left
   // unwritten: they only feed GEMM output columns that are discarded).
   const int64_t out_rows = fragment_out ? (rows + 7) / 8 * 8 : rows;
-  auto y =
-      copies_out || fragment_out
-          ? torch::empty({copies, out_rows, n}, x.options().dtype(out_dtype))
-          : torch::empty({rows, n}, x.options().dtype(out_dtype));
+  auto y = copies_out || fragment_out
+               ? new_tensor({copies, out_rows, n}, out_dtype, x)
+               : new_tensor({rows, n}, out_dtype, x);
   if (rows == 0) return y;
   const int64_t max_P = max_b / K;
   int p_splits = 1;
@@ -531,8 +537,8 @@ torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
   const int64_t work = std::max<int64_t>(max_b / 8, items * ksplit);
   HadArgs a{};
   a.x = x.data_ptr();
-  a.in_scale = in_scale ? in_scale->data_ptr<float>() : nullptr;
-  a.out_scale = out_scale ? out_scale->data_ptr<float>() : nullptr;
+  a.in_scale = in_scale ? in_scale->const_data_ptr<float>() : nullptr;
+  a.out_scale = out_scale ? out_scale->const_data_ptr<float>() : nullptr;
   a.had = had;
   a.y = y.data_ptr();
   a.copies = (int)copies;
@@ -550,12 +556,12 @@ torch::Tensor qtip_hadamard_impl(const torch::Tensor& x,
   a.in_splits = (int)in_splits;
   a.copy_stride = out_rows * n;
   a.frag = fragment_out;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = get_current_cuda_stream();
   switch (in_dtype) {
-    case at::kHalf:
+    case ScalarType::Half:
       dispatch_out<__half>(out_dtype, a, stream);
       break;
-    case at::kBFloat16:
+    case ScalarType::BFloat16:
       dispatch_out<__nv_bfloat16>(out_dtype, a, stream);
       break;
     default:

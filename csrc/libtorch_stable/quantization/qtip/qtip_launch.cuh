@@ -4,12 +4,11 @@
 // Launch helpers shared by the QTIP kernels.
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <torch/all.h>
+#include <cuda_runtime.h>
 
 #include <atomic>
+
+#include "qtip_ops.h"
 
 namespace vllm {
 namespace qtip {
@@ -34,23 +33,23 @@ struct ShardRows {
 };
 
 // Builds ShardRows from the shards' row counts; names the op on bad input.
-inline ShardRows make_shard_rows(c10::IntArrayRef rows, int64_t m,
+inline ShardRows make_shard_rows(const std::vector<int64_t>& rows, int64_t m,
                                  const char* op) {
-  TORCH_CHECK(!rows.empty() && (int64_t)rows.size() <= kMaxShards, op,
-              ": shard_rows must list 1 to ", kMaxShards,
-              " shard row counts, got ", rows.size());
+  STD_TORCH_CHECK(!rows.empty() && (int64_t)rows.size() <= kMaxShards, op,
+                  ": shard_rows must list 1 to ", kMaxShards,
+                  " shard row counts, got ", rows.size());
   ShardRows t{};
   t.count = (int)rows.size();
   int64_t total = 0;
   for (int s = 0; s < t.count; ++s) {
-    TORCH_CHECK(rows[s] > 0 && rows[s] % 32 == 0, op, ": shard_rows[", s,
-                "] = ", rows[s], " must be a positive multiple of 32");
+    STD_TORCH_CHECK(rows[s] > 0 && rows[s] % 32 == 0, op, ": shard_rows[", s,
+                    "] = ", rows[s], " must be a positive multiple of 32");
     t.rb0[s] = (int)(total / 32);
     total += rows[s];
   }
   t.rb0[t.count] = (int)(total / 32);
-  TORCH_CHECK(total == m, op, ": shard_rows ", rows, " sum to ", total,
-              ", but the trellis has m = ", m, " rows");
+  STD_TORCH_CHECK(total == m, op, ": shard_rows ", join(rows), " sum to ",
+                  total, ", but the trellis has m = ", m, " rows");
   return t;
 }
 
@@ -60,16 +59,17 @@ using DeviceFlags = std::atomic<bool>[kMaxDevices];
 
 // Raises a kernel's dynamic shared-memory limit to the device maximum, once
 // per kernel and device. cudaFuncSetAttribute is a host-side setting, not a
-// stream operation, and the device properties are cached by PyTorch, so this
-// costs nothing per call and is legal during CUDA-graph capture.
+// stream operation, and the device properties are cached (get_device_prop), so
+// this costs nothing per call and is legal during CUDA-graph capture.
 template <typename Kernel>
 void ensure_max_dynamic_smem(Kernel kernel, DeviceFlags& done) {
-  const int dev = c10::cuda::current_device();
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev));
   if (dev < kMaxDevices && done[dev].load(std::memory_order_relaxed)) return;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           (int)prop->sharedMemPerBlockOptin));
+  const cudaDeviceProp* prop = get_device_prop();
+  check_cuda(cudaFuncSetAttribute(kernel,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  (int)prop->sharedMemPerBlockOptin));
   if (dev < kMaxDevices) done[dev].store(true, std::memory_order_relaxed);
 }
 
@@ -93,7 +93,7 @@ __device__ __forceinline__ void allow_dependents() {
 template <typename... KernelArgs, typename... Args>
 void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
                       size_t smem, cudaStream_t stream, Args&&... args) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const cudaDeviceProp* prop = get_device_prop();
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
@@ -104,7 +104,7 @@ void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
   config.stream = stream;
   config.attrs = &attr;
   config.numAttrs = prop->major >= 9 ? 1 : 0;
-  C10_CUDA_CHECK(
+  check_cuda(
       cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...));
 }
 

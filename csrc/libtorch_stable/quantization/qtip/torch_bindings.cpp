@@ -1,15 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 // SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 //
-// torch.ops._qtip_C: QTIP trellis kernels (legacy ATen ops, like _qutlass_C).
+// torch.ops._qtip_C: QTIP trellis kernels, on the stable libtorch ABI.
+// In vLLM's own build these sources are part of _C_stable_libtorch; a
+// standalone build (the qtip-vllm project's CMakeLists.txt, on a precompiled
+// vLLM wheel) makes them the extension vllm._qtip_C.
 
-#include <torch/all.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include "core/registration.h"
 #include "qtip_ops.h"
 
-TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
+STABLE_TORCH_LIBRARY(_qtip_C, m) {
   // The trellis ops take every shard of a fused layer (q/k/v, gate/up) at
   // once: trellises back to back along m (published kernel layout, int16
   // (m/32, n/32, 64K)), shard_rows their row counts, one HYB table per
@@ -20,11 +22,9 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
   m.def(
       "qtip_gemm(Tensor x, Tensor trellis, Tensor tlut, int[] shard_rows) "
       "-> Tensor");
-  m.impl("qtip_gemm", torch::kCUDA, &vllm::qtip::qtip_gemm);
 
   // W_hat (m, n) fp16, for the dense (large batch) path.
   m.def("qtip_decode(Tensor trellis, Tensor tlut, int[] shard_rows) -> Tensor");
-  m.impl("qtip_decode", torch::kCUDA, &vllm::qtip::qtip_decode);
 
   // factor * out_scale * H(in_scale * x) along the last dim of x (rows, n),
   // block-diagonal H = (H_K kron Sylvester) / sqrt(b) over column segments
@@ -34,7 +34,6 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
       "qtip_hadamard(Tensor x, Tensor? in_scale, Tensor? out_scale, "
       "Tensor? had_k, bool transpose, int[] block_sizes, int[] segment_sizes, "
       "float factor, ScalarType out_dtype) -> Tensor");
-  m.impl("qtip_hadamard", torch::kCUDA, &vllm::qtip::qtip_hadamard);
 
   // A whole QTIP linear with all its shards, y (rows, m) in x's dtype, x
   // (rows, n) fp16/bf16, SU (shards, n), SV (m,): the input transforms, the
@@ -44,7 +43,15 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
       "qtip_linear(Tensor x, Tensor trellis, Tensor tlut, Tensor SU, "
       "Tensor SV, Tensor? had_in, Tensor? had_out, int in_block, "
       "int[] out_blocks, int[] shard_rows, int dense_min_rows) -> Tensor");
-  m.impl("qtip_linear", torch::kCUDA, &vllm::qtip::qtip_linear);
 }
 
-REGISTER_EXTENSION(TORCH_EXTENSION_NAME)
+STABLE_TORCH_LIBRARY_IMPL(_qtip_C, CUDA, m) {
+  m.impl("qtip_gemm", TORCH_BOX(&vllm::qtip::qtip_gemm));
+  m.impl("qtip_decode", TORCH_BOX(&vllm::qtip::qtip_decode));
+  m.impl("qtip_hadamard", TORCH_BOX(&vllm::qtip::qtip_hadamard));
+  m.impl("qtip_linear", TORCH_BOX(&vllm::qtip::qtip_linear));
+}
+
+#ifdef QTIP_STANDALONE_EXTENSION
+REGISTER_EXTENSION(_qtip_C)
+#endif

@@ -1,0 +1,129 @@
+// SPDX-License-Identifier: Apache-2.0
+// SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+//
+// Host entry points of the QTIP ops (registered in torch_bindings.cpp), on
+// the stable libtorch ABI, and the host helpers they share.
+#pragma once
+
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <cuda_runtime.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "libtorch_stable/torch_utils.h"
+
+namespace vllm {
+namespace qtip {
+
+using Tensor = torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+
+// "(d0, d1, ...)" for error messages.
+inline std::string shape(const Tensor& t) {
+  std::ostringstream out;
+  out << "(";
+  for (int64_t d = 0; d < t.dim(); ++d) out << (d ? ", " : "") << t.size(d);
+  out << ")";
+  return out.str();
+}
+
+inline std::string join(const std::vector<int64_t>& v) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < v.size(); ++i) out << (i ? ", " : "") << v[i];
+  out << "]";
+  return out.str();
+}
+
+inline void check_cuda(cudaError_t err) {
+  STD_TORCH_CHECK(err == cudaSuccess, "CUDA error: ", cudaGetErrorString(err));
+}
+
+inline void check_launch() { check_cuda(cudaGetLastError()); }
+
+// An uninitialized tensor of `dtype` on the device of `like`.
+inline Tensor new_tensor(std::vector<int64_t> sizes, ScalarType dtype,
+                         const Tensor& like) {
+  return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
+}
+
+// aten::permute through the stable dispatcher (torch 2.11 has no stable
+// wrapper for it).
+inline Tensor permute(const Tensor& self, std::vector<int64_t> dims) {
+  std::array<StableIValue, 2> stack{
+      torch::stable::detail::from(self),
+      torch::stable::detail::from(
+          torch::headeronly::IntHeaderOnlyArrayRef(dims))};
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(
+      "aten::permute", "", stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// The trellis ops take one or several shards of a fused layer (q/k/v,
+// gate/up): their trellises back to back along m, shard_rows their row
+// counts, tlut (512, 2) or (shards, 512, 2), one per shard.
+
+// Fused trellis decode + tensor-core GEMM: y (B, m) fp32 = x @ W_hat^T,
+// W_hat decoded from trellis (m/32, n/32, 64K) int16; x (B, n) fp16, or
+// (shards, B, n) with one input per shard.
+Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
+                 const std::vector<int64_t>& shard_rows);
+
+// The fused GEMM on x~ already in mma B-fragment order (see
+// qtip_fragment_layout): fp32 split-K partial sums (splits, rows, m), to be
+// added in split order (qtip_hadamard does it as it loads them).
+Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
+                const Tensor& tlut, const std::vector<int64_t>& shard_rows);
+
+// x (copies, rows, n) -> (copies, ceil(rows/8)*8, n) in B-fragment order.
+Tensor qtip_fragment_layout(const Tensor& x);
+
+// Decode the whole W_hat (m, n) in fp16.
+Tensor qtip_decode(const Tensor& trellis, const Tensor& tlut,
+                   const std::vector<int64_t>& shard_rows);
+
+// y = factor * out_scale * H(in_scale * x) along the last dim of x (rows, n),
+// computed in fp32; x may also be float32 split-K partial sums (splits,
+// rows, n), added in order first. The columns are split into segments of
+// segment_sizes, each transformed block-diagonally with blocks of its
+// block_sizes entry, H_b = (H_K kron Sylvester) / sqrt(b) (H_K^T when
+// transpose); had_k is H_K as float32 (K, K), None for powers of two. in_scale
+// (shards, n) gives one output copy per shard: y (shards, rows, n).
+Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
+                     const std::optional<Tensor>& out_scale,
+                     const std::optional<Tensor>& had_k, bool transpose,
+                     const std::vector<int64_t>& block_sizes,
+                     const std::vector<int64_t>& segment_sizes, double factor,
+                     ScalarType out_dtype);
+// The same, optionally writing (copies, ceil(rows/8)*8, n) in the GEMM's
+// B-fragment order (the input transform of qtip_linear).
+Tensor qtip_hadamard_impl(const Tensor& x,
+                          const std::optional<Tensor>& in_scale,
+                          const std::optional<Tensor>& out_scale,
+                          const std::optional<Tensor>& had_k, bool transpose,
+                          const std::vector<int64_t>& block_sizes,
+                          const std::vector<int64_t>& segment_sizes,
+                          double factor, ScalarType out_dtype,
+                          bool fragment_out);
+
+// One QTIP linear layer with all its shards (see qtip_linear.cpp): fused
+// GEMM below dense_min_rows rows, decode-to-dense + cuBLAS from there on.
+Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
+                   const Tensor& su, const Tensor& sv,
+                   const std::optional<Tensor>& had_in,
+                   const std::optional<Tensor>& had_out, int64_t in_block,
+                   const std::vector<int64_t>& out_blocks,
+                   const std::vector<int64_t>& shard_rows,
+                   int64_t dense_min_rows);
+
+// Shared host helpers.
+void check_device_capability(const Tensor& t, const char* op);
+
+}  // namespace qtip
+}  // namespace vllm
