@@ -15,7 +15,35 @@ export PYTHONPATH=$QK:$REPO/vllm_overlay PYTHONUNBUFFERED=1
 # Goldens are found next to the tests (tests/quantization/qtip_goldens).
 cd "$REPO"
 
+# The two things outside torch that the wrappers and the codec import, as
+# stand-ins on a host without vLLM: the platform (CUDA capability queries)
+# and compressed-tensors' H_K table (copied by gpu_prepare.sh --kernels).
+write_shims() {
+  mkdir -p "$QK/vllm/platforms" "$QK/compressed_tensors/transform/utils"
+  cat > "$QK/vllm/platforms/__init__.py" <<'PY'
+import torch
+
+
+class _CudaPlatform:
+    def is_cuda(self) -> bool:
+        return torch.cuda.is_available() and torch.version.hip is None
+
+    def has_device_capability(self, capability, device_id: int = 0) -> bool:
+        if isinstance(capability, int):
+            capability = divmod(capability, 10)
+        return torch.cuda.get_device_capability(device_id) >= tuple(capability)
+
+
+current_platform = _CudaPlatform()
+PY
+  touch "$QK/compressed_tensors/__init__.py" "$QK/compressed_tensors/transform/__init__.py" \
+    "$QK/compressed_tensors/transform/utils/__init__.py"
+  echo "REPO_PATH = '$REPO/.gpu/ref/hadamards.safetensors'" \
+    > "$QK/compressed_tensors/transform/utils/hadamard.py"
+}
+
 step_build() {
+  write_shims
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
   local t0=$SECONDS
   mkdir -p /tmp/qtip-kernels-build

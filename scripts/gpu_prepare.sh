@@ -14,8 +14,12 @@ G=$REPO/.gpu
 mkdir -p "$G/vllm-src/cmake" "$G/vllm-src/csrc/core" "$G/ref"
 cp "$SDIST_TREE/cmake/utils.cmake" "$G/vllm-src/cmake/"
 cp "$SDIST_TREE/csrc/core/registration.h" "$G/vllm-src/csrc/core/"
-# The decode-only ceiling the kernel benchmark is measured against.
+# The decode-only ceiling the kernel benchmark is measured against, and the
+# H_K table of compressed-tensors (the vLLM-free kernel run reads it there).
 cp "$SHARED/reference/hyb_decode_bench.cu" "$G/ref/"
+"${PYTHON:-$REPO/.venv/bin/python}" -c 'import shutil, sys
+from compressed_tensors.transform.utils.hadamard import REPO_PATH
+shutil.copy(REPO_PATH, sys.argv[1])' "$G/ref/hadamards.safetensors"
 [ "${1:-}" = "--kernels" ] && exit 0
 [ -f "$G/parts/SHA256SUMS" ] || bash "$SHARED/gpu/make-vllm-bundle.sh" "$G/parts" 45
 cp "$SHARED/gpu/unpack-vllm-bundle.sh" "$G/"
