@@ -58,9 +58,11 @@ step_setup() {
     echo "CMake build failed; building with torch.utils.cpp_extension"
     TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 - <<'PY' 2>&1 | tail -5
 import glob, shutil, torch.utils.cpp_extension as ce
+# The stable libtorch ABI of torch 2.11, built as the extension vllm._qtip_C.
+STABLE = ["-DTORCH_TARGET_VERSION=0x020B000000000000ULL", "-DUSE_CUDA", "-DQTIP_STANDALONE_EXTENSION"]
 srcs = sorted(glob.glob("csrc/libtorch_stable/quantization/qtip/*.cu") + glob.glob("csrc/libtorch_stable/quantization/qtip/*.cpp"))
 m = ce.load(name="_qtip_C", sources=srcs, extra_include_paths=[".gpu/vllm-src/csrc"],
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"], build_directory="/tmp")
+            extra_cflags=STABLE, extra_cuda_cflags=STABLE + ["-O3", "--expt-relaxed-constexpr"], build_directory="/tmp")
 shutil.copy(m.__file__, "/tmp/vllm-site/vllm/_qtip_C.abi3.so")
 PY
     echo "_qtip_C built with cpp_extension in $((SECONDS - t0)) s"

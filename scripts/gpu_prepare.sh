@@ -11,9 +11,10 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$REPO/../shared}
 SDIST_TREE=${SDIST_TREE:-$REPO/build/vllm-0.26.0}
 G=$REPO/.gpu
-mkdir -p "$G/vllm-src/cmake" "$G/vllm-src/csrc/core" "$G/ref"
+mkdir -p "$G/vllm-src/cmake" "$G/vllm-src/csrc/core" "$G/vllm-src/csrc/libtorch_stable" "$G/ref"
 cp "$SDIST_TREE/cmake/utils.cmake" "$G/vllm-src/cmake/"
 cp "$SDIST_TREE/csrc/core/registration.h" "$G/vllm-src/csrc/core/"
+cp "$SDIST_TREE/csrc/libtorch_stable/torch_utils.h" "$G/vllm-src/csrc/libtorch_stable/"
 # The decode-only ceiling the kernel benchmark is measured against, and the
 # H_K table of compressed-tensors (the vLLM-free kernel run reads it there).
 cp "$SHARED/reference/hyb_decode_bench.cu" "$G/ref/"

@@ -32,7 +32,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_DIR = REPO / "vllm_overlay"
-KERNEL_DIR = Path("csrc/libtorch_stable/quantization/qtip")  # same path in our repo and the tree
+KERNEL_DIR = Path(
+    "csrc/libtorch_stable/quantization/qtip"
+)  # same path in our repo and the tree
 PATCH_DIR = REPO / "patches"
 MANIFEST_NAME = ".qtip_vllm_applied.json"
 PINNED_VERSION = "0.26.0"

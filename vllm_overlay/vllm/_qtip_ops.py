@@ -15,8 +15,14 @@ import torch
 
 from vllm.platforms import current_platform
 
+# vLLM's own build has the QTIP ops in _C_stable_libtorch; a standalone build
+# of them on a precompiled vLLM wheel is the extension vllm._qtip_C. Never
+# both: the library would be registered twice.
 with contextlib.suppress(ImportError):
-    import vllm._qtip_C  # noqa: F401
+    import vllm._C_stable_libtorch  # noqa: F401
+if not hasattr(torch.ops._qtip_C, "qtip_linear"):
+    with contextlib.suppress(ImportError):
+        import vllm._qtip_C  # noqa: F401
 
 try:
     from torch.library import register_fake
