@@ -5,9 +5,9 @@ regenerate the series from an edited tree.
 
 A *source tree* (the pinned sdist or a git clone) gets everything: the
 overlay, the kernels in csrc/libtorch_stable/quantization/qtip and every
-patch. An *installed
-package* (a site-packages directory holding vllm/) gets the Python part only:
-the overlay's vllm/ files and the patches that touch nothing outside vllm/.
+patch. An *installed package* (a site-packages directory holding vllm/) gets
+the Python part only: the overlay's vllm/ files and the patches that touch
+nothing outside vllm/.
 
 What was laid is recorded in MANIFEST_NAME at the tree root, with the patch
 texts, so that `unapply` can reverse exactly what `apply` did. Patches are
