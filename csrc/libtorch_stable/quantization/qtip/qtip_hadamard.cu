@@ -283,6 +283,45 @@ __global__ void __launch_bounds__(kHadMaxThreads)
       }
     }
   };
+  if (ksplit == 1 && plen % 2 == 0) {
+    // Many rows: each thread takes 8 rows x 2 columns, so every k costs
+    // three shared loads (2 values of X, 8 of H_K) for 16 FMAs (4 columns
+    // would need more than the 64 registers of a 1024-thread block).
+    const int pairs = plen / 2;
+    for (int it = threadIdx.x; it < (rchunk / 8) * pairs; it += blockDim.x) {
+      const int sub = it / pairs, p = p_lo + (it % pairs) * 2;
+      const int rs = r0 + sub * 8;
+      if (rs >= K) continue;
+      float acc[8][2] = {};
+      const float4* m4 = reinterpret_cast<const float4*>(M + sub * 8);
+      const float2* x2 = reinterpret_cast<const float2*>(X + p);
+#pragma unroll 2
+      for (int k = 0; k < K; ++k) {
+        const float2 v = x2[k * (P / 2)];
+        const float4 h0 = m4[k * (rchunk / 4)], h1 = m4[k * (rchunk / 4) + 1];
+        const float h[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          acc[j][0] += h[j] * v.x;
+          acc[j][1] += h[j] * v.y;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int r = rs + j;
+        if (r >= K) break;
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int idx = r * P + p + c;
+          float val = acc[j][c] * mult;
+          if (out_scale != nullptr) val *= out_scale[col0 + idx];
+          y[out_index(copy_base, row, col0 + idx, n, frag)] =
+              from_float<OutT>(val);
+        }
+      }
+    }
+    return;
+  }
   if (ksplit == 1) {
     for (int it = threadIdx.x; it < items; it += blockDim.x) {
       if (r0 + (it / plen) * 8 >= K) continue;
