@@ -90,6 +90,30 @@ def write_model_dir(root: Path, model: str, weights: str) -> str:
     return str(path)
 
 
+def start_result(out: Path | None, resume: bool) -> dict:
+    """A new result (GPU, date, vLLM version, no rows), or with ``resume`` the
+    one in ``out`` when it was measured on the same GPU."""
+    import torch
+
+    import vllm
+
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "vllm": vllm.__version__,
+        "rows": [],
+    }
+    if resume and out and out.exists():
+        previous = json.loads(out.read_text())
+        if previous["gpu"] != result["gpu"]:
+            raise SystemExit(
+                f"--resume: {out} was measured on {previous['gpu']}, "
+                f"this is {result['gpu']}"
+            )
+        result = previous
+    return result
+
+
 def run_one(model_dir: str, batches: list[int]) -> list[dict]:
     """Measure one configuration in this process."""
     from vllm import LLM, SamplingParams
@@ -160,24 +184,7 @@ def main() -> None:
         print("ROWS " + json.dumps(run_one(args.one, args.batches)), flush=True)
         return
 
-    import torch
-
-    import vllm
-
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "vllm": vllm.__version__,
-        "rows": [],
-    }
-    if args.resume and args.out and args.out.exists():
-        previous = json.loads(args.out.read_text())
-        if previous["gpu"] != result["gpu"]:
-            raise SystemExit(
-                f"--resume: {args.out} was measured on {previous['gpu']}, "
-                f"this is {result['gpu']}"
-            )
-        result = previous
+    result = start_result(args.out, args.resume)
     rows = result["rows"]
     done = {(r["model"], r["weights"]) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,6 @@ need more GPUs than the host has are skipped.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -47,7 +46,7 @@ import time
 from pathlib import Path
 
 from bench_e2e import MODELS as E2E_MODELS
-from bench_e2e import PROMPT_LEN, QTIP
+from bench_e2e import PROMPT_LEN, QTIP, start_result
 
 LLAMA_31_ROPE = {
     "rope_type": "llama3",
@@ -305,24 +304,7 @@ def main() -> None:
             f"unknown configurations {sorted(unknown)}; choose from {list(CONFIGS)}"
         )
 
-    import torch
-
-    import vllm
-
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "vllm": vllm.__version__,
-        "rows": [],
-    }
-    if args.resume and args.out and args.out.exists():
-        previous = json.loads(args.out.read_text())
-        if previous["gpu"] != result["gpu"]:
-            raise SystemExit(
-                f"--resume: {args.out} was measured on {previous['gpu']}, "
-                f"this is {result['gpu']}"
-            )
-        result = previous
+    result = start_result(args.out, args.resume)
     rows = result["rows"]
     gpus_here = gpu_count()
     with tempfile.TemporaryDirectory() as tmp:

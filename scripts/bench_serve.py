@@ -19,7 +19,6 @@ every server so a run cut short keeps what it measured (--resume).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import MODELS, WEIGHTS  # noqa: E402
+from bench_e2e import MODELS, WEIGHTS, start_result  # noqa: E402
 
 INPUT_LEN, OUTPUT_LEN = 256, 128
 PORT = 8311
@@ -133,20 +132,10 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=300)
     args = parser.parse_args()
 
-    import torch
     from transformers import AutoTokenizer
 
-    import vllm
-
     vocab = len(AutoTokenizer.from_pretrained(args.tokenizer))
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "vllm": vllm.__version__,
-        "rows": [],
-    }
-    if args.resume and args.out.exists():
-        result = json.loads(args.out.read_text())
+    result = start_result(args.out, args.resume)
     done = {(r["model"], r["weights"], r["concurrency"]) for r in result["rows"]}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
