@@ -74,20 +74,28 @@ WEIGHTS = {
 PROMPT_LEN, GEN_LEN, TTFT_LEN = 32, 256, 2048
 
 
-def write_model_dir(root: Path, model: str, weights: str) -> str:
-    path = root / f"{model}-{weights}"
+def write_llama_dir(path: Path, dims: dict, quant: dict | None, **extra) -> Path:
+    """A Llama model folder holding only its config.json (for dummy weights):
+    the shape `dims`, the quantization_config `quant` and any `extra` keys."""
     path.mkdir(parents=True, exist_ok=True)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "torch_dtype": "float16",
         "rms_norm_eps": 1e-5,
-        **MODELS[model],
+        **dims,
+        **extra,
     }
-    if WEIGHTS[weights] is not None:
-        config["quantization_config"] = WEIGHTS[weights]
+    if quant is not None:
+        config["quantization_config"] = quant
     (path / "config.json").write_text(json.dumps(config))
-    return str(path)
+    return path
+
+
+def write_model_dir(root: Path, model: str, weights: str) -> str:
+    return str(
+        write_llama_dir(root / f"{model}-{weights}", MODELS[model], WEIGHTS[weights])
+    )
 
 
 def start_result(out: Path | None, resume: bool) -> dict:

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from bench_e2e import MODELS as E2E_MODELS
-from bench_e2e import PROMPT_LEN, QTIP, start_result
+from bench_e2e import PROMPT_LEN, QTIP, start_result, write_llama_dir
 
 LLAMA_31_ROPE = {
     "rope_type": "llama3",
@@ -128,19 +128,9 @@ LOAD_TIME = re.compile(
 
 
 def write_model_dir(root: Path, model: str, weights: str) -> str:
-    path = root / f"{model}-{weights}"
-    path.mkdir(parents=True, exist_ok=True)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "torch_dtype": "float16",
-        "rms_norm_eps": 1e-5,
-        **MODELS[model],
-    }
-    if WEIGHTS[weights] is not None:
-        config["quantization_config"] = WEIGHTS[weights]
-    (path / "config.json").write_text(json.dumps(config))
-    return str(path)
+    return str(
+        write_llama_dir(root / f"{model}-{weights}", MODELS[model], WEIGHTS[weights])
+    )
 
 
 def _unique_bytes(tensors) -> int:

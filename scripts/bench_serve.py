@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import MODELS, WEIGHTS, start_result  # noqa: E402
+from bench_e2e import MODELS, WEIGHTS, start_result, write_llama_dir  # noqa: E402
 
 INPUT_LEN, OUTPUT_LEN = 256, 128
 PORT = 8311
@@ -40,25 +40,15 @@ PORT = 8311
 def write_model_dir(
     root: Path, model: str, weights: str, tokenizer: Path, vocab: int
 ) -> Path:
-    path = root / f"{model}-{weights}"
-    path.mkdir(parents=True, exist_ok=True)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "torch_dtype": "float16",
-        "rms_norm_eps": 1e-5,
-        **MODELS[model],
-        "vocab_size": vocab,
-    }
     quant = WEIGHTS[weights]
+    extra: dict = {"vocab_size": vocab}
     if quant is not None and quant["quant_method"] == "qtip":
         # As the published relaxml checkpoints declare it.
-        config["quip_params"] = {
+        extra["quip_params"] = {
             k: v for k, v in quant.items() if k != "quant_method"
         } | {"codebook": "bitshift", "split_for_tp": False, "skip_list": None}
-    elif quant is not None:
-        config["quantization_config"] = quant
-    (path / "config.json").write_text(json.dumps(config))
+        quant = None
+    path = write_llama_dir(root / f"{model}-{weights}", MODELS[model], quant, **extra)
     for f in tokenizer.iterdir():
         if f.is_file() and f.name != "config.json":
             shutil.copy(f, path / f.name)
