@@ -254,36 +254,14 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   const int p_lo = (int)((int64_t)ps * P / p_splits);
   const int plen = (int)((int64_t)(ps + 1) * P / p_splits) - p_lo;
   const int items = (rchunk / 8) * plen;
-  // y[rs..rs+7][p] = sum over k of M[k][sub*8..] * X[k][p], the k-range
-  // [k0, k1) of it.
-  auto dot = [&](int it, int k0, int k1, float (&acc)[8]) {
-    const int sub = it / plen, p = p_lo + it % plen;
-    const float4* m4 = reinterpret_cast<const float4*>(M + sub * 8);
-#pragma unroll 4
-    for (int k = k0; k < k1; ++k) {
-      const float v = X[k * P + p];
-      const float4 h0 = m4[k * (rchunk / 4)], h1 = m4[k * (rchunk / 4) + 1];
-      acc[0] += h0.x * v, acc[1] += h0.y * v, acc[2] += h0.z * v;
-      acc[3] += h0.w * v, acc[4] += h1.x * v, acc[5] += h1.y * v;
-      acc[6] += h1.z * v, acc[7] += h1.w * v;
-    }
+  // Output (r, p) of this block: scaled, in the output's layout.
+  auto put = [&](int r, int p, float acc) {
+    const int idx = r * P + p;
+    float val = acc * mult;
+    if (out_scale != nullptr) val *= out_scale[col0 + idx];
+    y[out_index(copy_base, row, col0 + idx, n, frag)] = from_float<OutT>(val);
   };
-  auto store = [&](int it, const float (&acc)[8]) {
-    const int sub = it / plen, p = p_lo + it % plen;
-    const int rs = r0 + sub * 8;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int r = rs + j;
-      if (r < K) {
-        const int idx = r * P + p;
-        float val = acc[j] * mult;
-        if (out_scale != nullptr) val *= out_scale[col0 + idx];
-        y[out_index(copy_base, row, col0 + idx, n, frag)] =
-            from_float<OutT>(val);
-      }
-    }
-  };
-  if (ksplit == 1 && plen % 2 == 0) {
+  if (ksplit == 1) {
     // Many rows: each thread takes 8 rows x 2 columns, so every k costs
     // three shared loads (2 values of X, 8 of H_K) for 16 FMAs (4 columns
     // would need more than the 64 registers of a 1024-thread block).
@@ -308,26 +286,10 @@ __global__ void __launch_bounds__(kHadMaxThreads)
       }
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int r = rs + j;
-        if (r >= K) break;
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int idx = r * P + p + c;
-          float val = acc[j][c] * mult;
-          if (out_scale != nullptr) val *= out_scale[col0 + idx];
-          y[out_index(copy_base, row, col0 + idx, n, frag)] =
-              from_float<OutT>(val);
-        }
+        if (rs + j >= K) break;
+        put(rs + j, p, acc[j][0]);
+        put(rs + j, p + 1, acc[j][1]);
       }
-    }
-    return;
-  }
-  if (ksplit == 1) {
-    for (int it = threadIdx.x; it < items; it += blockDim.x) {
-      if (r0 + (it / plen) * 8 >= K) continue;
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      dot(it, 0, K, acc);
-      store(it, acc);
     }
     return;
   }
@@ -337,10 +299,20 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   // memory and are added in k-range order (deterministic).
   float* partial = M + K * rchunk;
   const int ks = threadIdx.x / items, it = threadIdx.x % items;
-  const bool mine = ks < ksplit && r0 + (it / plen) * 8 < K;
+  const int sub = it / plen, p = p_lo + it % plen, rs = r0 + sub * 8;
+  const bool mine = ks < ksplit && rs < K;
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (mine) {
-    dot(it, K * ks / ksplit, K * (ks + 1) / ksplit, acc);
+    // y[rs..rs+7][p] over this thread's k-range.
+    const float4* m4 = reinterpret_cast<const float4*>(M + sub * 8);
+#pragma unroll 4
+    for (int k = K * ks / ksplit; k < K * (ks + 1) / ksplit; ++k) {
+      const float v = X[k * P + p];
+      const float4 h0 = m4[k * (rchunk / 4)], h1 = m4[k * (rchunk / 4) + 1];
+      acc[0] += h0.x * v, acc[1] += h0.y * v, acc[2] += h0.z * v;
+      acc[3] += h0.w * v, acc[4] += h1.x * v, acc[5] += h1.y * v;
+      acc[6] += h1.z * v, acc[7] += h1.w * v;
+    }
     if (ks > 0) {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
@@ -353,7 +325,9 @@ __global__ void __launch_bounds__(kHadMaxThreads)
 #pragma unroll
       for (int j = 0; j < 8; ++j)
         acc[j] += partial[((other - 1) * items + it) * 8 + j];
-    store(it, acc);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (rs + j < K) put(rs + j, p, acc[j]);
   }
 }
 
@@ -564,6 +538,8 @@ Tensor qtip_hadamard_impl(const Tensor& x,
     const int64_t want = (2 * prop->multiProcessorCount + base - 1) / base;
     p_splits =
         (int)std::clamp<int64_t>(want, 1, std::max<int64_t>(1, min_P / 32));
+    // A power of two, so every CTA's column range (P / p_splits) is even.
+    while (p_splits & (p_splits - 1)) p_splits &= p_splits - 1;
   }
   // H_K step: output groups of 8 rows x 1 column per CTA; with few of them
   // (small batches) several threads split each group's K-long sum.
