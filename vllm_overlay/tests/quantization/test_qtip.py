@@ -1264,7 +1264,14 @@ def _whole_matrix_checks(rank: int, world_size: int, ckpt: str) -> None:
         # As on CUDA, the collectives are custom ops: the forward compiles to
         # one graph with a dynamic number of tokens (once: compiling on the
         # 2-core CI machine is slow).
-        get_tp_group().use_custom_op_call = True
+        tp_group = get_tp_group()
+        tp_group.use_custom_op_call = True
+        # vLLM's CPU communicator reduces in place and returns its input, which
+        # torch's custom-op alias check rejects (an error when CI is set); the
+        # CUDA reduce is out of place, so reduce a copy here as it does.
+        comm = tp_group.device_communicator
+        reduce_in_place = comm.all_reduce
+        comm.all_reduce = lambda x: reduce_in_place(x.clone())
         for module, width in ((qkv, h), (down, i // world_size)):
             compiled = torch.compile(
                 module, fullgraph=True, dynamic=True, backend="aot_eager"
