@@ -22,7 +22,10 @@
 // padded to whole n8 tiles; see qtip_fragment_layout in qtip_gemm.cu).
 //
 // One thread block per (copy, row, Hadamard block), the block's b values in
-// fp32 shared memory (so b <= ~57k on Hopper):
+// fp32 shared memory (so b <= ~57k on Hopper); for powers of two (K = 1) a
+// thread block takes several small blocks of a row, so blocks of a few dozen
+// columns (the Sylvester half of a K > 1 transform whose H_K step runs on
+// the tensor cores, TP-split layers) do not each get a tiny thread block:
 //  1. load 8 consecutive values per thread (16/32-byte loads), scale them and
 //     do the first three butterfly stages in registers;
 //  2. the remaining log2(P) - 3 stages in radix-8 passes over shared memory
@@ -50,6 +53,9 @@ namespace qtip {
 namespace kernels {
 
 constexpr int kHadMaxThreads = 1024;
+// Columns a thread block takes at least when a row has several small
+// power-of-two blocks (eight per thread).
+constexpr int64_t kHadMinCtaCols = 2048;
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) {
@@ -143,15 +149,18 @@ __device__ __forceinline__ void smem_pass(float* X, int b, int bit) {
   }
 }
 
-// Column segments of a row: segment s starts at column col[s] and is made of
-// Hadamard blocks of b[s] = K * 2^log2P[s] columns, numbered blk0[s]...
+// Column segments of a row: segment s starts at column col[s], has len[s]
+// columns and is made of Hadamard blocks of K * 2^log2P[s] columns. Thread
+// blocks blk0[s].. each take cta_cols[s] of its columns (one Hadamard block
+// when K > 1, whole blocks in any case; the last one may take fewer).
 struct HadSegments {
   int count;
   int col[kMaxShards];
-  int b[kMaxShards];
+  int len[kMaxShards];
+  int cta_cols[kMaxShards];
   int log2P[kMaxShards];
   int blk0[kMaxShards + 1];
-  float mult[kMaxShards];  // factor / sqrt(b)
+  float mult[kMaxShards];  // factor / sqrt(K * 2^log2P)
 };
 
 template <typename InT, typename OutT>
@@ -169,8 +178,10 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   const int copy = copy_row / rows, row = copy_row % rows;
   int seg = 0;
   while (seg + 1 < segs.count && j >= segs.blk0[seg + 1]) ++seg;
-  const int b = segs.b[seg], log2P = segs.log2P[seg];
-  const int col0 = segs.col[seg] + (j - segs.blk0[seg]) * b;
+  const int seg_off = (j - segs.blk0[seg]) * segs.cta_cols[seg];
+  const int b = min(segs.cta_cols[seg], segs.len[seg] - seg_off);
+  const int log2P = segs.log2P[seg];
+  const int col0 = segs.col[seg] + seg_off;
   // x is shared by the copies; copy c is scaled by in_scale row c.
   x += (int64_t)row * n + col0;
   if (in_scale != nullptr) in_scale += (int64_t)copy * n;
@@ -476,7 +487,7 @@ Tensor qtip_hadamard_impl(const Tensor& x,
       join(segment_sizes), " must have the same length, 1 to ", kMaxShards);
   kernels::HadSegments segs{};
   segs.count = (int)segment_sizes.size();
-  int64_t col = 0, max_b = 0, min_P = std::numeric_limits<int64_t>::max();
+  int64_t col = 0, max_cols = 0, min_P = std::numeric_limits<int64_t>::max();
   for (int s = 0; s < segs.count; ++s) {
     const int64_t len = segment_sizes[s], b = block_sizes[s];
     STD_TORCH_CHECK(b > 0 && len > 0 && len % b == 0,
@@ -491,13 +502,19 @@ Tensor qtip_hadamard_impl(const Tensor& x,
                     " must be a power of two >= 8");
     int log2P = 0;
     while ((int64_t{1} << log2P) < P) ++log2P;
+    // Powers of two: whole blocks up to kHadMinCtaCols columns per thread
+    // block (a 64-column block alone would leave 56 of 64 threads idle).
+    const int64_t per_cta =
+        K > 1 ? 1 : std::min(len / b, (kernels::kHadMinCtaCols + b - 1) / b);
+    const int64_t cta_cols = per_cta * b;
     segs.col[s] = (int)col;
-    segs.b[s] = (int)b;
+    segs.len[s] = (int)len;
+    segs.cta_cols[s] = (int)cta_cols;
     segs.log2P[s] = log2P;
-    segs.blk0[s + 1] = segs.blk0[s] + (int)(len / b);
+    segs.blk0[s + 1] = segs.blk0[s] + (int)((len + cta_cols - 1) / cta_cols);
     segs.mult[s] = (float)(factor / std::sqrt((double)b));
     col += len;
-    max_b = std::max(max_b, b);
+    max_cols = std::max(max_cols, cta_cols);
     min_P = std::min(min_P, P);
   }
   STD_TORCH_CHECK(col == n, "qtip_hadamard: segment_sizes ",
@@ -514,10 +531,10 @@ Tensor qtip_hadamard_impl(const Tensor& x,
   const int64_t smem_limit = (int64_t)prop->sharedMemPerBlockOptin;
   // Rows of H_K per block: 32, or fewer when shared memory is tight.
   int rchunk = 32;
-  while (K > 1 && rchunk > 8 && (max_b + K * rchunk) * 4 > smem_limit)
+  while (K > 1 && rchunk > 8 && (max_cols + K * rchunk) * 4 > smem_limit)
     rchunk /= 2;
-  const int64_t smem = (max_b + (K > 1 ? K * rchunk : 0)) * 4;
-  STD_TORCH_CHECK(smem <= smem_limit, "qtip_hadamard: block_size=", max_b,
+  const int64_t smem = (max_cols + (K > 1 ? K * rchunk : 0)) * 4;
+  STD_TORCH_CHECK(smem <= smem_limit, "qtip_hadamard: block_size=", max_cols,
                   " needs ", smem, " bytes of shared memory, this GPU allows ",
                   smem_limit);
 
@@ -529,7 +546,7 @@ Tensor qtip_hadamard_impl(const Tensor& x,
                ? new_tensor({copies, out_rows, n}, out_dtype, x)
                : new_tensor({rows, n}, out_dtype, x);
   if (rows == 0) return y;
-  const int64_t max_P = max_b / K;
+  const int64_t max_P = max_cols / K;
   int p_splits = 1;
   if (K > 1) {
     // Spread the K*b FMAs of the H_K step over about two waves of blocks.
@@ -549,7 +566,7 @@ Tensor qtip_hadamard_impl(const Tensor& x,
   while (K > 1 && items * ksplit * 2 <= kernels::kHadMaxThreads &&
          ksplit * 2 * 8 <= K && smem + ksplit * 2 * items * 8 * 4 <= smem_limit)
     ksplit *= 2;
-  const int64_t work = std::max<int64_t>(max_b / 8, items * ksplit);
+  const int64_t work = std::max<int64_t>(max_cols / 8, items * ksplit);
   HadArgs a{};
   a.x = x.data_ptr();
   a.in_scale = in_scale ? in_scale->const_data_ptr<float>() : nullptr;

@@ -13,14 +13,100 @@
 //    B-fragment order, the fused trellis-decode GEMM (qtip_mma) writes
 //    split-K partial sums, and the output transform adds them in order;
 //  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
-//    fp16 output is the reference's fallback-GEMM numerics.
+//    fp16 output is the reference's fallback-GEMM numerics. An H_K factor
+//    (K > 1, e.g. K = 172 for 11008) is applied there by cuBLAS as well,
+//    as one batched (K, K) x (K, P) product over the Hadamard blocks on the
+//    tensor cores, and the transform kernel does only the Sylvester part and
+//    the scales: its own H_K step costs K FMAs per value on the CUDA cores,
+//    which at prefill sizes is most of the layer.
 
+#include <cmath>
 #include <vector>
 
 #include "qtip_ops.h"
 
 namespace vllm {
 namespace qtip {
+
+namespace {
+
+// aten::expand through the stable dispatcher (no stable wrapper in 2.11).
+Tensor expand(const Tensor& self, std::vector<int64_t> sizes) {
+  std::array<StableIValue, 3> stack{
+      torch::stable::detail::from(self),
+      torch::stable::detail::from(
+          torch::headeronly::IntHeaderOnlyArrayRef(sizes)),
+      torch::stable::detail::from(false)};
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::expand", "", stack.data(),
+                                               TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// aten::bmm.dtype: fp16 operands, fp32 accumulation and fp32 result.
+Tensor bmm_fp32_out(const Tensor& a, const Tensor& b) {
+  std::array<StableIValue, 3> stack{
+      torch::stable::detail::from(a), torch::stable::detail::from(b),
+      torch::stable::detail::from(ScalarType::Float)};
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(
+      "aten::bmm", "dtype", stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// H_K (H_K^T if transpose) in fp16, exact since its entries are +-1, as the
+// left factor of `blocks` (K, P) matrices (a stride-0 view, no copies).
+Tensor had_factor(const Tensor& had, bool transpose, int64_t blocks) {
+  const int64_t K = had.size(0);
+  Tensor h = torch::stable::to(had, ScalarType::Half);
+  if (transpose) h = torch::stable::transpose(h, 0, 1);
+  return expand(h, {blocks, K, K});
+}
+
+// Dense path, x (rows, n) -> x~ (shards, rows, n) fp16: x * SU_s, Hn^T, / 32.
+Tensor dense_input_transform(const Tensor& x, const Tensor& su,
+                             const std::optional<Tensor>& had_in,
+                             int64_t in_block) {
+  const int64_t n = su.size(1);
+  if (!had_in.has_value())
+    return qtip_hadamard_impl(x, su, std::nullopt, std::nullopt, true,
+                              {in_block}, {n}, 1.0 / 32.0, ScalarType::Half,
+                              /*fragment_out=*/false);
+  // Sylvester part with SU and the whole scale (1/sqrt(P) in the kernel),
+  // rounded to fp16 for the tensor cores; then H_K^T per block, accumulated
+  // in fp32 and rounded once more.
+  const int64_t K = had_in->size(0), P = in_block / K;
+  Tensor t = qtip_hadamard_impl(x, su, std::nullopt, std::nullopt, true, {P},
+                                {n}, 1.0 / (32.0 * std::sqrt((double)K)),
+                                ScalarType::Half, false);
+  const int64_t blocks = t.numel() / in_block;
+  Tensor xh = torch::stable::matmul(had_factor(*had_in, true, blocks),
+                                    torch::stable::view(t, {blocks, K, P}));
+  return torch::stable::view(xh, {su.size(0), x.size(0), n});
+}
+
+// Dense path, acc (rows, m) fp16 -> y: Hm per shard, * SV * 32, out_dtype.
+Tensor dense_output_transform(const Tensor& acc, const Tensor& sv,
+                              const std::optional<Tensor>& had_out,
+                              const std::vector<int64_t>& out_blocks,
+                              const std::vector<int64_t>& shard_rows,
+                              ScalarType out_dtype) {
+  bool one_block_size = true;
+  for (int64_t b : out_blocks) one_block_size &= b == out_blocks[0];
+  if (!had_out.has_value() || !one_block_size)
+    return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
+                         shard_rows, 32.0, out_dtype);
+  // H_K per block on the fp16 products (exact inputs, fp32 sums), then the
+  // Sylvester part, SV and the whole scale (1/sqrt(P) in the kernel).
+  const int64_t K = had_out->size(0), P = out_blocks[0] / K;
+  const int64_t blocks = acc.numel() / out_blocks[0];
+  Tensor u = bmm_fp32_out(had_factor(*had_out, false, blocks),
+                          torch::stable::view(acc, {blocks, K, P}));
+  return qtip_hadamard(torch::stable::view(u, {acc.size(0), acc.size(1)}),
+                       std::nullopt, sv, std::nullopt, false,
+                       std::vector<int64_t>(out_blocks.size(), P), shard_rows,
+                       32.0 / std::sqrt((double)K), out_dtype);
+}
+
+}  // namespace
 
 Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                    const Tensor& su, const Tensor& sv,
@@ -45,18 +131,21 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                   "qtip_linear: trellis ", shape(trellis),
                   " must be (m/32, n/32, 64K) with m = len(SV) = ", sv.size(0),
                   " and n = SU.size(1) = ", su.size(1));
-  // x * SU_s, Hn^T, / 32, fp16: one copy per shard, (shards, rows, n).
   const int64_t n = su.size(1);
-  const bool fused = x.size(0) < dense_min_rows;
-  Tensor xh =
-      qtip_hadamard_impl(x, su, std::nullopt, had_in, true, {in_block}, {n},
-                         1.0 / 32.0, ScalarType::Half, /*fragment_out=*/fused);
-  Tensor acc;
-  if (fused) {
-    acc = qtip_mma(xh, x.size(0), trellis, tlut, shard_rows);
-  } else {
+  if (x.size(0) < dense_min_rows) {
+    // x * SU_s, Hn^T, / 32, fp16: one copy per shard in B-fragment order.
+    Tensor xf =
+        qtip_hadamard_impl(x, su, std::nullopt, had_in, true, {in_block}, {n},
+                           1.0 / 32.0, ScalarType::Half, /*fragment_out=*/true);
+    Tensor acc = qtip_mma(xf, x.size(0), trellis, tlut, shard_rows);
+    // Split sums, Hm per shard, * SV * 32, x's dtype.
+    return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
+                         shard_rows, 32.0, x.scalar_type());
+  }
+  Tensor xh = dense_input_transform(x, su, had_in, in_block);
+  Tensor acc = new_tensor({x.size(0), sv.size(0)}, ScalarType::Half, x);
+  {  // W_hat is freed before the output transform allocates.
     Tensor w = qtip_decode(trellis, tlut, shard_rows);
-    acc = new_tensor({x.size(0), sv.size(0)}, ScalarType::Half, x);
     int64_t row = 0;
     for (int64_t s = 0; s < shards; ++s) {
       const Tensor w_s = torch::stable::narrow(w, 0, row, shard_rows[s]);
@@ -67,9 +156,8 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
       row += shard_rows[s];
     }
   }
-  // (Split sums,) Hm per shard, * SV * 32, x's dtype.
-  return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
-                       shard_rows, 32.0, x.scalar_type());
+  return dense_output_transform(acc, sv, had_out, out_blocks, shard_rows,
+                                x.scalar_type());
 }
 
 }  // namespace qtip
