@@ -316,6 +316,18 @@ def test_hadamard_blocks(n: int, block: int, rows: int):
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("rows", (1, 300))
+def test_hadamard_small_blocks(rows: int):
+    # 172 power-of-two blocks of 64 (the Sylvester half of the dense path's
+    # K = 172 transform): several blocks per CTA, a shorter last CTA.
+    n, block = 172 * 64, 64
+    x = torch.randn(rows, n, device=DEVICE)
+    in_scale = torch.randn(n, device=DEVICE)
+    ref = hadamard_transform((x * in_scale).reshape(-1, block))
+    y = qtip_hadamard(x, None, block_size=block, in_scale=in_scale)
+    assert rel_err(y, ref.reshape(rows, n)) < 1e-5
+
+
 # ---------------------------------------------------------------------------
 # Op registration, torch.compile, CUDA graphs
 # ---------------------------------------------------------------------------
