@@ -56,6 +56,8 @@ constexpr int kHadMaxThreads = 1024;
 // Columns a thread block takes at least when a row has several small
 // power-of-two blocks (eight per thread).
 constexpr int64_t kHadMinCtaCols = 2048;
+// Split-K partial loads a thread keeps in flight (4 x 32 bytes).
+constexpr int kSplitLoads = 4;
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) {
@@ -194,11 +196,21 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   for (int g = threadIdx.x; g < b / 8; g += blockDim.x) {
     float v[8];
     load8(x + g * 8, v);
-    for (int sp = 1; sp < in_splits; ++sp) {
-      float p[8];
-      load8(x + sp * split_stride + g * 8, p);
+    // Split-K partials (fp32 only): kSplitLoads loads in flight before they
+    // are added in split order, since one CTA may pull a whole row's.
+    if constexpr (sizeof(InT) == 4) {
+      for (int sp0 = 1; sp0 < in_splits; sp0 += kSplitLoads) {
+        float p[kSplitLoads][8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] += p[i];
+        for (int q = 0; q < kSplitLoads; ++q)
+          if (sp0 + q < in_splits)
+            load8(x + (sp0 + q) * split_stride + g * 8, p[q]);
+#pragma unroll
+        for (int q = 0; q < kSplitLoads; ++q)
+          if (sp0 + q < in_splits)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] += p[q][i];
+      }
     }
     if (in_scale != nullptr) {
       float s[8];
