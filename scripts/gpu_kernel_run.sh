@@ -78,12 +78,15 @@ step_bench() {
     --ceiling-log "$OUT/decode_ceiling.log" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_kernels.log" | tail -80
 }
 
+# One ncu report of qtip_mma per batch in NCU_BATCHES (default: 1 and 64).
 step_ncu() {
-  timeout 180 ncu --clock-control none --kernel-name regex:qtip_mma --launch-skip 2 --launch-count 1 \
-    --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
-    --metrics smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__warps_active.avg.pct_of_peak_sustained_active \
-    python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch ${NCU_BATCH:-1} 2>&1 \
-    | tee "$OUT/ncu.log" | grep -v "^==PROF==" | tail -70
+  for batch in ${NCU_BATCHES:-1 64}; do
+    timeout 180 ncu --clock-control none --kernel-name regex:qtip_mma --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+      --metrics smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__warps_active.avg.pct_of_peak_sustained_active \
+      python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
+      | tee "$OUT/ncu_b$batch.log" | grep -v "^==PROF==" | tail -70
+  done
 }
 
 for step in "$@"; do
