@@ -427,6 +427,21 @@ void dispatch_out(ScalarType out_dtype, const HadArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+int64_t check_had_factor(const std::optional<Tensor>& had_k, const Tensor& x,
+                         const char* op) {
+  if (!had_k.has_value()) return 1;
+  const Tensor& h = *had_k;
+  STD_TORCH_CHECK(h.is_cuda() && h.get_device_index() == x.get_device_index(),
+                  op, ": the H_K factor must be on the device of x (cuda:",
+                  x.get_device_index(), ")");
+  STD_TORCH_CHECK(h.scalar_type() == ScalarType::Float, op,
+                  ": the H_K factor must be float32, got ", h.scalar_type());
+  STD_TORCH_CHECK(h.dim() == 2 && h.size(0) == h.size(1) && h.size(0) > 1, op,
+                  ": the H_K factor must be square (K, K), got ", shape(h));
+  STD_TORCH_CHECK(h.is_contiguous(), op, ": the H_K factor must be contiguous");
+  return h.size(0);
+}
+
 Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
                      const std::optional<Tensor>& out_scale,
                      const std::optional<Tensor>& had_k, bool transpose,
@@ -474,24 +489,8 @@ Tensor qtip_hadamard_impl(const Tensor& x,
   STD_TORCH_CHECK(
       !fragment_out || n % 32 == 0,
       "qtip_hadamard: fragment output needs n % 32 == 0, got n = ", n);
-  int64_t K = 1;
-  const float* had = nullptr;
-  if (had_k.has_value()) {
-    const Tensor& h = *had_k;
-    STD_TORCH_CHECK(h.is_cuda() && h.get_device_index() == x.get_device_index(),
-                    "qtip_hadamard: had_k must be on the device of x (cuda:",
-                    x.get_device_index(), ")");
-    STD_TORCH_CHECK(h.scalar_type() == ScalarType::Float,
-                    "qtip_hadamard: had_k must be float32, got ",
-                    h.scalar_type());
-    STD_TORCH_CHECK(h.dim() == 2 && h.size(0) == h.size(1) && h.size(0) > 1,
-                    "qtip_hadamard: had_k must be square (K, K), got ",
-                    shape(h));
-    STD_TORCH_CHECK(h.is_contiguous(),
-                    "qtip_hadamard: had_k must be contiguous");
-    K = h.size(0);
-    had = h.const_data_ptr<float>();
-  }
+  const int64_t K = check_had_factor(had_k, x, "qtip_hadamard");
+  const float* had = had_k ? had_k->const_data_ptr<float>() : nullptr;
   STD_TORCH_CHECK(
       !segment_sizes.empty() && (int64_t)segment_sizes.size() <= kMaxShards &&
           block_sizes.size() == segment_sizes.size(),

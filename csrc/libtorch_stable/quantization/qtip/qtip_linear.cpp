@@ -61,6 +61,15 @@ Tensor had_factor(const Tensor& had, bool transpose, int64_t blocks) {
   return expand(h, {blocks, K, K});
 }
 
+// K * P columns per Hadamard block with P a power of two >= 8 (the
+// transform kernel checks P).
+int64_t sylvester_size(int64_t block, int64_t K, const char* side) {
+  STD_TORCH_CHECK(block > 0 && block % K == 0, "qtip_linear: ", side,
+                  " Hadamard block size ", block,
+                  " is not a multiple of its H_K size K=", K);
+  return block / K;
+}
+
 // Dense path, x (rows, n) -> x~ (shards, rows, n) fp16: x * SU_s, Hn^T, / 32.
 Tensor dense_input_transform(const Tensor& x, const Tensor& su,
                              const std::optional<Tensor>& had_in,
@@ -73,7 +82,8 @@ Tensor dense_input_transform(const Tensor& x, const Tensor& su,
   // Sylvester part with SU and the whole scale (1/sqrt(P) in the kernel),
   // rounded to fp16 for the tensor cores; then H_K^T per block, accumulated
   // in fp32 and rounded once more.
-  const int64_t K = had_in->size(0), P = in_block / K;
+  const int64_t K = had_in->size(0);
+  const int64_t P = sylvester_size(in_block, K, "input");
   Tensor t = qtip_hadamard_impl(x, su, std::nullopt, std::nullopt, true, {P},
                                 {n}, 1.0 / (32.0 * std::sqrt((double)K)),
                                 ScalarType::Half, false);
@@ -96,7 +106,8 @@ Tensor dense_output_transform(const Tensor& acc, const Tensor& sv,
                          shard_rows, 32.0, out_dtype);
   // H_K per block on the fp16 products (exact inputs, fp32 sums), then the
   // Sylvester part, SV and the whole scale (1/sqrt(P) in the kernel).
-  const int64_t K = had_out->size(0), P = out_blocks[0] / K;
+  const int64_t K = had_out->size(0);
+  const int64_t P = sylvester_size(out_blocks[0], K, "output");
   const int64_t blocks = acc.numel() / out_blocks[0];
   Tensor u = bmm_fp32_out(had_factor(*had_out, false, blocks),
                           torch::stable::view(acc, {blocks, K, P}));
@@ -132,6 +143,8 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                   " must be (m/32, n/32, 64K) with m = len(SV) = ", sv.size(0),
                   " and n = SU.size(1) = ", su.size(1));
   const int64_t n = su.size(1);
+  check_had_factor(had_in, x, "qtip_linear (had_in)");
+  check_had_factor(had_out, x, "qtip_linear (had_out)");
   if (x.size(0) < dense_min_rows) {
     // x * SU_s, Hn^T, / 32, fp16: one copy per shard in B-fragment order.
     Tensor xf =

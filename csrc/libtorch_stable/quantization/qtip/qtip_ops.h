@@ -124,6 +124,9 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
 
 // Shared host helpers.
 void check_device_capability(const Tensor& t, const char* op);
+// K of an H_K factor (float32 (K, K), K > 1, on x's device), 1 for none.
+int64_t check_had_factor(const std::optional<Tensor>& had_k, const Tensor& x,
+                         const char* op);
 
 }  // namespace qtip
 }  // namespace vllm

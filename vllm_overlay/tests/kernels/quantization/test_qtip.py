@@ -514,3 +514,11 @@ def test_bad_inputs():
         ops.qtip_hadamard(x, None, None, None, False, [64], [512], 1.0, torch.half)
     with pytest.raises(RuntimeError, match="in_scale must have shape"):
         ops.qtip_hadamard(x, SU[:64], None, factor(n), False, [n], [n], 1.0, torch.half)
+    # The whole-layer op, on the fused (64) and the dense (1) path.
+    layer = (x, trellis, tlut[None], SU[None], SV)
+    for dense_min_rows in (64, 1):
+        bad = torch.ones(3, 4, device=DEVICE)
+        with pytest.raises(RuntimeError, match="had_in.*must be square"):
+            ops.qtip_linear(*layer, bad, factor(m), n, [m], [m], dense_min_rows)
+    with pytest.raises(RuntimeError, match="block size 64 is not a multiple"):
+        ops.qtip_linear(*layer, factor(n), factor(m), 64, [m], [m], 1)
