@@ -545,9 +545,9 @@ Tensor qtip_hadamard_impl(const Tensor& x,
   while (K > 1 && rchunk > 8 && (max_cols + K * rchunk) * 4 > smem_limit)
     rchunk /= 2;
   const int64_t smem = (max_cols + (K > 1 ? K * rchunk : 0)) * 4;
-  STD_TORCH_CHECK(smem <= smem_limit, "qtip_hadamard: block_size=", max_cols,
-                  " needs ", smem, " bytes of shared memory, this GPU allows ",
-                  smem_limit);
+  STD_TORCH_CHECK(smem <= smem_limit, "qtip_hadamard: a Hadamard block of ",
+                  max_cols, " columns needs ", smem,
+                  " bytes of shared memory, this GPU allows ", smem_limit);
 
   const int64_t rows = x.size(-2);
   // Fragment order pads the rows to whole n8 tiles (padding rows are left

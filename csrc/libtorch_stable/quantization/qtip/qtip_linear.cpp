@@ -18,7 +18,10 @@
 //    as one batched (K, K) x (K, P) product over the Hadamard blocks on the
 //    tensor cores, and the transform kernel does only the Sylvester part and
 //    the scales: its own H_K step costs K FMAs per value on the CUDA cores,
-//    which at prefill sizes is most of the layer.
+//    which at prefill sizes is most of the layer. On the input side this
+//    rounds x~ to fp16 once more (after the Sylvester part), at x~'s scale.
+
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
 
 #include <cmath>
 #include <vector>
@@ -52,6 +55,15 @@ Tensor bmm_fp32_out(const Tensor& a, const Tensor& b) {
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
+// out = alpha * a @ b, batched, fp16 with fp32 accumulation and alpha applied
+// before the one rounding to fp16. Through the AOTI C shim: the stable
+// dispatcher cannot pass baddbmm's Scalar alpha.
+void bmm_scaled_out(Tensor& out, const Tensor& a, const Tensor& b,
+                    double alpha) {
+  TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_baddbmm_out(
+      out.get(), out.get(), a.get(), b.get(), /*beta=*/0.0, alpha));
+}
+
 // H_K (H_K^T if transpose) in fp16, exact since its entries are +-1, as the
 // left factor of `blocks` (K, P) matrices (a stride-0 view, no copies).
 Tensor had_factor(const Tensor& had, bool transpose, int64_t blocks) {
@@ -79,18 +91,21 @@ Tensor dense_input_transform(const Tensor& x, const Tensor& su,
     return qtip_hadamard_impl(x, su, std::nullopt, std::nullopt, true,
                               {in_block}, {n}, 1.0 / 32.0, ScalarType::Half,
                               /*fragment_out=*/false);
-  // Sylvester part with SU and the whole scale (1/sqrt(P) in the kernel),
-  // rounded to fp16 for the tensor cores; then H_K^T per block, accumulated
-  // in fp32 and rounded once more.
+  // Sylvester part with SU, / 32 and its 1/sqrt(P) in the kernel, rounded
+  // to fp16 for the tensor cores at x~'s own magnitude (so no subnormals
+  // beyond the reference's); then H_K^T / sqrt(K) per block, accumulated in
+  // fp32 and rounded once more.
   const int64_t K = had_in->size(0);
   const int64_t P = sylvester_size(in_block, K, "input");
   Tensor t = qtip_hadamard_impl(x, su, std::nullopt, std::nullopt, true, {P},
-                                {n}, 1.0 / (32.0 * std::sqrt((double)K)),
-                                ScalarType::Half, false);
+                                {n}, 1.0 / 32.0, ScalarType::Half, false);
   const int64_t blocks = t.numel() / in_block;
-  Tensor xh = torch::stable::matmul(had_factor(*had_in, true, blocks),
-                                    torch::stable::view(t, {blocks, K, P}));
-  return torch::stable::view(xh, {su.size(0), x.size(0), n});
+  Tensor xh = new_tensor({su.size(0), x.size(0), n}, ScalarType::Half, x);
+  Tensor xh_blocks = torch::stable::view(xh, {blocks, K, P});
+  bmm_scaled_out(xh_blocks, had_factor(*had_in, true, blocks),
+                 torch::stable::view(t, {blocks, K, P}),
+                 1.0 / std::sqrt((double)K));
+  return xh;
 }
 
 // Dense path, acc (rows, m) fp16 -> y: Hm per shard, * SV * 32, out_dtype.
@@ -142,6 +157,10 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                   "qtip_linear: trellis ", shape(trellis),
                   " must be (m/32, n/32, 64K) with m = len(SV) = ", sv.size(0),
                   " and n = SU.size(1) = ", su.size(1));
+  STD_TORCH_CHECK(out_blocks.size() == shard_rows.size(),
+                  "qtip_linear: out_blocks ", join(out_blocks),
+                  " must have one entry per shard of shard_rows ",
+                  join(shard_rows));
   const int64_t n = su.size(1);
   check_had_factor(had_in, x, "qtip_linear (had_in)");
   check_had_factor(had_out, x, "qtip_linear (had_out)");
