@@ -17,8 +17,10 @@ median over replays of a CUDA graph that runs the op on rotating copies of the
 weights (more bytes than L2 holds), divided by the number of ops in the graph.
 
 Writes {"gpu", "date", "copy_gbs", "rows": [{"m", "n", "K", "batch", "qtip_us",
-"fp16_us", "qtip_gbs", ...}], "fused_layers": [...]} and prints Markdown
-tables. qtip_gbs is the compressed weight bytes (m*n*K/8) over qtip_us.
+"fp16_us", "qtip_gbs", "kernels_us", ...}], "fused_layers": [...]} and prints
+Markdown tables. qtip_gbs is the compressed weight bytes (m*n*K/8) over
+qtip_us; kernels_us is the layer's device time per kernel kind (hadamard, mma,
+decode, cublas, other) from the torch profiler, outside a CUDA graph.
 """
 
 import argparse
@@ -91,9 +93,26 @@ def copy_bandwidth() -> float:
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
-def kernel_us(fn, trellises, name: str) -> float:
-    """Mean device time of the kernels whose name contains `name`, from the
-    torch profiler over one eager call per rotated trellis."""
+# Kernel kinds of one QTIP linear, by a substring of the kernel's name (the
+# first that matches); cuBLAS's kernels are named gemm, xmma or nvjet.
+KERNEL_KINDS = (
+    ("hadamard", ("qtip_hadamard_kernel",)),
+    ("mma", ("qtip_mma_kernel",)),
+    ("decode", ("qtip_decode_kernel",)),
+    ("cublas", ("gemm", "xmma", "nvjet")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    for kind, keys in KERNEL_KINDS:
+        if any(key in name for key in keys):
+            return kind
+    return "other"
+
+
+def kernel_breakdown(fn, trellises) -> dict[str, float]:
+    """Device microseconds per call of fn by kernel kind, from the torch
+    profiler over one eager call per rotated trellis."""
     for t in trellises[:2]:
         fn(t)
     torch.cuda.synchronize()
@@ -103,12 +122,11 @@ def kernel_us(fn, trellises, name: str) -> float:
         for t in trellises:
             fn(t)
         torch.cuda.synchronize()
-    total = count = 0
+    kinds: dict[str, float] = {}
     for evt in prof.key_averages():
-        if name in evt.key:
-            total += evt.self_device_time_total
-            count += evt.count
-    return total / max(count, 1)
+        kind = kernel_kind(evt.key)
+        kinds[kind] = kinds.get(kind, 0.0) + evt.self_device_time_total
+    return {kind: round(us / len(trellises), 2) for kind, us in kinds.items() if us}
 
 
 def linear_on_path(x, t, tlut, SU, SV, had_in, had_out, K, fused: bool):
@@ -166,13 +184,14 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
                 for t in trellises
             ]
         )
+        # Where the layer's time goes, kernel by kernel (both paths).
+        kernels = kernel_breakdown(
+            lambda t, x=x: qtip_matmul(x, t, tlut, SU, SV, had_in, had_out, K),
+            trellises,
+        )
         gemm_us = unfused_us = dense_us = None
         if batch < QTIP_DENSE_MIN_ROWS:
-            gemm_us = kernel_us(
-                lambda t, x=x: qtip_matmul(x, t, tlut, SU, SV, had_in, had_out, K),
-                trellises,
-                "qtip_mma_kernel",
-            )
+            gemm_us = kernels.get("mma")
 
             def unfused(t, x=x):
                 xh = qtip_hadamard(
@@ -213,6 +232,7 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
                 "gemm_us": None if gemm_us is None else round(gemm_us, 2),
                 "unfused_us": None if unfused_us is None else round(unfused_us, 2),
                 "other_path_us": None if dense_us is None else round(dense_us, 2),
+                "kernels_us": kernels,
                 "gemm_gbs": None
                 if gemm_us is None
                 else round(nbytes / (gemm_us * 1e-6) / 1e9, 1),
@@ -316,9 +336,10 @@ def main() -> None:
     print()
     print(
         "| m | n | K | batch | qtip_us | other path us | 3 ops us | gemm_us "
-        "| fp16_us | qtip GB/s | % copy | gemm % copy | fp16/qtip | gemm T w/s |"
+        "| hadamard us | fp16_us | qtip GB/s | % copy | gemm % copy | fp16/qtip "
+        "| gemm T w/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     shapes = sorted({s for model in args.models for s in SHAPES[model]})
     rows = []
     for K in args.K:
@@ -378,12 +399,14 @@ def print_row(r: dict, copy_gbs: float) -> None:
     gemm = "-" if r["gemm_us"] is None else f"{r['gemm_us']:.1f}"
     other = "-" if r["other_path_us"] is None else f"{r['other_path_us']:.1f}"
     unfused = "-" if r["unfused_us"] is None else f"{r['unfused_us']:.1f}"
+    had = r["kernels_us"].get("hadamard", 0.0)
     gemm_pct = (
         "-" if r["gemm_gbs"] is None else f"{100 * r['gemm_gbs'] / copy_gbs:.0f}%"
     )
     print(
         f"| {r['m']} | {r['n']} | {r['K']} | {r['batch']} | "
-        f"{r['qtip_us']:.1f} | {other} | {unfused} | {gemm} | {r['fp16_us']:.1f} | "
+        f"{r['qtip_us']:.1f} | {other} | {unfused} | {gemm} | {had:.1f} | "
+        f"{r['fp16_us']:.1f} | "
         f"{r['qtip_gbs']:.0f} | {100 * r['qtip_gbs'] / copy_gbs:.0f}% | "
         f"{gemm_pct} | {r['fp16_us'] / r['qtip_us']:.2f} | {r['gemm_tws'] or '-'} |",
         flush=True,
