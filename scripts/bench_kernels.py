@@ -20,7 +20,8 @@ Writes {"gpu", "date", "copy_gbs", "rows": [{"m", "n", "K", "batch", "qtip_us",
 "fp16_us", "qtip_gbs", "kernels_us", ...}], "fused_layers": [...]} and prints
 Markdown tables. qtip_gbs is the compressed weight bytes (m*n*K/8) over
 qtip_us; kernels_us is the layer's device time per kernel kind (hadamard, mma,
-decode, cublas, other) from the torch profiler, outside a CUDA graph.
+decode, cublas, other) from the torch profiler, outside a CUDA graph (a
+kernel launched early by programmatic dependent launch counts its wait too).
 """
 
 import argparse
