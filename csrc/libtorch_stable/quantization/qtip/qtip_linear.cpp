@@ -69,7 +69,8 @@ void bmm_scaled_out(Tensor& out, const Tensor& a, const Tensor& b,
 Tensor had_factor(const Tensor& had, bool transpose, int64_t blocks) {
   const int64_t K = had.size(0);
   Tensor h = torch::stable::to(had, ScalarType::Half);
-  if (transpose) h = torch::stable::transpose(h, 0, 1);
+  if (transpose)
+    h = torch::stable::contiguous(torch::stable::transpose(h, 0, 1));
   return expand(h, {blocks, K, K});
 }
 
