@@ -26,9 +26,10 @@
 // thread block takes several small blocks of a row, so blocks of a few dozen
 // columns (the Sylvester half of a K > 1 transform whose H_K step runs on
 // the tensor cores, TP-split layers) do not each get a tiny thread block:
-//  1. load 8 consecutive values per thread (16/32-byte loads), scale them and
-//     do the first three butterfly stages in registers;
-//  2. the remaining log2(P) - 3 stages in radix-8 passes over shared memory
+//  1. load 8 consecutive values per thread (16/32-byte loads), scale them,
+//     do the first three butterfly stages in registers and the next three
+//     with warp shuffles (at those strides shared memory has bank conflicts);
+//  2. the remaining log2(P) - 6 stages in radix-8 passes over shared memory
 //     (one barrier per three stages);
 //  3. K == 1: scale and store. K > 1: y[r][p] = sum_k H_K[r][k] X[k][p], the
 //     K x K factor applied per column p with fp32 FMAs, reading the needed
@@ -58,6 +59,8 @@ constexpr int kHadMaxThreads = 1024;
 constexpr int64_t kHadMinCtaCols = 2048;
 // Split-K partial loads a thread keeps in flight (4 x 32 bytes).
 constexpr int kSplitLoads = 4;
+// Sylvester stages done in registers and warp shuffles (0-2 and 3-5).
+constexpr int kShflStages = 6;
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) {
@@ -193,9 +196,19 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   allow_dependents();
   wait_for_producer();
 
-  for (int g = threadIdx.x; g < b / 8; g += blockDim.x) {
-    float v[8];
-    load8(x + g * 8, v);
+  // Stages 0-2 in registers (eight consecutive values per thread), stages 3
+  // to kShflStages - 1 across the lanes of a warp (the partner values sit in
+  // lane ^ 1, 2, 4: a shared-memory pass at those strides hits each bank
+  // four times), the rest in shared memory. The loop is warp-uniform so that
+  // every lane takes part in the shuffles; lanes past the end only shuffle
+  // (their partners are past the end too: the CTA holds whole blocks).
+  const int lane = threadIdx.x & 31;
+  const int groups = b / 8;
+  const int shfl_stages = min(log2P, kShflStages);
+  for (int g = threadIdx.x; g - lane < groups; g += blockDim.x) {
+    const bool valid = g < groups;
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (valid) load8(x + g * 8, v);
     // Split-K partials (fp32 only): kSplitLoads loads in flight before they
     // are added in split order, since one CTA may pull a whole row's.
     if constexpr (sizeof(InT) == 4) {
@@ -204,7 +217,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
 #pragma unroll
         for (int q = 0; q < kSplitLoads; ++q)
           if (sp0 + q < in_splits)
-            load8(x + (sp0 + q) * split_stride + g * 8, p[q]);
+            if (valid) load8(x + (sp0 + q) * split_stride + g * 8, p[q]);
 #pragma unroll
         for (int q = 0; q < kSplitLoads; ++q)
           if (sp0 + q < in_splits)
@@ -212,20 +225,32 @@ __global__ void __launch_bounds__(kHadMaxThreads)
             for (int i = 0; i < 8; ++i) v[i] += p[q][i];
       }
     }
-    if (in_scale != nullptr) {
+    if (in_scale != nullptr && valid) {
       float s[8];
       load8(in_scale + col0 + g * 8, s);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] *= s[i];
     }
     butterflies<8>(v);
-    reinterpret_cast<float4*>(X + g * 8)[0] =
-        make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(X + g * 8)[1] =
-        make_float4(v[4], v[5], v[6], v[7]);
+    // Stage 3 + log2(h8): this lane holds the upper half of its pairs when
+    // bit h8 of its group index (= of the lane) is set.
+    for (int h8 = 1; h8 < (1 << (shfl_stages - 3)); h8 <<= 1) {
+      const bool upper = (lane & h8) != 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float other = __shfl_xor_sync(0xffffffffu, v[i], h8);
+        v[i] = upper ? other - v[i] : v[i] + other;
+      }
+    }
+    if (valid) {
+      reinterpret_cast<float4*>(X + g * 8)[0] =
+          make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(X + g * 8)[1] =
+          make_float4(v[4], v[5], v[6], v[7]);
+    }
   }
   __syncthreads();
-  for (int bit = 3; bit < log2P; bit += 3) {
+  for (int bit = shfl_stages; bit < log2P; bit += 3) {
     const int r = min(3, log2P - bit);
     if (r == 3)
       smem_pass<8>(X, b, bit);
