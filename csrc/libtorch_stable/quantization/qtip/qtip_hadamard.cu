@@ -193,6 +193,17 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   const int64_t copy_base = (int64_t)copy * copy_stride;
   const float mult = segs.mult[seg];
   const int64_t split_stride = (int64_t)rows * n;
+  // K > 1: M[k][r - r0] = H[r][k] (H = H_K, or H_K^T when transpose) for
+  // this CTA's output rows r0.. of the H_K step, in shared memory behind the
+  // block's values. H_K is a weight, not the previous kernel's output, so it
+  // loads before the wait below, under that kernel's tail; the barrier after
+  // step 1 publishes it.
+  float* M = X + b;
+  const int r0 = (blockIdx.y / p_splits) * rchunk;
+  for (int i = threadIdx.x; K > 1 && i < K * rchunk; i += blockDim.x) {
+    const int k = i / rchunk, r = r0 + i % rchunk;
+    M[i] = r < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
+  }
   allow_dependents();
   wait_for_producer();
 
@@ -289,16 +300,9 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   }
 
   // y[r][p] = sum_k M[k][r - r0] * X[k][p] for this block's rows r0.. of H_K
-  // (M = H_K^T slice, or H_K's when transpose) and its columns p_lo..p_hi.
+  // and its columns p_lo..p_hi.
   const int P = 1 << log2P;
-  float* M = X + b;
-  const int rc = blockIdx.y / p_splits, ps = blockIdx.y % p_splits;
-  const int r0 = rc * rchunk;
-  for (int i = threadIdx.x; i < K * rchunk; i += blockDim.x) {
-    const int k = i / rchunk, r = r0 + i % rchunk;
-    M[i] = r < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
-  }
-  __syncthreads();
+  const int ps = blockIdx.y % p_splits;
   const int p_lo = (int)((int64_t)ps * P / p_splits);
   const int plen = (int)((int64_t)(ps + 1) * P / p_splits) - p_lo;
   const int items = (rchunk / 8) * plen;
