@@ -240,6 +240,9 @@ def qtip_hadamard(
     H = (H_K kron Sylvester) / sqrt(b) (H_K^T if ``transpose``), applied to
     each contiguous block of ``block_size`` (default: the whole dim) elements;
     ``had_k`` is H_K (float32 K x K on x's device) or None for powers of two.
+    The kernel reads ``had_k`` before the previous kernel on the stream has
+    finished (programmatic dependent launch), so it must be a buffer that is
+    not written just before, like a layer's H_K.
     """
     n = x.shape[-1]
     x2 = x.reshape(-1, n).contiguous()
@@ -278,7 +281,8 @@ def qtip_matmul(
     accumulation, Hm in fp32, * SV * 32). trellis holds m*n*K/16 int16 in the
     published kernel layout (any shape, e.g. (m/32, n/32, 64K)), tlut is
     (512, 2) fp16, SU (n,) and SV (m,) fp32, had_in / had_out the H_K factors
-    of Hn / Hm (float32 K x K on x's device, None for powers of two).
+    of Hn / Hm (float32 K x K on x's device, None for powers of two; buffers
+    not written just before the call, as qtip_hadamard needs).
 
     A fused layer (q/k/v, gate/up) runs all its shards in one call, three
     launches in all: ``shard_rows`` lists their row counts (m in total),

@@ -193,18 +193,18 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   const int64_t copy_base = (int64_t)copy * copy_stride;
   const float mult = segs.mult[seg];
   const int64_t split_stride = (int64_t)rows * n;
+  allow_dependents();
   // K > 1: M[k][r - r0] = H[r][k] (H = H_K, or H_K^T when transpose) for
   // this CTA's output rows r0.. of the H_K step, in shared memory behind the
-  // block's values. H_K is a weight, not the previous kernel's output, so it
-  // loads before the wait below, under that kernel's tail; the barrier after
-  // step 1 publishes it.
+  // block's values. H_K is a weight, never the previous kernel's output (the
+  // op's contract), so it loads before the wait below, under that kernel's
+  // tail; the barrier after step 1 publishes it.
   float* M = X + b;
   const int r0 = (blockIdx.y / p_splits) * rchunk;
   for (int i = threadIdx.x; K > 1 && i < K * rchunk; i += blockDim.x) {
     const int k = i / rchunk, r = r0 + i % rchunk;
     M[i] = r < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
   }
-  allow_dependents();
   wait_for_producer();
 
   // Stages 0-2 in registers (eight consecutive values per thread), stages 3
@@ -223,12 +223,12 @@ __global__ void __launch_bounds__(kHadMaxThreads)
     // Split-K partials (fp32 only): kSplitLoads loads in flight before they
     // are added in split order, since one CTA may pull a whole row's.
     if constexpr (sizeof(InT) == 4) {
-      for (int sp0 = 1; sp0 < in_splits; sp0 += kSplitLoads) {
+      for (int sp0 = 1; valid && sp0 < in_splits; sp0 += kSplitLoads) {
         float p[kSplitLoads][8];
 #pragma unroll
         for (int q = 0; q < kSplitLoads; ++q)
           if (sp0 + q < in_splits)
-            if (valid) load8(x + (sp0 + q) * split_stride + g * 8, p[q]);
+            load8(x + (sp0 + q) * split_stride + g * 8, p[q]);
 #pragma unroll
         for (int q = 0; q < kSplitLoads; ++q)
           if (sp0 + q < in_splits)
