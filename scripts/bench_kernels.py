@@ -312,7 +312,7 @@ def main() -> None:
     parser.add_argument("out", help="JSON output path")
     parser.add_argument("--K", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument(
-        "--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256, 2048]
+        "--batches", type=int, nargs="+", default=[1, 4, 16, 64, 128, 256, 2048]
     )
     parser.add_argument(
         "--models", nargs="+", default=list(SHAPES), choices=list(SHAPES)
