@@ -122,10 +122,48 @@ def start_result(out: Path | None, resume: bool) -> dict:
     return result
 
 
+def token_prompts(vocab: int, n: int, length: int, salt: int = 0) -> list:
+    """n deterministic prompts of `length` token ids below `vocab` (a new
+    salt gives new prompts, which the prefix cache has not seen)."""
+    from vllm.inputs import TokensPrompt
+
+    return [
+        TokensPrompt(
+            prompt_token_ids=[
+                (i * 7919 + j * 31 + salt * 104729) % (vocab - 1) + 1
+                for j in range(length)
+            ]
+        )
+        for i in range(n)
+    ]
+
+
+def decode_tok_s(llm, batches: list[int], gen_len: int) -> list[dict]:
+    """Decode tok/s at each batch size: PROMPT_LEN-token prompts, gen_len
+    new tokens each, after one warm-up at the largest batch."""
+    from vllm import SamplingParams
+
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    decode = SamplingParams(
+        max_tokens=gen_len,
+        min_tokens=gen_len,
+        ignore_eos=True,
+        temperature=0.0,
+        detokenize=False,
+    )
+    llm.generate(token_prompts(vocab, max(batches), PROMPT_LEN), decode, use_tqdm=False)
+    rows = []
+    for batch in batches:
+        start = time.perf_counter()
+        llm.generate(token_prompts(vocab, batch, PROMPT_LEN), decode, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        rows.append({"batch": batch, "tok_s": round(batch * gen_len / elapsed, 1)})
+    return rows
+
+
 def run_one(model_dir: str, batches: list[int]) -> list[dict]:
     """Measure one configuration in this process."""
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     llm = LLM(
         model=model_dir,
@@ -138,38 +176,15 @@ def run_one(model_dir: str, batches: list[int]) -> list[dict]:
         seed=0,
     )
     vocab = llm.llm_engine.model_config.get_vocab_size()
-
-    def prompts(n: int, length: int, salt: int = 0) -> list:
-        return [
-            TokensPrompt(
-                prompt_token_ids=[
-                    (i * 7919 + j * 31 + salt * 104729) % (vocab - 1) + 1
-                    for j in range(length)
-                ]
-            )
-            for i in range(n)
-        ]
-
-    decode = SamplingParams(
-        max_tokens=GEN_LEN,
-        min_tokens=GEN_LEN,
-        ignore_eos=True,
-        temperature=0.0,
-        detokenize=False,
-    )
-    rows = []
-    llm.generate(prompts(max(batches), PROMPT_LEN), decode, use_tqdm=False)  # warm-up
-    for batch in batches:
-        start = time.perf_counter()
-        llm.generate(prompts(batch, PROMPT_LEN), decode, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        rows.append({"batch": batch, "tok_s": round(batch * GEN_LEN / elapsed, 1)})
+    rows = decode_tok_s(llm, batches, GEN_LEN)
     first = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     times = []
     for rep in range(5):
         start = time.perf_counter()
         # A new prompt each time: a repeated one would hit the prefix cache.
-        llm.generate(prompts(1, TTFT_LEN, salt=rep + 1), first, use_tqdm=False)
+        llm.generate(
+            token_prompts(vocab, 1, TTFT_LEN, salt=rep + 1), first, use_tqdm=False
+        )
         times.append(time.perf_counter() - start)
     ttft_ms = round(sorted(times)[len(times) // 2] * 1000, 1)
     for row in rows:

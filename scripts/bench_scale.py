@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from bench_e2e import MODELS as E2E_MODELS
-from bench_e2e import PROMPT_LEN, QTIP, start_result, write_llama_dir
+from bench_e2e import PROMPT_LEN, QTIP, decode_tok_s, start_result, write_llama_dir
 
 LLAMA_31_ROPE = {
     "rope_type": "llama3",
@@ -158,8 +158,7 @@ def _memory_split(worker) -> dict:
 
 def run_one(cfg: dict, model_dir: str) -> dict:
     """Measure one configuration in this process."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     batches = cfg["batches"]
     start = time.perf_counter()
@@ -178,7 +177,6 @@ def run_one(cfg: dict, model_dir: str) -> dict:
     init_s = time.perf_counter() - start
     vllm_config = llm.llm_engine.vllm_config
     memory = llm.collective_rpc(_memory_split)
-    vocab = vllm_config.model_config.get_vocab_size()
     cache = vllm_config.cache_config
     info = {
         "weights_gib": round(sum(m["weights"] for m in memory) / GIB, 2),
@@ -188,32 +186,7 @@ def run_one(cfg: dict, model_dir: str) -> dict:
         "init_s": round(init_s, 1),
         "host_rss_gib": round(max(m["host_rss"] for m in memory) / GIB, 2),
     }
-
-    def prompts(n: int) -> list:
-        return [
-            TokensPrompt(
-                prompt_token_ids=[
-                    (i * 7919 + j * 31) % (vocab - 1) + 1 for j in range(PROMPT_LEN)
-                ]
-            )
-            for i in range(n)
-        ]
-
-    decode = SamplingParams(
-        max_tokens=GEN_LEN,
-        min_tokens=GEN_LEN,
-        ignore_eos=True,
-        temperature=0.0,
-        detokenize=False,
-    )
-    llm.generate(prompts(max(batches)), decode, use_tqdm=False)  # warm-up
-    rows = []
-    for batch in batches:
-        start = time.perf_counter()
-        llm.generate(prompts(batch), decode, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        rows.append({"batch": batch, "tok_s": round(batch * GEN_LEN / elapsed, 1)})
-    return {"rows": rows, **info}
+    return {"rows": decode_tok_s(llm, batches, GEN_LEN), **info}
 
 
 def gpu_count() -> int:
