@@ -214,23 +214,3 @@ class ShardWriter:
             json.dumps(index, indent=2) + "\n"
         )
         return files
-
-
-def write_config(
-    out_dir: Path,
-    config: dict[str, Any],
-    qtip_params: dict[str, Any],
-    layout: qtip_checkpoint.CheckpointLayout,
-) -> None:
-    """config.json of a QTIP checkpoint, as qtip_checkpoint.write_checkpoint
-    writes it (``quip_params`` or ``quantization_config``)."""
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    config.pop("quip_params", None)
-    if layout == "relaxml":
-        config["quip_params"] = dict(qtip_params)
-    elif layout == "quantization_config":
-        config["quantization_config"] = {"quant_method": "qtip", **qtip_params}
-    else:
-        raise ValueError(f"unknown QTIP checkpoint layout {layout!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

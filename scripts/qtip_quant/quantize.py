@@ -60,7 +60,6 @@ from .model_io import (
     SourceModel,
     decoder_layer,
     load_config,
-    write_config,
 )
 from .resources import (
     GiB,
@@ -974,7 +973,7 @@ def write_qtip_checkpoint(
     rest = [n for n in source.names() if not n.startswith("model.layers.")]
     copy([n for n in rest if not (tied and n == "lm_head.weight")])
     writer.close()
-    write_config(
+    qtip_checkpoint.write_config(
         out_dir,
         config,
         qtip_checkpoint.quip_params(params, split_for_tp=options.tp_split > 0),

@@ -271,6 +271,31 @@ def linear_tensors(
     return out
 
 
+def write_config(
+    path: str | Path,
+    config: dict[str, Any],
+    qtip_params: dict[str, Any],
+    layout: CheckpointLayout = "relaxml",
+) -> None:
+    """config.json of a QTIP model directory, declaring QTIP as ``layout``
+    says: ``quip_params``, ``quantization_config`` or a quantize_config.json
+    beside it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config.pop("quip_params", None)
+    if layout == "relaxml":
+        config["quip_params"] = dict(qtip_params)
+    elif layout == "quantization_config":
+        config["quantization_config"] = {"quant_method": "qtip", **qtip_params}
+    elif layout == "quantize_config":
+        quant_config = {"quant_method": "qtip", **qtip_params}
+        (path / "quantize_config.json").write_text(json.dumps(quant_config, indent=2))
+    else:
+        raise ValueError(f"unknown QTIP checkpoint layout {layout!r}")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_checkpoint(
     path: str | Path,
     config: dict[str, Any],
@@ -289,19 +314,7 @@ def write_checkpoint(
     ``model.safetensors.index.json``, as ``save_pretrained`` does.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    config.pop("quip_params", None)
-    if layout == "relaxml":
-        config["quip_params"] = dict(qtip_params)
-    elif layout == "quantization_config":
-        config["quantization_config"] = {"quant_method": "qtip", **qtip_params}
-    elif layout == "quantize_config":
-        quant_config = {"quant_method": "qtip", **qtip_params}
-        (path / "quantize_config.json").write_text(json.dumps(quant_config, indent=2))
-    else:
-        raise ValueError(f"unknown QTIP checkpoint layout {layout!r}")
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_config(path, config, qtip_params, layout)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
