@@ -33,26 +33,15 @@ namespace qtip {
 
 namespace {
 
-// aten::expand through the stable dispatcher (no stable wrapper in 2.11).
 Tensor expand(const Tensor& self, std::vector<int64_t> sizes) {
-  std::array<StableIValue, 3> stack{
-      torch::stable::detail::from(self),
-      torch::stable::detail::from(
-          torch::headeronly::IntHeaderOnlyArrayRef(sizes)),
-      torch::stable::detail::from(false)};
-  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::expand", "", stack.data(),
-                                               TORCH_ABI_VERSION));
-  return torch::stable::detail::to<Tensor>(stack[0]);
+  return call_aten("aten::expand", "", self,
+                   torch::headeronly::IntHeaderOnlyArrayRef(sizes),
+                   /*implicit=*/false);
 }
 
-// aten::bmm.dtype: fp16 operands, fp32 accumulation and fp32 result.
+// fp16 operands, fp32 accumulation and fp32 result.
 Tensor bmm_fp32_out(const Tensor& a, const Tensor& b) {
-  std::array<StableIValue, 3> stack{
-      torch::stable::detail::from(a), torch::stable::detail::from(b),
-      torch::stable::detail::from(ScalarType::Float)};
-  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(
-      "aten::bmm", "dtype", stack.data(), TORCH_ABI_VERSION));
-  return torch::stable::detail::to<Tensor>(stack[0]);
+  return call_aten("aten::bmm", "dtype", a, b, ScalarType::Float);
 }
 
 // out = alpha * a @ b, batched, fp16 with fp32 accumulation and alpha applied

@@ -53,16 +53,21 @@ inline Tensor new_tensor(std::vector<int64_t> sizes, ScalarType dtype,
   return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
 }
 
-// aten::permute through the stable dispatcher (torch 2.11 has no stable
-// wrapper for it).
-inline Tensor permute(const Tensor& self, std::vector<int64_t> dims) {
-  std::array<StableIValue, 2> stack{
-      torch::stable::detail::from(self),
-      torch::stable::detail::from(
-          torch::headeronly::IntHeaderOnlyArrayRef(dims))};
-  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(
-      "aten::permute", "", stack.data(), TORCH_ABI_VERSION));
+// An aten op that returns one tensor, through the stable dispatcher (for
+// the ops torch 2.11 has no stable wrapper for). Arguments in schema order,
+// keyword-only ones included; int lists as IntHeaderOnlyArrayRef.
+template <typename... Args>
+Tensor call_aten(const char* op, const char* overload, const Args&... args) {
+  std::array<StableIValue, sizeof...(Args)> stack{
+      torch::stable::detail::from(args)...};
+  TORCH_ERROR_CODE_CHECK(
+      torch_call_dispatcher(op, overload, stack.data(), TORCH_ABI_VERSION));
   return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+inline Tensor permute(const Tensor& self, std::vector<int64_t> dims) {
+  return call_aten("aten::permute", "", self,
+                   torch::headeronly::IntHeaderOnlyArrayRef(dims));
 }
 
 // The trellis ops take one or several shards of a fused layer (q/k/v,
