@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Kernel iteration on a GPU host without vLLM (torch only): build _qtip_C with
-# torch's extension builder, run the vLLM-free kernel tests, the decode-only
+# CMake, run the vLLM-free kernel tests, the decode-only
 # ceiling (hyb_decode_bench.cu) and the kernel benchmark; logs to $OUT.
 # Needs .gpu/vllm-src/csrc/core/registration.h and .gpu/ref (goldens,
 # hyb_decode_bench.cu): scripts/gpu_prepare.sh --kernels puts them there.
@@ -46,17 +46,10 @@ step_build() {
   write_shims
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
   local t0=$SECONDS
-  mkdir -p /tmp/qtip-kernels-build
-  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 - <<'PY' 2>&1 | tail -20
-import glob, shutil, torch.utils.cpp_extension as ce
-# The stable libtorch ABI of torch 2.11, built as the extension vllm._qtip_C.
-STABLE = ["-DTORCH_TARGET_VERSION=0x020B000000000000ULL", "-DUSE_CUDA", "-DQTIP_STANDALONE_EXTENSION"]
-srcs = sorted(glob.glob("csrc/libtorch_stable/quantization/qtip/*.cu") + glob.glob("csrc/libtorch_stable/quantization/qtip/*.cpp"))
-m = ce.load(name="_qtip_C", sources=srcs, extra_include_paths=[".gpu/vllm-src/csrc"],
-            extra_cflags=STABLE, extra_cuda_cflags=STABLE + ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v"],
-            build_directory="/tmp/qtip-kernels-build", verbose=False)
-shutil.copy(m.__file__, "/tmp/qtip-kernels/vllm/_qtip_C.so")
-PY
+  # The same CMake build as the product's (vLLM's helpers from .gpu/vllm-src),
+  # installed beside the stand-in vllm package.
+  TORCH_CUDA_ARCH_LIST=9.0 bash scripts/build_qtip_ext.sh python3 "$REPO/.gpu/vllm-src" "$QK" \
+    /tmp/qtip-kernels-build > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; return 1; }
   echo "_qtip_C built in $((SECONDS - t0)) s"
 }
 
@@ -78,11 +71,30 @@ step_bench() {
     --ceiling-log "$OUT/decode_ceiling.log" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_kernels.log" | tail -80
 }
 
-# One ncu report of qtip_mma per batch in NCU_BATCHES (default: 1 and 64).
+# ncu serializes kernels, so its durations are each kernel's own (the
+# benchmark's profiler times of PDL-chained kernels include their waits).
+# Per batch in NCU_BATCHES (default: 1 and 64): the duration of every kernel
+# of one qtip_matmul call for each m x n in NCU_SHAPES, then (below 256
+# rows) one detailed report of qtip_mma at NCU_M x 4096.
 step_ncu() {
   for batch in ${NCU_BATCHES:-1 64}; do
+    for shape in ${NCU_SHAPES:-4096x4096 4096x11008 11008x4096}; do
+      timeout 120 ncu --clock-control none --print-units base --metrics gpu__time_duration.sum \
+        --csv python3 scripts/profile_kernels.py --m "${shape%x*}" --n "${shape#*x}" --batch "$batch" --iters 2 \
+        2>&1 | grep -v "^==" > "$OUT/ncu_times_${shape}_b$batch.csv"
+      echo "$shape batch $batch (us):"
+      python3 - "$OUT/ncu_times_${shape}_b$batch.csv" <<'PY'
+import csv, sys
+rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get("Metric Name") == "gpu__time_duration.sum"]
+last = rows[len(rows) // 2:]  # the second of the two calls
+for r in last:
+    print(f"  {float(r['Metric Value'].replace(',', '')) / 1000:9.2f}  {r['Kernel Name'][:100]}")
+print(f"  {sum(float(r['Metric Value'].replace(',', '')) for r in last) / 1000:9.2f}  total")
+PY
+    done
+    [ "$batch" -lt 256 ] || continue  # the dense path has no qtip_mma
     timeout 180 ncu --clock-control none --kernel-name regex:qtip_mma --launch-skip 2 --launch-count 1 \
-      --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+      --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
       --metrics smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__warps_active.avg.pct_of_peak_sustained_active \
       python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
       | tee "$OUT/ncu_b$batch.log" | grep -v "^==PROF==" | tail -70

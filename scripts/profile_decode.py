@@ -32,7 +32,7 @@ from bench_e2e import MODELS, WEIGHTS, write_model_dir  # noqa: E402
 
 # (kind, substrings of the kernel name), first match wins.
 KINDS = (
-    ("qtip_gemm", ("qtip_gemm_kernel",)),
+    ("qtip_mma", ("qtip_mma_kernel",)),
     ("qtip_decode", ("qtip_decode_kernel",)),
     ("qtip_hadamard", ("qtip_hadamard_kernel",)),
     ("attention", ("flash", "attn", "attention", "reshape_and_cache", "paged")),

@@ -13,6 +13,14 @@ import argparse
 import torch
 
 from vllm import _qtip_ops as ops
+from vllm.model_executor.layers.quantization.utils.qtip_utils import (
+    get_hadamard_factor,
+)
+
+
+def had_factor(size: int, dev: torch.device) -> torch.Tensor | None:
+    _, had = get_hadamard_factor(size)
+    return None if had is None else had.to(dev)
 
 
 def main() -> None:
@@ -38,8 +46,9 @@ def main() -> None:
     su = torch.randn(n, device=dev, generator=gen)
     sv = torch.randn(m, device=dev, generator=gen)
     x = torch.randn(args.batch, n, device=dev, generator=gen).half()
+    had_in, had_out = had_factor(n, dev), had_factor(m, dev)
     for _ in range(args.iters):
-        ops.qtip_matmul(x, trellis, tlut, su, sv, None, None, K)
+        ops.qtip_matmul(x, trellis, tlut, su, sv, had_in, had_out, K)
     torch.cuda.synchronize()
 
 

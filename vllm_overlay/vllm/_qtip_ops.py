@@ -31,8 +31,9 @@ except ImportError:  # torch < 2.4
 
 # Batch rows from which decoding W_hat to fp16 once and running cuBLAS beats
 # the fused decode + GEMM kernel (which decodes W_hat once per 64 rows).
-# Measured on the H200 (see csrc/libtorch_stable/quantization/qtip/NOTES.md).
-QTIP_DENSE_MIN_ROWS = 256
+# Measured on the H200 (BENCHMARKS.md): at 128 rows the dense path wins on
+# four of the six Llama layer shapes, at 64 on none.
+QTIP_DENSE_MIN_ROWS = 128
 
 # Bits per weight with a kernel, and the HYB table shape.
 QTIP_KERNEL_K = (2, 3, 4)

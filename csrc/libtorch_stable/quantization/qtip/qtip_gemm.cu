@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "qtip_codebook.cuh"
 #include "qtip_launch.cuh"
@@ -45,6 +46,12 @@ namespace qtip {
 namespace kernels {
 
 constexpr int kDecodeThreads = 256;
+// Warps per mma CTA = 32-row tiles per work unit, at every batch: 4 per
+// scheduler hide the lookups' and the mma chain's latencies. With 4 and 8
+// n8 tiles ptxas then caps the kernel at 128 registers (NB=8: 8 bytes of
+// stack, outside the main loop); against 8 warps it took the GEMM at 64
+// rows from 50.6 to 40.6 us (4096x11008, H200).
+constexpr int kMmaWarps = 16;
 // Trellis blocks in flight per warp (register ring).
 constexpr int kStages = 4;
 
@@ -241,6 +248,23 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   }
 }
 
+// Row stride, in 32-bit words, of a warp's staging tile in the decode
+// kernel: 16 words of data + 4 of padding, so that both the fragment writes
+// (8 rows x 4 words per instruction) and the 16-byte row reads (8 rows per
+// phase) hit 32 distinct banks.
+constexpr int kStageWords = 20;
+
+// Shared memory of the decode kernel: the 16-copy LUT and one 16x32 staging
+// tile per warp (74 KiB: three blocks per SM on Hopper, and within the
+// 99 KiB of sm_86/89).
+constexpr int decode_smem_bytes() {
+  return SignedLut<16>::kBytes + kDecodeThreads / 32 * 16 * kStageWords * 4;
+}
+
+// W_hat (m, n) fp16 for every shard. Each warp walks its blocks with the
+// next block's trellis words already in flight, and writes a decoded block
+// through a shared-memory tile as whole 64-byte row segments (the A
+// fragments' own layout would be 16-byte pieces of 8 rows per store).
 template <int K>
 __global__ void __launch_bounds__(kDecodeThreads)
     qtip_decode_kernel(const uint8_t* __restrict__ trellis,
@@ -253,7 +277,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
   using Blk = TrellisBlock<K>;
   constexpr int kWarps = kDecodeThreads / 32;
   extern __shared__ __align__(16) char smem[];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  uint32_t* tile =
+      reinterpret_cast<uint32_t*>(smem + Lut::kBytes) + warp * 16 * kStageWords;
   // blockIdx.y is the shard: one table per block.
   const int shard = blockIdx.y;
   Lut::fill(reinterpret_cast<uint32_t*>(smem), tlut + shard * kTlutRows * 2,
@@ -262,25 +289,45 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const uint32_t lane_term = Lut::lane_term(lane);
   const int g = lane >> 2, q = lane & 3;
   const int nblk = n / 32;
-  const int64_t first = (int64_t)shards.rb0[shard] * nblk;
-  const int64_t total = (int64_t)shards.rb0[shard + 1] * nblk;
-  for (int64_t t = first + (int64_t)blockIdx.x * kWarps + warp; t < total;
-       t += (int64_t)gridDim.x * kWarps) {
+  // Block indices fit in 32 bits (the host checks m/32 * n/32 < 2^31).
+  const int total = shards.rb0[shard + 1] * nblk;
+  const int stride = gridDim.x * kWarps;
+  const uint8_t* lane_src = trellis + lane * Blk::kLaneBytes;
+  int t = shards.rb0[shard] * nblk + blockIdx.x * kWarps + warp;
+  uint32_t next[K];
+  if (t < total) load_lane<K>(lane_src + (size_t)t * Blk::kBytes, next);
+  for (; t < total; t += stride) {
     uint32_t ws[K];
-    load_lane<K>(trellis + t * Blk::kBytes + lane * Blk::kLaneBytes, ws);
+#pragma unroll
+    for (int i = 0; i < K; ++i) ws[i] = next[i];
+    if (t + stride < total)
+      load_lane<K>(lane_src + (size_t)(t + stride) * Blk::kBytes, next);
     uint32_t frag[4][4];
     decode_block<K, kCopies>(ws, smem, lane_term, lane, frag);
-    const int bi = (int)(t / nblk), bj = (int)(t % nblk);
+    const int bi = t / nblk, bj = t % nblk;
+    const int c = lane >> 3;  // this lane's 16-byte piece of a 64-byte row
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int mr = i & 1, kc = i >> 1;
-      __half* p =
-          w + (size_t)(bi * 32 + mr * 16 + g) * n + bj * 32 + kc * 16 + 2 * q;
-      // a0 (g, 2q), a1 (g+8, 2q), a2 (g, 2q+8), a3 (g+8, 2q+8)
-      *reinterpret_cast<uint32_t*>(p) = frag[i][0];
-      *reinterpret_cast<uint32_t*>(p + 8 * (size_t)n) = frag[i][1];
-      *reinterpret_cast<uint32_t*>(p + 8) = frag[i][2];
-      *reinterpret_cast<uint32_t*>(p + 8 * (size_t)n + 8) = frag[i][3];
+    for (int mr = 0; mr < 2; ++mr) {
+      // a0 (g, 2q), a1 (g+8, 2q), a2 (g, 2q+8), a3 (g+8, 2q+8) of tiles
+      // (mr, kc = 0, 1), as 32-bit words of the row-major 16x32 tile.
+#pragma unroll
+      for (int kc = 0; kc < 2; ++kc) {
+        const uint32_t (&a)[4] = frag[kc * 2 + mr];
+        uint32_t* p = tile + g * kStageWords + kc * 8 + q;
+        p[0] = a[0];
+        p[8 * kStageWords] = a[1];
+        p[4] = a[2];
+        p[8 * kStageWords + 4] = a[3];
+      }
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int r = (lane & 7) + 8 * j;
+        *reinterpret_cast<uint4*>(w + (size_t)(bi * 32 + mr * 16 + r) * n +
+                                  bj * 32 + c * 8) =
+            *reinterpret_cast<const uint4*>(tile + r * kStageWords + c * 4);
+      }
+      __syncwarp();
     }
   }
 }
@@ -312,6 +359,10 @@ TrellisShape check_trellis(const Tensor& trellis, const char* op) {
                   ": trellis is empty, shape ", shape(trellis));
   STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(trellis.data_ptr()) % 16 == 0, op,
                   ": trellis data must be 16-byte aligned");
+  STD_TORCH_CHECK(
+      trellis.size(0) * trellis.size(1) < std::numeric_limits<int32_t>::max(),
+      op, ": trellis ", shape(trellis),
+      " has more 32x32 blocks than the kernels index (2^31)");
   check_device_capability(trellis, op);
   return {trellis.size(0) * 32, trellis.size(1) * 32, (int)(last / 64)};
 }
@@ -339,7 +390,6 @@ void check_tlut(const Tensor& tlut, const Tensor& trellis, int64_t shards,
 // Launch shape of one qtip_mma_kernel call.
 struct MmaConfig {
   int nb;      // n8 batch tiles per pass (1, 2, 4, 8)
-  int warps;   // warps per CTA = 32-row tiles per unit
   int copies;  // LUT copies (32: conflict-free; 16 where smem is short)
   int chunk_blocks;
   int smem;
@@ -348,9 +398,6 @@ struct MmaConfig {
 MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
   MmaConfig c{};
   c.nb = nbt <= 1 ? 1 : nbt <= 2 ? 2 : nbt <= 4 ? 4 : 8;
-  // Small batches are decode-bound: more warps hide the lookups' latency;
-  // large ones need the registers for their accumulators.
-  c.warps = c.nb <= 2 ? 16 : 8;
   const int limit = (int)prop.sharedMemPerBlockOptin;
   const int min_stage = 2 * c.nb * kStages * 512;
   c.copies = SignedLut<32>::kBytes + min_stage <= limit ? 32 : 16;
@@ -428,17 +475,17 @@ void dispatch_nb(const uint8_t* trellis, const __half* tlut, const uint4* xf,
                  cudaStream_t stream) {
   switch (c.nb) {
     case 1:
-      return launch_mma<K, 1, 16, kCopies>(trellis, tlut, xf, part, m, nblk,
-                                           rows, nbt, c, plan, grid, stream);
+      return launch_mma<K, 1, kMmaWarps, kCopies>(
+          trellis, tlut, xf, part, m, nblk, rows, nbt, c, plan, grid, stream);
     case 2:
-      return launch_mma<K, 2, 16, kCopies>(trellis, tlut, xf, part, m, nblk,
-                                           rows, nbt, c, plan, grid, stream);
+      return launch_mma<K, 2, kMmaWarps, kCopies>(
+          trellis, tlut, xf, part, m, nblk, rows, nbt, c, plan, grid, stream);
     case 4:
-      return launch_mma<K, 4, 8, kCopies>(trellis, tlut, xf, part, m, nblk,
-                                          rows, nbt, c, plan, grid, stream);
+      return launch_mma<K, 4, kMmaWarps, kCopies>(
+          trellis, tlut, xf, part, m, nblk, rows, nbt, c, plan, grid, stream);
     default:
-      return launch_mma<K, 8, 8, kCopies>(trellis, tlut, xf, part, m, nblk,
-                                          rows, nbt, c, plan, grid, stream);
+      return launch_mma<K, 8, kMmaWarps, kCopies>(
+          trellis, tlut, xf, part, m, nblk, rows, nbt, c, plan, grid, stream);
   }
 }
 
@@ -503,7 +550,7 @@ Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
   const cudaDeviceProp* prop = get_device_prop();
   const MmaConfig c = mma_config(*prop, nbt);
   const int sms = prop->multiProcessorCount;
-  const MmaPlan plan = mma_plan(shards, s.n / 32, rows, nbt, c.warps, sms);
+  const MmaPlan plan = mma_plan(shards, s.n / 32, rows, nbt, kMmaWarps, sms);
   Tensor part =
       new_tensor({plan.splits, rows, s.m}, ScalarType::Float, trellis);
   if (rows == 0) return part;
@@ -572,7 +619,7 @@ Tensor qtip_decode(const Tensor& trellis, const Tensor& tlut,
       trellis.get_device_index());
   Tensor w = new_tensor({s.m, s.n}, ScalarType::Half, trellis);
   const cudaDeviceProp* prop = get_device_prop();
-  const int smem = SignedLut<16>::kBytes;
+  const int smem = decode_smem_bytes();
   const int per_sm = std::max<int>(
       1,
       std::min<int>(prop->maxThreadsPerMultiProcessor / kDecodeThreads,
