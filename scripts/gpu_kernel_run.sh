@@ -5,7 +5,11 @@
 # ceiling (hyb_decode_bench.cu) and the kernel benchmark; logs to $OUT.
 # Needs .gpu/vllm-src/csrc/core/registration.h and .gpu/ref (goldens,
 # hyb_decode_bench.cu): scripts/gpu_prepare.sh --kernels puts them there.
-#   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu]
+#   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [variants]
+# variants: for each patch in VARIANTS (default .gpu/exp/*.patch, made here
+# with e.g. `git diff main exp/split-reduce -- csrc > .gpu/exp/split-reduce.patch`):
+# apply, build, kernel tests, bench, then revert; logs in $OUT/<patch name>/.
+# Run it after build/bench so the tree's own kernels are the baseline.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/qtip-out}
@@ -67,8 +71,10 @@ step_ceiling() {
 }
 
 step_bench() {
+  local ceiling=()
+  [ -f "$OUT/decode_ceiling.log" ] && ceiling=(--ceiling-log "$OUT/decode_ceiling.log")
   timeout "${BENCH_TIMEOUT:-300}" python3 scripts/bench_kernels.py "$OUT/kernels_h200.json" \
-    --ceiling-log "$OUT/decode_ceiling.log" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_kernels.log" | tail -80
+    "${ceiling[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_kernels.log" | tail -80
 }
 
 # ncu serializes kernels, so its durations are each kernel's own (the
@@ -99,6 +105,23 @@ PY
       python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
       | tee "$OUT/ncu_b$batch.log" | grep -v "^==PROF==" | tail -70
   done
+}
+
+step_variants() {
+  local base=$OUT
+  for patch in ${VARIANTS:-.gpu/exp/*.patch}; do
+    local name
+    name=$(basename "$patch" .patch)
+    echo "--- variant $name"
+    mkdir -p "$base/$name"
+    patch -p1 --forward < "$patch" > "$base/$name/patch.log" || { cat "$base/$name/patch.log"; continue; }
+    OUT=$base/$name step_build
+    OUT=$base/$name step_tests
+    cp "$base/decode_ceiling.log" "$base/$name/" 2>/dev/null
+    OUT=$base/$name step_bench | grep "^|" | head -60
+    patch -p1 -R < "$patch" > /dev/null
+  done
+  OUT=$base step_build  # back to the tree's own kernels
 }
 
 for step in "$@"; do
