@@ -7,7 +7,7 @@
 # hyb_decode_bench.cu): scripts/gpu_prepare.sh --kernels puts them there.
 #   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [variants]
 # variants: for each patch in VARIANTS (default .gpu/exp/*.patch, made here
-# with e.g. `git diff main exp/split-reduce -- csrc > .gpu/exp/split-reduce.patch`):
+# with e.g. `git diff main exp/split-reduce -- csrc ':(exclude)*.md' > .gpu/exp/split-reduce.patch`):
 # apply, build, kernel tests, bench, then revert; logs in $OUT/<patch name>/.
 # Run it after build/bench so the tree's own kernels are the baseline.
 set -uo pipefail
