@@ -12,7 +12,7 @@
 //  * Persistent grid: one CTA per SM, which builds its 32-copy sign-folded
 //    LUT (128 KiB, one bank per lane: no conflicts) once, and again only
 //    when its work moves to another shard of a fused layer.
-//  * Work unit = (shard, group of up to kWarps 32-row tiles, k-split).
+//  * Work unit = (shard, group of up to kMmaWarps 32-row tiles, k-split).
 //    Each warp owns one 32-row tile and walks the unit's k range in 32x32
 //    trellis blocks: it decodes a block into four mma A fragments (W_hat
 //    rows = mma M) and multiplies them with every batch n8 tile of the
@@ -64,7 +64,7 @@ struct MmaPlan {
   int unit0[kMaxShards + 1];  // first unit of shard s
   int rt0[kMaxShards];        // first 32-row tile of shard s (global)
   int row_tiles[kMaxShards];  // 32-row tiles of shard s
-  int groups[kMaxShards];     // row groups of shard s (kWarps tiles each)
+  int groups[kMaxShards];     // row groups of shard s (kMmaWarps tiles each)
 };
 
 __device__ __forceinline__ void cp_async16(uint32_t smem_addr,
@@ -82,8 +82,8 @@ __device__ __forceinline__ void cp_async_wait_one() {
 // y partials (splits, rows, m) fp32 = x~ @ W_hat^T for every shard, W_hat
 // decoded on the fly. xf: x~ in B-fragment order, (shards, nbt, n/32, 32
 // lanes, 8 halves) with nbt = ceil(rows / 8) n8 tiles.
-template <int K, int NB, int kWarps, int kCopies>
-__global__ void __launch_bounds__(kWarps * 32, 1)
+template <int K, int NB, int kCopies>
+__global__ void __launch_bounds__(kMmaWarps * 32, 1)
     qtip_mma_kernel(const uint8_t* __restrict__ trellis,
                     const __half* __restrict__ tlut,
                     const uint4* __restrict__ xf, float* __restrict__ part,
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
                     MmaPlan plan) {
   using Lut = SignedLut<kCopies>;
   using Blk = TrellisBlock<K>;
-  constexpr int kThreads = kWarps * 32;
+  constexpr int kThreads = kMmaWarps * 32;
 
   extern __shared__ __align__(128) char smem[];
   char* lut = smem;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     const int local = u - plan.unit0[s];
     const int split = local / plan.groups[s];
     const int group = local % plan.groups[s];
-    const int tile = group * kWarps + warp;  // this warp's row tile in s
+    const int tile = group * kMmaWarps + warp;  // this warp's row tile in s
     const bool active = tile < plan.row_tiles[s];
     const int grt = plan.rt0[s] + tile;
     const int k0 = (int)((int64_t)nblk * split / plan.splits);
@@ -418,19 +418,19 @@ MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
 // in SM clocks: decode ~32 weights/clk/SM or the tensor cores' ~1024 FMA/clk
 // (mma.sync), whichever bounds, and ~20 bytes/clk/SM of L2 traffic.
 MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
-                 int64_t nbt, int warps, int sms) {
+                 int64_t nbt, int sms) {
   MmaPlan p{};
   p.shards = shards.count;
   int64_t groups = 0;
   for (int s = 0; s < shards.count; ++s) {
     p.rt0[s] = shards.rb0[s];
     p.row_tiles[s] = shards.rb0[s + 1] - shards.rb0[s];
-    p.groups[s] = (p.row_tiles[s] + warps - 1) / warps;
+    p.groups[s] = (p.row_tiles[s] + kMmaWarps - 1) / kMmaWarps;
     groups += p.groups[s];
   }
   const int64_t m = (int64_t)shards.rb0[shards.count] * 32;
   const double rate = std::min(32.0, 1024.0 / (double)(nbt * 8));
-  const double unit_weights = (double)warps * 32 * nblk * 32;
+  const double unit_weights = (double)kMmaWarps * 32 * nblk * 32;
   const int64_t max_splits = std::max<int64_t>(1, nblk / kStages);
   double best = 0;
   int best_splits = 1;
@@ -455,15 +455,15 @@ MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
   return p;
 }
 
-template <int K, int NB, int kWarps, int kCopies>
+template <int K, int NB, int kCopies>
 void launch_mma(const uint8_t* trellis, const __half* tlut, const uint4* xf,
                 float* part, int m, int nblk, int rows, int nbt,
                 const MmaConfig& c, const MmaPlan& plan, int grid,
                 cudaStream_t stream) {
-  auto kernel = qtip_mma_kernel<K, NB, kWarps, kCopies>;
+  auto kernel = qtip_mma_kernel<K, NB, kCopies>;
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(kernel, smem_set);
-  launch_dependent(kernel, dim3(grid), dim3(kWarps * 32), c.smem, stream,
+  launch_dependent(kernel, dim3(grid), dim3(kMmaWarps * 32), c.smem, stream,
                    trellis, tlut, xf, part, m, nblk, rows, nbt, c.chunk_blocks,
                    plan);
 }
@@ -475,17 +475,17 @@ void dispatch_nb(const uint8_t* trellis, const __half* tlut, const uint4* xf,
                  cudaStream_t stream) {
   switch (c.nb) {
     case 1:
-      return launch_mma<K, 1, kMmaWarps, kCopies>(
-          trellis, tlut, xf, part, m, nblk, rows, nbt, c, plan, grid, stream);
+      return launch_mma<K, 1, kCopies>(trellis, tlut, xf, part, m, nblk, rows,
+                                       nbt, c, plan, grid, stream);
     case 2:
-      return launch_mma<K, 2, kMmaWarps, kCopies>(
-          trellis, tlut, xf, part, m, nblk, rows, nbt, c, plan, grid, stream);
+      return launch_mma<K, 2, kCopies>(trellis, tlut, xf, part, m, nblk, rows,
+                                       nbt, c, plan, grid, stream);
     case 4:
-      return launch_mma<K, 4, kMmaWarps, kCopies>(
-          trellis, tlut, xf, part, m, nblk, rows, nbt, c, plan, grid, stream);
+      return launch_mma<K, 4, kCopies>(trellis, tlut, xf, part, m, nblk, rows,
+                                       nbt, c, plan, grid, stream);
     default:
-      return launch_mma<K, 8, kMmaWarps, kCopies>(
-          trellis, tlut, xf, part, m, nblk, rows, nbt, c, plan, grid, stream);
+      return launch_mma<K, 8, kCopies>(trellis, tlut, xf, part, m, nblk, rows,
+                                       nbt, c, plan, grid, stream);
   }
 }
 
@@ -550,7 +550,7 @@ Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
   const cudaDeviceProp* prop = get_device_prop();
   const MmaConfig c = mma_config(*prop, nbt);
   const int sms = prop->multiProcessorCount;
-  const MmaPlan plan = mma_plan(shards, s.n / 32, rows, nbt, kMmaWarps, sms);
+  const MmaPlan plan = mma_plan(shards, s.n / 32, rows, nbt, sms);
   Tensor part =
       new_tensor({plan.splits, rows, s.m}, ScalarType::Float, trellis);
   if (rows == 0) return part;
