@@ -81,7 +81,7 @@ step_bench() {
 # benchmark's profiler times of PDL-chained kernels include their waits).
 # Per batch in NCU_BATCHES (default: 1 and 64): the duration of every kernel
 # of one qtip_matmul call for each m x n in NCU_SHAPES, then (below 256
-# rows) one detailed report of qtip_mma at NCU_M x 4096.
+# rows, unless NCU_DETAIL=0) one detailed report of qtip_mma at NCU_M x 4096.
 step_ncu() {
   for batch in ${NCU_BATCHES:-1 64}; do
     for shape in ${NCU_SHAPES:-4096x4096 4096x11008 11008x4096}; do
@@ -98,7 +98,8 @@ for r in last:
 print(f"  {sum(float(r['Metric Value'].replace(',', '')) for r in last) / 1000:9.2f}  total")
 PY
     done
-    [ "$batch" -lt 256 ] || continue  # the dense path has no qtip_mma
+    # The dense path has no qtip_mma; NCU_DETAIL=0 skips the detailed report.
+    [ "$batch" -lt 256 ] && [ "${NCU_DETAIL:-1}" = 1 ] || continue
     timeout 180 ncu --clock-control none --kernel-name regex:qtip_mma --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
       --metrics smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__warps_active.avg.pct_of_peak_sustained_active \
