@@ -5,7 +5,7 @@
 # ceiling (hyb_decode_bench.cu) and the kernel benchmark; logs to $OUT.
 # Needs .gpu/vllm-src/csrc/core/registration.h and .gpu/ref (goldens,
 # hyb_decode_bench.cu): scripts/gpu_prepare.sh --kernels puts them there.
-#   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [variants]
+#   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [variants] [quantize]
 # variants: for each patch in VARIANTS (default .gpu/exp/*.patch, made here
 # with e.g. `git diff main exp/split-reduce -- csrc ':(exclude)*.md' > .gpu/exp/split-reduce.patch`):
 # apply, build, kernel tests, bench, then revert; logs in $OUT/<patch name>/.
@@ -106,6 +106,18 @@ PY
       python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
       | tee "$OUT/ncu_b$batch.log" | grep -v "^==PROF==" | tail -70
   done
+}
+
+# The quantizer's scale benchmark (issue 14): torch, triton, safetensors,
+# numpy, transformers and tqdm are on the host; the H_K table comes through
+# the compressed_tensors stand-in. Finished rows of the committed JSON are
+# kept; it stops itself before the 600 s call limit (QUANT_ARGS adds options).
+step_quantize() {
+  write_shims
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_MININTERVAL=10 \
+    python3 scripts/qtip_quant/bench_scale.py --json "$OUT/quantize_scale_h200.json" \
+    --merge benchmarks/quantize_scale_h200.json --deadline-s "${QUANT_DEADLINE_S:-540}" \
+    ${QUANT_ARGS:-} 2> "$OUT/bench_scale.log" | tail -30
 }
 
 step_variants() {
