@@ -82,14 +82,17 @@ step_bench() {
 # Per batch in NCU_BATCHES (default: 1 and 64): the duration of every kernel
 # of one qtip_matmul call for each m x n in NCU_SHAPES, then (below 256
 # rows, unless NCU_DETAIL=0) one detailed report of qtip_mma at NCU_M x 4096.
+# The raw files go to $OUT/ncu.tgz (a device call returns at most 8 files).
 step_ncu() {
+  local raw=$OUT/ncu
+  mkdir -p "$raw"
   for batch in ${NCU_BATCHES:-1 64}; do
     for shape in ${NCU_SHAPES:-4096x4096 4096x11008 11008x4096}; do
       timeout 120 ncu --clock-control none --print-units base --metrics gpu__time_duration.sum \
         --csv python3 scripts/profile_kernels.py --m "${shape%x*}" --n "${shape#*x}" --batch "$batch" --iters 2 \
-        2>&1 | grep -v "^==" > "$OUT/ncu_times_${shape}_b$batch.csv"
+        2>&1 | grep -v "^==" > "$raw/ncu_times_${shape}_b$batch.csv"
       echo "$shape batch $batch (us):"
-      python3 - "$OUT/ncu_times_${shape}_b$batch.csv" <<'PY'
+      python3 - "$raw/ncu_times_${shape}_b$batch.csv" <<'PY'
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get("Metric Name") == "gpu__time_duration.sum"]
 last = rows[len(rows) // 2:]  # the second of the two calls
@@ -104,8 +107,9 @@ PY
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
       --metrics smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__warps_active.avg.pct_of_peak_sustained_active \
       python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
-      | tee "$OUT/ncu_b$batch.log" | grep -v "^==PROF==" | tail -70
+      | tee "$raw/ncu_b$batch.log" | grep -v "^==PROF==" | tail -70
   done
+  tar czf "$OUT/ncu.tgz" -C "$OUT" ncu && rm -rf "$raw"
 }
 
 # The quantizer's scale benchmark (issue 14): torch, triton, safetensors,
@@ -120,11 +124,14 @@ step_quantize() {
     ${QUANT_ARGS:-} 2> "$OUT/bench_scale.log" | tail -30
 }
 
+# Each variant's logs go to $OUT/variants.tgz (a device call returns at most
+# 8 files); the benchmark tables are also printed.
 step_variants() {
-  local base=$OUT
+  local base=$OUT names=()
   for patch in ${VARIANTS:-.gpu/exp/*.patch}; do
     local name
     name=$(basename "$patch" .patch)
+    names+=("$name")
     echo "--- variant $name"
     mkdir -p "$base/$name"
     patch -p1 --forward < "$patch" > "$base/$name/patch.log" || { cat "$base/$name/patch.log"; continue; }
@@ -134,6 +141,8 @@ step_variants() {
     OUT=$base/$name step_bench | grep "^|" | head -60
     patch -p1 -R < "$patch" > /dev/null
   done
+  [ ${#names[@]} -gt 0 ] && tar czf "$base/variants.tgz" -C "$base" "${names[@]}" &&
+    (cd "$base" && rm -rf "${names[@]}")
   OUT=$base step_build  # back to the tree's own kernels
 }
 
