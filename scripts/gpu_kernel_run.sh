@@ -6,10 +6,10 @@
 # Needs .gpu/vllm-src/csrc/core/registration.h and .gpu/ref (goldens,
 # hyb_decode_bench.cu): scripts/gpu_prepare.sh --kernels puts them there.
 #   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [variants] [quantize]
-# variants: for each patch in VARIANTS (default .gpu/exp/*.patch, made here
-# with e.g. `git diff main exp/split-reduce -- csrc ':(exclude)*.md' > .gpu/exp/split-reduce.patch`):
-# apply, build, kernel tests, bench, then revert; logs in $OUT/<patch name>/.
-# Run it after build/bench so the tree's own kernels are the baseline.
+# variants: for each patch in VARIANTS (default .gpu/exp/*.patch, e.g. the
+# ones of benchmarks/experiments/): apply, build, kernel tests, bench, then
+# revert; each variant's logs in $OUT/variants.tgz. Run it after build/bench
+# so the tree's own kernels are the baseline.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/qtip-out}

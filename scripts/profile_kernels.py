@@ -9,18 +9,15 @@ on random data; the profiler picks the launches it measures.
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
 from vllm import _qtip_ops as ops
-from vllm.model_executor.layers.quantization.utils.qtip_utils import (
-    get_hadamard_factor,
-)
 
-
-def had_factor(size: int, dev: torch.device) -> torch.Tensor | None:
-    _, had = get_hadamard_factor(size)
-    return None if had is None else had.to(dev)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import factor  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +43,7 @@ def main() -> None:
     su = torch.randn(n, device=dev, generator=gen)
     sv = torch.randn(m, device=dev, generator=gen)
     x = torch.randn(args.batch, n, device=dev, generator=gen).half()
-    had_in, had_out = had_factor(n, dev), had_factor(m, dev)
+    had_in, had_out = factor(n), factor(m)
     for _ in range(args.iters):
         ops.qtip_matmul(x, trellis, tlut, su, sv, had_in, had_out, K)
     torch.cuda.synchronize()
