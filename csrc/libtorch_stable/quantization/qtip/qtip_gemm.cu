@@ -52,8 +52,11 @@ constexpr int kDecodeThreads = 256;
 // stack, outside the main loop); against 8 warps it took the GEMM at 64
 // rows from 50.6 to 40.6 us (4096x11008, H200).
 constexpr int kMmaWarps = 16;
-// Trellis blocks in flight per warp (register ring).
+// Trellis blocks in flight per warp (register ring): 8 with one n8 tile
+// (batch <= 8: a warp's whole k range is often only ~8-20 blocks, so its
+// refills would wait on DRAM; 96 registers leave room), 4 otherwise.
 constexpr int kStages = 4;
+constexpr int ring_depth(int nb) { return nb == 1 ? 8 : kStages; }
 
 // Where the work units of one launch come from (host-computed, passed by
 // value). Units are numbered shard by shard, then k-split, then row group.
@@ -147,11 +150,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         }
       };
 
-      // Trellis ring: blocks k0 .. k0 + kStages - 1.
-      uint32_t w[kStages][K];
+      // Trellis ring: blocks k0 .. k0 + kStagesNB - 1.
+      constexpr int kStagesNB = ring_depth(NB);
+      uint32_t w[kStagesNB][K];
       if (active) {
 #pragma unroll
-        for (int st = 0; st < kStages; ++st)
+        for (int st = 0; st < kStagesNB; ++st)
           if (k0 + st < k1)
             load_lane<K>(wptr + (size_t)(k0 + st) * Blk::kBytes, w[st]);
       }
@@ -196,17 +200,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         const int ce = min(k1, cs + chunk_blocks);
         const uint4* bbuf = stage + (c & 1) * buf_vecs + lane;
         if (active) {
-          // chunk_blocks is a multiple of kStages, so every chunk starts at
-          // ring slot 0 and the ring index stays a constant.
-          for (int base = cs; base < ce; base += kStages) {
+          // chunk_blocks is a multiple of the ring depth, so every chunk starts
+          // at ring slot 0 and the ring index stays a constant.
+          for (int base = cs; base < ce; base += kStagesNB) {
 #pragma unroll
-            for (int st = 0; st < kStages; ++st) {
+            for (int st = 0; st < kStagesNB; ++st) {
               const int cb = base + st;
               if (cb < ce) {  // warp-uniform
                 uint32_t frag[4][4];
                 decode_block<K, kCopies>(w[st], lut, lane_term, lane, frag);
-                if (cb + kStages < k1)
-                  load_lane<K>(wptr + (size_t)(cb + kStages) * Blk::kBytes,
+                if (cb + kStagesNB < k1)
+                  load_lane<K>(wptr + (size_t)(cb + kStagesNB) * Blk::kBytes,
                                w[st]);
                 const uint4* bp = bbuf + (cb - cs) * 32;
 #pragma unroll
@@ -399,14 +403,15 @@ MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
   MmaConfig c{};
   c.nb = nbt <= 1 ? 1 : nbt <= 2 ? 2 : nbt <= 4 ? 4 : 8;
   const int limit = (int)prop.sharedMemPerBlockOptin;
-  const int min_stage = 2 * c.nb * kStages * 512;
+  const int ring = ring_depth(c.nb);
+  const int min_stage = 2 * c.nb * ring * 512;
   c.copies = SignedLut<32>::kBytes + min_stage <= limit ? 32 : 16;
   const int lut =
       c.copies == 32 ? SignedLut<32>::kBytes : SignedLut<16>::kBytes;
   // Two staging buffers of nb x chunk_blocks x 512 bytes, at most ~96 KiB.
   int blocks =
       std::min(64, std::min(limit - lut, 96 * 1024) / (2 * c.nb * 512));
-  c.chunk_blocks = std::max(kStages, blocks / kStages * kStages);
+  c.chunk_blocks = std::max(ring, blocks / ring * ring);
   c.smem = lut + 2 * c.nb * c.chunk_blocks * 512;
   STD_TORCH_CHECK(c.smem <= limit, "qtip_gemm: needs ", c.smem,
                   " bytes of shared memory per block, this GPU allows ", limit);

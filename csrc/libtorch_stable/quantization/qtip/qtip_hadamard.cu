@@ -57,6 +57,8 @@ constexpr int kHadMaxThreads = 1024;
 // Columns a thread block takes at least when a row has several small
 // power-of-two blocks (eight per thread).
 constexpr int64_t kHadMinCtaCols = 2048;
+// Blocks per row of a large H_K factor (see rchunk in qtip_hadamard_impl).
+constexpr int64_t kHadMaxRowChunks = 4;
 // Split-K partial loads a thread keeps in flight (4 x 32 bytes).
 constexpr int kSplitLoads = 4;
 // Sylvester stages done in registers and warp shuffles (0-2 and 3-5).
@@ -579,7 +581,11 @@ Tensor qtip_hadamard_impl(const Tensor& x,
   const int64_t row_blocks = copies * rows * segs.blk0[segs.count];
   int rchunk = 32;
   if (K > 32 && row_blocks <= sms) {
-    const int64_t chunks = std::max<int64_t>(1, sms / row_blocks);
+    // From 8 rows on, at most 4 blocks per row: each one re-reads the row
+    // (all its split-K partials on the output side), which costs more than
+    // the H_K FMAs it shares out.
+    const int64_t chunks = std::clamp<int64_t>(
+        sms / row_blocks, 1, row_blocks >= 8 ? kernels::kHadMaxRowChunks : sms);
     const int64_t fat = ((K + chunks - 1) / chunks + 7) / 8 * 8;
     if (fat > rchunk && (max_cols + K * fat) * 4 <= smem_limit)
       rchunk = (int)fat;

@@ -57,19 +57,23 @@ inline ShardRows make_shard_rows(const std::vector<int64_t>& rows, int64_t m,
 // (a static local), since kernels of one signature share a function type.
 using DeviceFlags = std::atomic<bool>[kMaxDevices];
 
-// Raises a kernel's dynamic shared-memory limit to the device maximum, once
-// per kernel and device. cudaFuncSetAttribute is a host-side setting, not a
-// stream operation, and the device properties are cached (get_device_prop), so
-// this costs nothing per call and is legal during CUDA-graph capture.
+// Raises a kernel's dynamic shared-memory limit to the device maximum less
+// its static shared memory (the two together may not pass the opt-in limit),
+// once per kernel and device. cudaFuncSetAttribute is a host-side setting,
+// not a stream operation, and the device properties are cached
+// (get_device_prop), so this costs nothing per call and is legal during
+// CUDA-graph capture.
 template <typename Kernel>
 void ensure_max_dynamic_smem(Kernel kernel, DeviceFlags& done) {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev));
   if (dev < kMaxDevices && done[dev].load(std::memory_order_relaxed)) return;
   const cudaDeviceProp* prop = get_device_prop();
-  check_cuda(cudaFuncSetAttribute(kernel,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  (int)prop->sharedMemPerBlockOptin));
+  cudaFuncAttributes attr{};
+  check_cuda(cudaFuncGetAttributes(&attr, kernel));
+  check_cuda(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      (int)(prop->sharedMemPerBlockOptin - attr.sharedSizeBytes)));
   if (dev < kMaxDevices) done[dev].store(true, std::memory_order_relaxed);
 }
 
