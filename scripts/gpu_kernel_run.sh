@@ -81,7 +81,8 @@ step_bench() {
 # benchmark's profiler times of PDL-chained kernels include their waits).
 # Per batch in NCU_BATCHES (default: 1 and 64): the duration of every kernel
 # of one qtip_matmul call for each m x n in NCU_SHAPES, then (below 256
-# rows, unless NCU_DETAIL=0) one detailed report of qtip_mma at NCU_M x 4096.
+# rows, unless NCU_DETAIL=0) one detailed report and the stall reasons of
+# the third launch of NCU_KERNEL (a regex, default qtip_mma) at NCU_M x 4096.
 # The raw files go to $OUT/ncu.tgz (a device call returns at most 8 files).
 step_ncu() {
   local raw=$OUT/ncu
@@ -102,12 +103,23 @@ print(f"  {sum(float(r['Metric Value'].replace(',', '')) for r in last) / 1000:9
 PY
     done
     # The dense path has no qtip_mma; NCU_DETAIL=0 skips the detailed report.
-    [ "$batch" -lt 256 ] && [ "${NCU_DETAIL:-1}" = 1 ] || continue
-    timeout 180 ncu --clock-control none --kernel-name regex:qtip_mma --launch-skip 2 --launch-count 1 \
+    [ "${NCU_DETAIL:-1}" = 1 ] || continue
+    [ "$batch" -lt 256 ] || [ "${NCU_KERNEL:-qtip_mma}" != qtip_mma ] || continue
+    timeout 180 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
       --metrics smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__warps_active.avg.pct_of_peak_sustained_active \
       python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
       | tee "$raw/ncu_b$batch.log" | grep -v "^==PROF==" | tail -70
+    # Every stall reason in cycles per issued instruction (the sections name
+    # only the largest); its own run, so a metric this ncu lacks costs only it.
+    local reasons="barrier branch_resolving dispatch_stall drain imc_miss lg_throttle long_scoreboard"
+    reasons+=" math_pipe_throttle membar mio_throttle misc no_instruction not_selected selected"
+    reasons+=" short_scoreboard sleeping tex_throttle wait"
+    local metrics=""
+    for r in $reasons; do metrics+="${metrics:+,}smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"; done
+    timeout 120 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip 2 --launch-count 1 \
+      --metrics "$metrics" python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
+      | tee "$raw/ncu_stalls_b$batch.log" | grep "stalled" | sort -k3 -g -r | head -8
   done
   tar czf "$OUT/ncu.tgz" -C "$OUT" ncu && rm -rf "$raw"
 }
