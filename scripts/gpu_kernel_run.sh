@@ -80,9 +80,10 @@ step_bench() {
 # ncu serializes kernels, so its durations are each kernel's own (the
 # benchmark's profiler times of PDL-chained kernels include their waits).
 # Per batch in NCU_BATCHES (default: 1 and 64): the duration of every kernel
-# of one qtip_matmul call for each m x n in NCU_SHAPES, then (below 256
-# rows, unless NCU_DETAIL=0) one detailed report and the stall reasons of
-# the third launch of NCU_KERNEL (a regex, default qtip_mma) at NCU_M x 4096.
+# of one qtip_matmul call for each m x n in NCU_SHAPES, then (unless
+# NCU_DETAIL=0) one detailed report and the stall reasons of the third
+# launch of NCU_KERNEL (a regex, default qtip_mma: only below 256 rows, where
+# the fused path runs) at NCU_M x 4096.
 # The raw files go to $OUT/ncu.tgz (a device call returns at most 8 files).
 step_ncu() {
   local raw=$OUT/ncu
