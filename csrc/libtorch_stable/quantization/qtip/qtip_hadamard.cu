@@ -121,18 +121,8 @@ __global__ void __launch_bounds__(kHadMaxThreads)
                               X, b, log2P);
 
   if (K == 1) {
-    for (int g = threadIdx.x; g < b / 8; g += blockDim.x) {
-      float v[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = X[g * 8 + i] * mult;
-      if (out_scale != nullptr) {
-        float s[8];
-        load8(out_scale + col0 + g * 8, s);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] *= s[i];
-      }
-      store_out8(y, copy_base, row, col0 + g * 8, n, frag, v);
-    }
+    for (int g = threadIdx.x; g < b / 8; g += blockDim.x)
+      store_group8(X, g, mult, out_scale, col0, y, copy_base, row, n, frag);
     return;
   }
 

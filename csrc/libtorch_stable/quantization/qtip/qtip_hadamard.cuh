@@ -172,6 +172,39 @@ __device__ __forceinline__ void store_out8(OutT* __restrict__ y,
   }
 }
 
+// Group g (8 values) of X times mult (and out_scale from column col0 on),
+// stored to the output row in its layout.
+template <typename OutT>
+__device__ __forceinline__ void store_group8(
+    const float* X, int g, float mult, const float* __restrict__ out_scale,
+    int col0, OutT* __restrict__ y, int64_t copy_base, int row, int n,
+    bool frag) {
+  float v[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = X[g * 8 + i] * mult;
+  if (out_scale != nullptr) {
+    float s[8];
+    load8(out_scale + col0 + g * 8, s);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] *= s[i];
+  }
+  store_out8(y, copy_base, row, col0 + g * 8, n, frag, v);
+}
+
+// Group g's 8 loaded values through stages 0 .. shfl_stages - 1
+// (register_stages: every lane of the warp takes part) into X (valid lanes).
+__device__ __forceinline__ void stage_group8(float (&v)[8], float* X, int g,
+                                             int lane, int shfl_stages,
+                                             bool valid) {
+  register_stages(v, lane, shfl_stages);
+  if (valid) {
+    reinterpret_cast<float4*>(X + g * 8)[0] =
+        make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(X + g * 8)[1] =
+        make_float4(v[4], v[5], v[6], v[7]);
+  }
+}
+
 // The b values of x from its start (b a multiple of 2^log2P; x and in_scale
 // point at the first; split-K partials added in split order, kLoads in
 // flight), scaled by in_scale, through Sylvester stages 0 .. log2P - 1 (each
@@ -209,13 +242,7 @@ __device__ __forceinline__ void load_sylvester(
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] *= s[i];
     }
-    register_stages(v, lane, shfl_stages);
-    if (valid) {
-      reinterpret_cast<float4*>(X + g * 8)[0] =
-          make_float4(v[0], v[1], v[2], v[3]);
-      reinterpret_cast<float4*>(X + g * 8)[1] =
-          make_float4(v[4], v[5], v[6], v[7]);
-    }
+    stage_group8(v, X, g, lane, shfl_stages, valid);
   }
   __syncthreads();
   smem_stages(X, b, shfl_stages, log2P);
