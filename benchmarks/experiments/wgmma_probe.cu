@@ -38,6 +38,9 @@ __global__ void probe(const __half* A, const __half* B, float* D, int layout,
     const int core = layout == 0 ? (n / 8) * 2 + k / 8 : (k / 8) * 8 + n / 8;
     Bs[core * 64 + (n % 8) * 8 + k % 8] = B[k * 64 + n];
   }
+  // wgmma reads shared memory through the async proxy: order the generic
+  // stores above before it.
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
   const int r0 = warp * 16 + g;
