@@ -54,7 +54,8 @@ constexpr int kDecodeThreads = 256;
 constexpr int kMmaWarps = 16;
 // Trellis blocks in flight per warp (register ring): 8 with one n8 tile
 // (batch <= 8: a warp's whole k range is often only ~8-20 blocks, so its
-// refills would wait on DRAM; 96 registers leave room), 4 otherwise.
+// refills would wait on DRAM; with a single n8 tile's accumulators the
+// deeper ring fits, 108-127 registers and no spills), 4 otherwise.
 constexpr int kStages = 4;
 constexpr int ring_depth(int nb) { return nb == 1 ? 8 : kStages; }
 
