@@ -94,42 +94,34 @@ __device__ __forceinline__ void butterflies(float* v) {
       }
 }
 
-// Element e of a block in shared memory: X[e], or a row-padded layout.
-struct Contiguous {
-  __device__ __forceinline__ int operator()(int e) const { return e; }
-};
-
-// Stages bit .. bit+log2(R)-1 of the Sylvester transform over the b values
-// of X, element e at X[at(e)].
-template <int R, typename At = Contiguous>
-__device__ __forceinline__ void smem_pass(float* X, int b, int bit,
-                                          At at = {}) {
+// Stages bit .. bit+log2(R)-1 of the Sylvester transform over shared memory.
+template <int R>
+__device__ __forceinline__ void smem_pass(float* X, int b, int bit) {
   constexpr int r = R == 8 ? 3 : R == 4 ? 2 : 1;
   const int h = 1 << bit;
   for (int gid = threadIdx.x; gid < (b >> r); gid += blockDim.x) {
     const int base = ((gid >> bit) << (bit + r)) | (gid & (h - 1));
     float v[R];
 #pragma unroll
-    for (int j = 0; j < R; ++j) v[j] = X[at(base + j * h)];
+    for (int j = 0; j < R; ++j) v[j] = X[base + j * h];
     butterflies<R>(v);
 #pragma unroll
-    for (int j = 0; j < R; ++j) X[at(base + j * h)] = v[j];
+    for (int j = 0; j < R; ++j) X[base + j * h] = v[j];
   }
 }
 
 // Stages from_bit .. to_bit - 1 over shared memory in radix-8 passes (one
 // barrier each), for values already in X.
-template <typename At = Contiguous>
 __device__ __forceinline__ void smem_stages(float* X, int b, int from_bit,
-                                            int to_bit, At at = {}) {
+                                            int to_bit) {
   for (int bit = from_bit; bit < to_bit; bit += 3) {
     const int r = min(3, to_bit - bit);
     if (r == 3)
-      smem_pass<8>(X, b, bit, at);
+      smem_pass<8>(X, b, bit);
     else if (r == 2)
-      smem_pass<4>(X, b, bit, at);
+      smem_pass<4>(X, b, bit);
     else
-      smem_pass<2>(X, b, bit, at);
+      smem_pass<2>(X, b, bit);
     __syncthreads();
   }
 }
@@ -207,10 +199,11 @@ __device__ __forceinline__ void stage_group8(float (&v)[8], float* X, int g,
 
 // The b values of x from its start (b a multiple of 2^log2P; x and in_scale
 // point at the first; split-K partials added in split order, kLoads in
-// flight), scaled by in_scale, through Sylvester stages 0 .. log2P - 1 (each
-// 2^log2P-long run on its own), into X. The loop is warp-uniform so that
-// every lane takes part in the shuffles; lanes past the end only shuffle
-// (their partners are past the end too: whole runs). Ends with a barrier.
+// flight since one CTA may pull a whole row's), scaled by in_scale, through
+// Sylvester stages 0 .. log2P - 1 (each 2^log2P-long run on its own), into X.
+// The loop is warp-uniform so that every lane takes part in the shuffles; lanes
+// past the end only shuffle (their partners are past the end too: whole runs).
+// Ends with a barrier.
 template <int kLoads, typename InT>
 __device__ __forceinline__ void load_sylvester(
     const InT* __restrict__ x, int in_splits, int64_t split_stride,
