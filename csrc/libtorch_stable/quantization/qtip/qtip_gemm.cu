@@ -177,13 +177,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
       stage_chunk(0);
       cp_async_commit();
 
-      // Valid batch rows of each n8 tile of the pass (lanes g >= valid
-      // skip their B loads: padding rows only feed discarded columns).
-      bool bvalid[NB];
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb)
-        bvalid[nb] = nb < nbp && (nb0 + nb) * 8 + g < rows;
-
       float acc[2][NB][4];
 #pragma unroll
       for (int mr = 0; mr < 2; ++mr)
@@ -200,34 +193,40 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         const int cs = k0 + c * chunk_blocks;
         const int ce = min(k1, cs + chunk_blocks);
         const uint4* bbuf = stage + (c & 1) * buf_vecs + lane;
+        // Block cb (ring slot st): decode, refill the slot, multiply with
+        // all NB tiles. Tiles past nbp and padding rows read stale staging
+        // data: they only feed batch columns that are never stored, and
+        // with no per-tile branch the MMAs of a block (and the decode of
+        // the next) form one basic block the compiler can interleave.
+        auto step = [&](const int st, const int cb) {
+          uint32_t frag[4][4];
+          decode_block<K, kCopies>(w[st], lut, lane_term, lane, frag);
+          if (cb + kStagesNB < k1)
+            load_lane<K>(wptr + (size_t)(cb + kStagesNB) * Blk::kBytes, w[st]);
+          const uint4* bp = bbuf + (cb - cs) * 32;
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb) {
+            const uint4 b = bp[nb * chunk_blocks * 32];
+            // frag[kc * 2 + mr]; b.x, b.y: k-tile 0, b.z, b.w: 1.
+            mma_16816(acc[0][nb], frag[0], b.x, b.y);
+            mma_16816(acc[1][nb], frag[1], b.x, b.y);
+            mma_16816(acc[0][nb], frag[2], b.z, b.w);
+            mma_16816(acc[1][nb], frag[3], b.z, b.w);
+          }
+        };
         if (active) {
           // chunk_blocks is a multiple of the ring depth, so every chunk starts
-          // at ring slot 0 and the ring index stays a constant.
-          for (int base = cs; base < ce; base += kStagesNB) {
+          // at ring slot 0 and the ring index stays a constant. Whole rings
+          // first (no per-block check), then the chunk's last partial ring.
+          int base = cs;
+          for (; base + kStagesNB <= ce; base += kStagesNB) {
 #pragma unroll
-            for (int st = 0; st < kStagesNB; ++st) {
-              const int cb = base + st;
-              if (cb < ce) {  // warp-uniform
-                uint32_t frag[4][4];
-                decode_block<K, kCopies>(w[st], lut, lane_term, lane, frag);
-                if (cb + kStagesNB < k1)
-                  load_lane<K>(wptr + (size_t)(cb + kStagesNB) * Blk::kBytes,
-                               w[st]);
-                const uint4* bp = bbuf + (cb - cs) * 32;
+            for (int st = 0; st < kStagesNB; ++st) step(st, base + st);
+          }
+          if (base < ce) {
 #pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
-                  if (nb < nbp) {  // warp-uniform
-                    uint4 b = make_uint4(0u, 0u, 0u, 0u);
-                    if (bvalid[nb]) b = bp[nb * chunk_blocks * 32];
-                    // frag[kc * 2 + mr]; b.x, b.y: k-tile 0, b.z, b.w: 1.
-                    mma_16816(acc[0][nb], frag[0], b.x, b.y);
-                    mma_16816(acc[1][nb], frag[1], b.x, b.y);
-                    mma_16816(acc[0][nb], frag[2], b.z, b.w);
-                    mma_16816(acc[1][nb], frag[3], b.z, b.w);
-                  }
-                }
-              }
-            }
+            for (int st = 0; st < kStagesNB; ++st)
+              if (base + st < ce) step(st, base + st);  // warp-uniform
           }
         }
         __syncthreads();
