@@ -547,6 +547,10 @@ def test_table_reruns_chosen_rows(tmp_path):
     ]
     merged = bench._merge(plan, {row.order: entry(*row.key, 23.9)}, earlier)
     assert [r["ppl_vllm"] for r in merged] == [23.4, 23.9, 6e5]
+    # Rows measured earlier keep their GPU; a row's own device wins.
+    earlier[2]["device"] = "NVIDIA H200"
+    rows = bench._earlier_rows({"device": "NVIDIA H100", "rows": earlier})
+    assert [r["device"] for r in rows] == ["NVIDIA H100"] * 2 + ["NVIDIA H200"]
 
     row.path.mkdir()
     stats = {"options": row.options["layers"], "e2e_options": row.options["e2e"]}

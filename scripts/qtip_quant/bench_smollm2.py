@@ -285,14 +285,14 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         if not json_file.exists():
             raise ValueError(f"--rows merges into {json_file}, which does not exist")
         previous = json.loads(json_file.read_text())
-        earlier = previous["rows"]
+        earlier = _earlier_rows(previous)
         complete = complete and previous.get("complete", False)
         result |= {k: previous[k] for k in ("eval_text", "tokens") if k in previous}
     for row in sorted(selected, key=lambda r: r.priority):
         _drop_if_stale(row, root)
         if not (row.path / "config.json").exists():
             row.make()
-        fields = dict(row.fields)
+        fields = dict(row.fields) | {"device": result["device"]}
         stats_file = row.path / "quantize_stats.json"
         if stats_file.exists():
             stats = json.loads(stats_file.read_text())
@@ -327,6 +327,12 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     print(_markdown(result["rows"], result["rows"][0].get("ppl_vllm")))
     print("table complete" if result["complete"] else "table INCOMPLETE: rerun")
     return result
+
+
+def _earlier_rows(previous: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of an earlier table, each naming the GPU it was measured on
+    (a merged table can mix them; older files name it once, at the top)."""
+    return [{"device": previous.get("device")} | row for row in previous["rows"]]
 
 
 def _merge(
