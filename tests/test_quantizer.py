@@ -28,8 +28,18 @@ sys.path.insert(0, str(REPO / "scripts"))
 from qtip_quant import hessian, ldlq, quantize, resources, viterbi  # noqa: E402
 from qtip_quant.codebook import TLUT_STD, initial_tlut  # noqa: E402
 from qtip_quant.codec import QTIPCodeParams, qtip_checkpoint, qtip_utils  # noqa: E402
-from qtip_quant.e2e import E2EOptions, norm_names  # noqa: E402
-from qtip_quant.finetune import FinetuneOptions  # noqa: E402
+from qtip_quant.e2e import (  # noqa: E402
+    E2EOptions,
+    build_student,
+    finetune_e2e,
+    kl_to_teacher,
+    norm_names,
+)
+from qtip_quant.finetune import (  # noqa: E402
+    FinetuneOptions,
+    QuantizedLinear,
+    TrainableQTIPLinear,
+)
 from qtip_quant.rtn import rtn_quantize  # noqa: E402
 from qtip_quant.text import (  # noqa: E402
     CALIBRATION_PLAYS,
@@ -518,6 +528,92 @@ def test_e2e_finetune_lowers_kl_and_writes_what_it_trained(tmp_path, monkeypatch
     assert again["e2e"] == stats["e2e"]
     _, rerun = qtip_checkpoint.read_checkpoint(tmp_path / "again")
     assert all(torch.equal(rerun[k], t) for k, t in tensors.items())
+
+
+def test_e2e_step_builds_each_weight_once(tmp_path, monkeypatch):
+    """An end-to-end optimizer step builds each dense weight once for its
+    batch of sequences (and once per validation pass), and trains exactly
+    what rebuilding it in every forward does (the code before)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=96,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_hidden_layers=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    params = QTIPCodeParams(K=2)
+    g = torch.Generator().manual_seed(1)
+    quantized = {
+        i: {
+            path: QuantizedLinear(
+                states=torch.randint(0, 1 << 16, (m, n // 2), generator=g),
+                SU=torch.randn(n, generator=g).sign(),
+                SV=0.05 + 0.1 * torch.rand(m, generator=g),
+                tlut=TLUT_STD * torch.randn(512, 2, generator=g),
+                rcp=0,
+                tp_rank=1,
+                proxy=0.0,
+            )
+            for path, (m, n) in qtip_checkpoint.llama_projection_shapes(config).items()
+        }
+        for i in range(2)
+    }
+    seqs = torch.randint(0, 64, (17, 16), generator=torch.Generator().manual_seed(2))
+    # 4 held out, 13 trained on: batches of 3, 3, 3, 3 and 1.
+    options = E2EOptions(seqs=17, epochs=1, lr=1e-2, batch_size=3)
+
+    builds = []
+    weight = TrainableQTIPLinear.weight
+
+    def counted(self):
+        builds.append(self)
+        return weight(self)
+
+    monkeypatch.setattr(TrainableQTIPLinear, "weight", counted)
+    state_file = tmp_path / "e2e_state.pt"
+    finetune_e2e(
+        model, quantized, params, seqs, options, torch.float32, state_file=state_file
+    )
+    # 14 modules; 3 validation passes (before, after the epoch, final), 5 steps.
+    assert len(builds) == 14 * (3 + 5)
+    state = torch.load(state_file, weights_only=False)
+    trained = state["params"]
+
+    # The reference: every forward rebuilds its weights, one backward per
+    # sequence accumulates into SU, SV, tlut and the norms.
+    student, _ = build_student(model, quantized, params)
+    ref = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    initial = {n: p.detach().clone() for n, p in ref.items()}
+    optimizer = torch.optim.Adam(ref.values(), lr=options.lr)
+    train = seqs[:13]
+    generator = torch.Generator().manual_seed(options.seed)
+    order = torch.randperm(len(train), generator=generator).tolist()
+    for b in range(0, len(order), options.batch_size):
+        batch = order[b : b + options.batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        for i in batch:
+            kl = kl_to_teacher(student, model, train[i][None], False)
+            (kl / len(batch)).backward()
+        optimizer.step()
+    assert ref.keys() == trained.keys()
+    assert any(".tlut" in n for n in ref) and any("norm" in n for n in ref)
+    for k, (name, p) in enumerate(ref.items()):
+        assert not torch.equal(p, initial[name]), name
+        torch.testing.assert_close(trained[name], p.detach(), rtol=1e-5, atol=1e-6)
+        # Adam's values are blind to a scale of the gradients; its first
+        # moment is not.
+        moment = optimizer.state[p]["exp_avg"]
+        tol = 1e-5 * float(moment.abs().max())
+        torch.testing.assert_close(
+            state["optimizer"]["state"][k]["exp_avg"], moment, rtol=1e-4, atol=tol
+        )
 
 
 def test_table_reruns_chosen_rows(tmp_path):

@@ -12,10 +12,12 @@ computed on the fly. Embeddings (and a tied lm_head) stay as they are. A
 held-out part of the sequences picks the best epoch.
 
 Memory: one sequence per forward (gradients accumulate over --e2e-batch-size
-sequences), the student in fp32 with a bf16 autocast forward on CUDA; for
-SmolLM2-135M with 2048-token sequences that is a few GiB. Unlike the
-per-layer stages this holds the whole model (the teacher and the student):
-it is for models that fit the GPU twice over (resources.e2e_memory).
+sequences; each dense weight is built once per optimizer step, its gradient
+summed over the batch: finetune.shared_weights), the student in fp32 with a
+bf16 autocast forward on CUDA; for SmolLM2-135M with 2048-token sequences
+that is a few GiB. Unlike the per-layer stages this holds the whole model
+(the teacher and the student): it is for models that fit the GPU twice over
+(resources.e2e_memory).
 
 Resumable: with a state file, the trained values, the optimizer, the best
 epoch so far and the data order's random state are saved after every epoch,
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .codec import QTIPCodeParams
-from .finetune import QuantizedLinear, TrainableQTIPLinear
+from .finetune import QuantizedLinear, TrainableQTIPLinear, shared_weights
 from .model_io import LAYER_NORMS
 
 
@@ -160,7 +162,7 @@ def finetune_e2e(
 
     def validation() -> float:
         student.eval()
-        with torch.no_grad():
+        with torch.no_grad(), shared_weights(modules.values()):
             total = sum(
                 kl_to_teacher(student, model, ids[None].to(device), autocast).item()
                 for ids in valid
@@ -204,9 +206,11 @@ def finetune_e2e(
         for b in range(0, len(order), options.batch_size):
             batch = order[b : b + options.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            for i in batch:
-                ids = train[i][None].to(device)
-                (kl_to_teacher(student, model, ids, autocast) / len(batch)).backward()
+            with shared_weights(modules.values()):
+                for i in batch:
+                    ids = train[i][None].to(device)
+                    loss = kl_to_teacher(student, model, ids, autocast) / len(batch)
+                    loss.backward()
             optimizer.step()
         score = validation()
         history.append(score)

@@ -9,7 +9,9 @@ output on calibration inputs. A held-out part of the inputs picks the best
 epoch (early stopping).
 """
 
+import contextlib
 import copy
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +79,8 @@ class TrainableQTIPLinear(torch.nn.Module):
     The Hadamards are the codec's fast transforms (as in
     ``qtip_utils.dequantize_weight``): O(mn log n) per rebuild instead of
     the O(mn(m + n)) of dense products, which dominated fine-tuning of wide
-    layers.
+    layers. Inside ``shared_weights`` the forward uses a weight built once
+    for many forwards instead.
     """
 
     def __init__(
@@ -94,6 +97,8 @@ class TrainableQTIPLinear(torch.nn.Module):
         self.tlut = (
             None if q.tlut is None else torch.nn.Parameter(q.tlut.float().clone())
         )
+        # The weight that forward uses while shared_weights holds one.
+        self.shared: torch.Tensor | None = None
 
     def weight(self) -> torch.Tensor:
         m, n = self.SV.numel(), self.SU.numel()
@@ -105,11 +110,48 @@ class TrainableQTIPLinear(torch.nn.Module):
         return self.SV[:, None] * w * self.SU[None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The weight is rebuilt in fp32 even under autocast: bf16 Hadamard
-        # products would add rounding error of the size of the 4-bit code's.
-        with torch.autocast(x.device.type, enabled=False):
-            weight = self.weight()
+        weight = self.shared
+        if weight is None:
+            # The weight is rebuilt in fp32 even under autocast: bf16 Hadamard
+            # products would add rounding error of the size of the 4-bit code's.
+            with torch.autocast(x.device.type, enabled=False):
+                weight = self.weight()
         return F.linear(x, weight.to(x.dtype))
+
+
+@contextlib.contextmanager
+def shared_weights(modules: Iterable[TrainableQTIPLinear]) -> Iterator[None]:
+    """Build each module's weight once for all forwards inside the block.
+
+    Rebuilding every weight in every forward costs many small kernels per
+    projection; an optimizer step over a batch of sequences (one forward and
+    backward each) or an evaluation pass needs each weight only once. Under
+    grad mode the forwards see a detached copy that requires grad, whose
+    .grad sums the gradients of all backward passes in the block; when the
+    block ends (without an exception) that sum is sent back through the
+    rebuild once, so SU, SV and tlut get the gradients that per-forward
+    rebuilds would have given them (the rebuild is linear in its output's
+    gradient: equal up to rounding). Under no_grad the forwards simply share
+    the weight.
+    """
+    modules = list(modules)
+    built = []
+    for m in modules:
+        # fp32 even under autocast, as in forward.
+        with torch.autocast(m.SU.device.type, enabled=False):
+            built.append(m.weight())
+    leaves = [w.detach().requires_grad_(w.requires_grad) for w in built]
+    try:
+        for m, leaf in zip(modules, leaves):
+            m.shared = leaf
+        yield
+        pairs = [(w, x.grad) for w, x in zip(built, leaves) if x.grad is not None]
+        if pairs:
+            weights, grads = zip(*pairs)
+            torch.autograd.backward(weights, grads)
+    finally:
+        for m in modules:
+            m.shared = None
 
 
 def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module):
@@ -186,7 +228,9 @@ def finetune_layer(
         return F.mse_loss(out, targets[index].to(device))
 
     def validation() -> float:
-        with torch.no_grad():
+        # One optimizer step per input batch: training builds each weight once
+        # per step anyway; validation shares it over the held-out batches.
+        with torch.no_grad(), shared_weights(modules.values()):
             return sum(loss_of(i).item() for i in valid) / len(valid)
 
     def snapshot() -> dict[str, dict[str, torch.Tensor]]:

@@ -110,8 +110,9 @@ def layer_memory(
 
 def e2e_memory(config: Any, *, seqlen: int, model_bytes: int = 2) -> int:
     """End-to-end fine-tuning: the original model, an fp32 student whose
-    projections keep int64 states and rebuild fp32 weights for backward,
-    and the logits of one sequence."""
+    projections keep int64 states and rebuild fp32 weights for backward
+    (with their gradients summed over a batch), and the logits of one
+    sequence."""
     shapes = qtip_checkpoint.llama_projection_shapes(config)
     weights = sum(m * n for m, n in shapes.values()) * config.num_hidden_layers
     embed = config.vocab_size * config.hidden_size
@@ -120,7 +121,7 @@ def e2e_memory(config: Any, *, seqlen: int, model_bytes: int = 2) -> int:
     return (
         params * model_bytes
         + heads * embed * 4
-        + weights * (4 + 16)
+        + weights * (4 + 20)
         + seqlen * config.vocab_size * 4 * 6
     )
 
