@@ -332,8 +332,8 @@ def test_initial_tlut_is_seeded_and_scaled():
         initial_tlut(SMALL)
 
 
-def _tiny_llama(path: Path, **overrides) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
 
     config = dict(
         hidden_size=32,
@@ -347,8 +347,14 @@ def _tiny_llama(path: Path, **overrides) -> Path:
         tie_word_embeddings=False,
     )
     config.update(overrides)
+    return LlamaConfig(**config)
+
+
+def _tiny_llama(path: Path, **overrides) -> Path:
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.float16)
+    model = LlamaForCausalLM(_tiny_llama_config(**overrides)).to(torch.float16)
     with torch.no_grad():
         # Larger weights than the default init, so quantization noise is
         # visible in the logits.
@@ -534,18 +540,9 @@ def test_e2e_step_builds_each_weight_once(tmp_path, monkeypatch):
     """An end-to-end optimizer step builds each dense weight once for its
     batch of sequences (and once per validation pass), and trains exactly
     what rebuilding it in every forward does (the code before)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=96,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        num_hidden_layers=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
+    config = _tiny_llama_config(num_attention_heads=2, head_dim=16, num_hidden_layers=2)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     params = QTIPCodeParams(K=2)
