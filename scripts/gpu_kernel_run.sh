@@ -83,7 +83,10 @@ step_bench() {
 # of one qtip_matmul call for each m x n in NCU_SHAPES, then (unless
 # NCU_DETAIL=0) one detailed report and the stall reasons of the third
 # launch of NCU_KERNEL (a regex, default qtip_mma: only below 256 rows, where
-# the fused path runs) at NCU_M x 4096.
+# the fused path runs; NCU_SKIP matching launches skipped first, default 2) at
+# NCU_M x 4096. The matching launches come in profile_kernels.py's call order:
+# e.g. NCU_KERNEL=qtip_hadamard matches each call's input then output
+# transform, so NCU_SKIP=3 picks the second call's output transform.
 # The raw files go to $OUT/ncu.tgz (a device call returns at most 8 files).
 step_ncu() {
   local raw=$OUT/ncu
@@ -106,7 +109,7 @@ PY
     # The dense path has no qtip_mma; NCU_DETAIL=0 skips the detailed report.
     [ "${NCU_DETAIL:-1}" = 1 ] || continue
     [ "$batch" -lt 256 ] || [ "${NCU_KERNEL:-qtip_mma}" != qtip_mma ] || continue
-    timeout 180 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip 2 --launch-count 1 \
+    timeout 180 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
       --metrics smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__warps_active.avg.pct_of_peak_sustained_active \
       python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
@@ -118,7 +121,7 @@ PY
     reasons+=" short_scoreboard sleeping tex_throttle wait"
     local metrics=""
     for r in $reasons; do metrics+="${metrics:+,}smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"; done
-    timeout 120 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip 2 --launch-count 1 \
+    timeout 120 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
       --metrics "$metrics" python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
       | tee "$raw/ncu_stalls_b$batch.log" | grep "stalled" | sort -k3 -g -r | head -8
   done
