@@ -101,21 +101,19 @@ class TrainableQTIPLinear(torch.nn.Module):
         self.shared: torch.Tensor | None = None
 
     def weight(self) -> torch.Tensor:
-        m, n = self.SV.numel(), self.SU.numel()
-        w_hat = qtip_utils.decode_states(self.states, self.params, self.tlut)
-        # Rows of W_hat Hn^T are Hn applied to rows of W_hat; then Hm on
-        # the columns.
-        w = _Hadamard.apply(w_hat.reshape(m, n), False, self.in_block)
-        w = _Hadamard.apply(w.T, False, self.out_block).T
-        return self.SV[:, None] * w * self.SU[None, :]
+        # Built in fp32 even under autocast: bf16 Hadamard products would add
+        # rounding error of the size of the 4-bit code's.
+        with torch.autocast(self.SU.device.type, enabled=False):
+            m, n = self.SV.numel(), self.SU.numel()
+            w_hat = qtip_utils.decode_states(self.states, self.params, self.tlut)
+            # Rows of W_hat Hn^T are Hn applied to rows of W_hat; then Hm on
+            # the columns.
+            w = _Hadamard.apply(w_hat.reshape(m, n), False, self.in_block)
+            w = _Hadamard.apply(w.T, False, self.out_block).T
+            return self.SV[:, None] * w * self.SU[None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.shared
-        if weight is None:
-            # The weight is rebuilt in fp32 even under autocast: bf16 Hadamard
-            # products would add rounding error of the size of the 4-bit code's.
-            with torch.autocast(x.device.type, enabled=False):
-                weight = self.weight()
+        weight = self.weight() if self.shared is None else self.shared
         return F.linear(x, weight.to(x.dtype))
 
 
@@ -135,11 +133,7 @@ def shared_weights(modules: Iterable[TrainableQTIPLinear]) -> Iterator[None]:
     the weight.
     """
     modules = list(modules)
-    built = []
-    for m in modules:
-        # fp32 even under autocast, as in forward.
-        with torch.autocast(m.SU.device.type, enabled=False):
-            built.append(m.weight())
+    built = [m.weight() for m in modules]
     leaves = [w.detach().requires_grad_(w.requires_grad) for w in built]
     try:
         for m, leaf in zip(modules, leaves):
