@@ -2,8 +2,9 @@
 """Scale table: the largest Llama shapes on one H200, and the cost of TP itself.
 
 Every configuration runs in its own process with dummy weights, CUDA graphs
-and torch.compile on (vLLM's defaults), and measures decode throughput with
-32-token prompts and 128 generated tokens per request at each batch size:
+(captured for the measured batch sizes) and torch.compile on, and measures
+decode throughput with 32-token prompts and 128 generated tokens per request
+at each batch size:
 
     70b-qtip2, 70b-qtip4   Llama-3.1-70B shape, QTIP 2/4-bit, one GPU
     70b-fp16-tp2           the same shape in FP16 over two GPUs (TP=2)
@@ -95,7 +96,15 @@ def config(model: str, weights: str, batches: list[int], **llm_args) -> dict:
         batches=batches,
         tp=llm_args.pop("tensor_parallel_size", 1),
         pp=llm_args.pop("pipeline_parallel_size", 1),
-        llm_args={"max_model_len": 2048, **llm_args},
+        llm_args={
+            "max_model_len": 2048,
+            # Graphs for the measured batches only: each decode step of a
+            # batch runs the same graph as with vLLM's default sizes, and
+            # start-up (up to 150 s for 405B on the H200) no longer captures
+            # sizes nobody runs.
+            "compilation_config": {"cudagraph_capture_sizes": sorted(batches)},
+            **llm_args,
+        },
     )
 
 
