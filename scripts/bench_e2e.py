@@ -2,7 +2,8 @@
 """End-to-end decode speed through vLLM: FP16 vs AWQ 4-bit vs QTIP 2/3/4-bit.
 
 Every configuration runs in its own process, with dummy weights, CUDA graphs
-and torch.compile on (vLLM's defaults). Decode throughput is measured with
+(captured for the measured batch sizes) and torch.compile on. Decode
+throughput is measured with
 32-token prompts and 256 generated tokens at each batch size; time to first
 token with one 2048-token prompt.
 
