@@ -3,9 +3,8 @@
 
 Every configuration runs in its own process, with dummy weights, CUDA graphs
 (captured for the measured batch sizes) and torch.compile on. Decode
-throughput is measured with
-32-token prompts and 256 generated tokens at each batch size; time to first
-token with one 2048-token prompt.
+throughput is measured with 32-token prompts and 256 generated tokens at each
+batch size; time to first token with one 2048-token prompt.
 
     python scripts/bench_e2e.py --out benchmarks/e2e_h100.json
 
