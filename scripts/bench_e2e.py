@@ -138,6 +138,15 @@ def token_prompts(vocab: int, n: int, length: int, salt: int = 0) -> list:
     ]
 
 
+def measured_graphs(batches: list[int]) -> dict:
+    """vLLM compilation_config with CUDA graphs for the measured batch sizes
+    only: a decode step of each batch runs the same graph as with vLLM's
+    default sizes, and start-up (up to 150 s for 405B on the H200) captures
+    no sizes nobody runs. Prompts longer than the largest size run without a
+    graph either way."""
+    return {"cudagraph_capture_sizes": sorted(batches)}
+
+
 def decode_tok_s(llm, batches: list[int], gen_len: int) -> list[dict]:
     """Decode tok/s at each batch size: PROMPT_LEN-token prompts, gen_len
     new tokens each, after one warm-up at the largest batch."""
@@ -174,11 +183,7 @@ def run_one(model_dir: str, batches: list[int]) -> list[dict]:
         max_num_seqs=max(batches),
         gpu_memory_utilization=0.85,
         seed=0,
-        # Graphs for the measured batches only: a decode step of each runs
-        # the same graph as with vLLM's default sizes, and start-up captures
-        # no sizes nobody runs (the 2048-token prompt runs without a graph
-        # either way).
-        compilation_config={"cudagraph_capture_sizes": sorted(batches)},
+        compilation_config=measured_graphs(batches),
     )
     vocab = llm.llm_engine.model_config.get_vocab_size()
     rows = decode_tok_s(llm, batches, GEN_LEN)

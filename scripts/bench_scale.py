@@ -47,7 +47,14 @@ import time
 from pathlib import Path
 
 from bench_e2e import MODELS as E2E_MODELS
-from bench_e2e import PROMPT_LEN, QTIP, decode_tok_s, start_result, write_llama_dir
+from bench_e2e import (
+    PROMPT_LEN,
+    QTIP,
+    decode_tok_s,
+    measured_graphs,
+    start_result,
+    write_llama_dir,
+)
 
 LLAMA_31_ROPE = {
     "rope_type": "llama3",
@@ -98,11 +105,7 @@ def config(model: str, weights: str, batches: list[int], **llm_args) -> dict:
         pp=llm_args.pop("pipeline_parallel_size", 1),
         llm_args={
             "max_model_len": 2048,
-            # Graphs for the measured batches only: each decode step of a
-            # batch runs the same graph as with vLLM's default sizes, and
-            # start-up (up to 150 s for 405B on the H200) no longer captures
-            # sizes nobody runs.
-            "compilation_config": {"cudagraph_capture_sizes": sorted(batches)},
+            "compilation_config": measured_graphs(batches),
             **llm_args,
         },
     )

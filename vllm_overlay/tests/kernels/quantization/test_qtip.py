@@ -161,7 +161,7 @@ def test_linear_k34(m: int, n: int, K: int, dtype: torch.dtype):
 
 @pytest.mark.parametrize("K", (2, 3, 4))
 @pytest.mark.parametrize("batch", (1, 5, 8, 9, 16, 17, 32, 40, 64, 65, 130))
-# 1056 rows = 33 row tiles: the last work unit and warpgroup are partial.
+# 1056 rows = 33 row tiles: the last work unit is partial.
 @pytest.mark.parametrize("m,n", ((1024, 2048), (1056, 576)))
 def test_gemm_vs_decoded(K: int, batch: int, m: int, n: int):
     # Every batch tiling (1, 2, 4, 8 n8 tiles, several 64-row passes, partial
@@ -194,8 +194,7 @@ def test_block_diagonal_linear():
         ([4096, 1024, 1024], 4096, None),  # Llama-3 q/k/v (GQA)
         ([11008, 11008], 4096, None),  # Llama-2 gate/up (K=172 output)
         ([512, 128, 128], 576, [64, 16, 16]),  # TP-split blocks per shard
-        # 15 row tiles per shard (H_60 output): partial work units and
-        # warpgroups.
+        # 15 row tiles per shard (H_60 output): partial work units.
         ([480, 480], 576, None),
     ],
     ids=["qkv-gqa", "gate-up", "blocks", "odd-tiles"],
