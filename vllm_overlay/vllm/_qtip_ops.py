@@ -205,24 +205,34 @@ def _check_factor(had: torch.Tensor | None, name: str, device: torch.device) -> 
 
 
 def qtip_gemm(
-    x: torch.Tensor, trellis: torch.Tensor, tlut: torch.Tensor, m: int, K: int
+    x: torch.Tensor,
+    trellis: torch.Tensor,
+    tlut: torch.Tensor,
+    m: int | list[int],
+    K: int,
 ) -> torch.Tensor:
     """x (B, n) fp16 @ W_hat^T -> (B, m) fp32, W_hat decoded on the fly.
 
     The fused GEMM of qtip_matmul on its own (x laid out for the tensor
     cores and the split-K partial sums added here; inside qtip_matmul the
-    Hadamard kernels do both).
+    Hadamard kernels do both). For several shards back to back, m lists
+    their row counts, x is (shards, B, n) with one input per shard and tlut
+    (shards, 512, 2); the output holds their products side by side.
     """
-    trellis3 = _check_trellis(trellis, tlut, m, x.shape[-1], K)
-    return torch.ops._qtip_C.qtip_gemm(x, trellis3, tlut, [m])
+    shard_rows = [m] if isinstance(m, int) else list(m)
+    trellis3 = _check_trellis(
+        trellis, tlut, sum(shard_rows), x.shape[-1], K, len(shard_rows)
+    )
+    return torch.ops._qtip_C.qtip_gemm(x, trellis3, tlut, shard_rows)
 
 
 def qtip_decode(
-    trellis: torch.Tensor, tlut: torch.Tensor, m: int, n: int, K: int
+    trellis: torch.Tensor, tlut: torch.Tensor, m: int | list[int], n: int, K: int
 ) -> torch.Tensor:
-    """The Hadamard-domain weight W_hat (m, n) in fp16."""
-    trellis3 = _check_trellis(trellis, tlut, m, n, K)
-    return torch.ops._qtip_C.qtip_decode(trellis3, tlut, [m])
+    """The Hadamard-domain weight W_hat (m, n) in fp16 (m as in qtip_gemm)."""
+    shard_rows = [m] if isinstance(m, int) else list(m)
+    trellis3 = _check_trellis(trellis, tlut, sum(shard_rows), n, K, len(shard_rows))
+    return torch.ops._qtip_C.qtip_decode(trellis3, tlut, shard_rows)
 
 
 def qtip_hadamard(
@@ -230,7 +240,8 @@ def qtip_hadamard(
     had_k: torch.Tensor | None = None,
     *,
     transpose: bool = False,
-    block_size: int | None = None,
+    block_size: int | list[int] | None = None,
+    segment_sizes: list[int] | None = None,
     in_scale: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
     factor: float = 1.0,
@@ -241,11 +252,21 @@ def qtip_hadamard(
     H = (H_K kron Sylvester) / sqrt(b) (H_K^T if ``transpose``), applied to
     each contiguous block of ``block_size`` (default: the whole dim) elements;
     ``had_k`` is H_K (float32 K x K on x's device) or None for powers of two.
+    ``segment_sizes`` splits the last dim into segments (q/k/v outputs side
+    by side), each with its own entry of a list ``block_size``. An in_scale
+    of shape (shards, n) gives one output per shard: (shards, ..., n).
     The kernel reads ``had_k`` before the previous kernel on the stream has
     finished (programmatic dependent launch), so it must be a buffer that is
     not written just before, like a layer's H_K.
     """
     n = x.shape[-1]
+    segments = [n] if segment_sizes is None else list(segment_sizes)
+    if block_size is None:
+        blocks = segments
+    elif isinstance(block_size, int):
+        blocks = [block_size] * len(segments)
+    else:
+        blocks = list(block_size)
     x2 = x.reshape(-1, n).contiguous()
     y = torch.ops._qtip_C.qtip_hadamard(
         x2,
@@ -253,11 +274,13 @@ def qtip_hadamard(
         out_scale,
         had_k,
         transpose,
-        [n if block_size is None else block_size],
-        [n],
+        blocks,
+        segments,
         factor,
         x.dtype if out_dtype is None else out_dtype,
     )
+    if in_scale is not None and in_scale.dim() == 2:
+        return y.reshape(in_scale.shape[0], *x.shape)
     return y.reshape(x.shape)
 
 

@@ -155,8 +155,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # The fused decode GEMM, and decode + cuBLAS.
 @pytest.mark.parametrize("rows", [5, QTIP_DENSE_MIN_ROWS])
 def test_gathered_forward_kernels_on_one_rank(dist_init, rows):
-    # q/k with K=2 and v with K=4: q/k/v runs shard by shard, gate/up as one
-    # fused call.
+    # q/k with K=2 and v with K=4: the W_hat products of q/k/v run in two
+    # calls, gate/up in one.
     spec = dataclasses.replace(SPEC, num_hidden_layers=1, K_v_proj=4)
     params = quip_params(spec.code_params, K_v_proj=4)
     cfg = QTIPConfig.from_config({"quant_method": "qtip", **params})
@@ -186,9 +186,9 @@ def test_gathered_forward_kernels_on_one_rank(dist_init, rows):
     qkv = block.self_attn.qkv_proj
     shard = qkv.qtip_shards[0]
     n = qkv.qtip_in_size
-    xh = torch.randn(rows, n, generator=gen, device="cuda").half()
+    xh = torch.randn(1, rows, n, generator=gen, device="cuda").half()
     trellis = qkv.trellis.narrow(0, shard.word_offset, shard.num_words(n))
     torch.library.opcheck(
         torch.ops.vllm.qtip_hat_product.default,
-        (xh, trellis, qkv.tlut[0], shard.out_size, shard.params.K),
+        (xh, trellis, qkv.tlut[:1], [shard.out_size], shard.params.K),
     )

@@ -25,6 +25,9 @@ sync, and vLLM's collectives are custom ops, so the forward is CUDA-graph and
 torch.compile safe. The three steps, :func:`input_transform`,
 :func:`hat_product` and :func:`output_transform`, run the CUDA kernels or the
 reference codec with the reference numerics (fp16 GEMM input, fp32 products).
+Each takes all quantized shards of a fused layer in one kernel call where
+they can share it: at batch 1 a layer's time is mostly launches and
+collectives, not bytes.
 """
 
 from typing import TYPE_CHECKING
@@ -44,7 +47,6 @@ from vllm.utils.torch_utils import direct_register_custom_op
 if TYPE_CHECKING:
     from vllm.model_executor.layers.quantization.qtip import (
         QTIPShard,
-        QTIPTransform,
     )
 
 # layer.qtip_gather: which side of a rcp=0 layer is all-gathered at TP > 1.
@@ -53,21 +55,32 @@ GATHER_OUTPUT = "output"
 
 
 def _qtip_hat_product(
-    xh: torch.Tensor, trellis: torch.Tensor, tlut: torch.Tensor, m: int, K: int
+    xh: torch.Tensor,
+    trellis: torch.Tensor,
+    tlut: torch.Tensor,
+    shard_rows: list[int],
+    K: int,
 ) -> torch.Tensor:
-    # The W_hat product of qtip_matmul on its own, with its batch dispatch
-    # inside one op so that torch.compile sees no branch on the number of
-    # rows. A GEMM-only kernel op would replace it.
-    if xh.shape[0] < qtip_ops.QTIP_DENSE_MIN_ROWS:
-        return qtip_ops.qtip_gemm(xh, trellis, tlut, m, K)
-    w_hat = qtip_ops.qtip_decode(trellis, tlut, m, xh.shape[1], K)
-    return torch.mm(xh, w_hat.t()).float()
+    # The W_hat products of qtip_matmul on their own: xh (shards, rows, n)
+    # fp16, one input per shard, times each shard's W_hat^T, side by side in
+    # fp32. The batch dispatch sits inside one op so that torch.compile sees
+    # no branch on the number of rows.
+    rows, n = xh.shape[-2:]
+    if rows < qtip_ops.QTIP_DENSE_MIN_ROWS:
+        return qtip_ops.qtip_gemm(xh, trellis, tlut, shard_rows, K)
+    w_hat = qtip_ops.qtip_decode(trellis, tlut, shard_rows, n, K)
+    products = [torch.mm(x_s, w_s.t()) for x_s, w_s in zip(xh, w_hat.split(shard_rows))]
+    return torch.cat(products, dim=-1).float()
 
 
 def _qtip_hat_product_fake(
-    xh: torch.Tensor, trellis: torch.Tensor, tlut: torch.Tensor, m: int, K: int
+    xh: torch.Tensor,
+    trellis: torch.Tensor,
+    tlut: torch.Tensor,
+    shard_rows: list[int],
+    K: int,
 ) -> torch.Tensor:
-    return xh.new_empty((xh.shape[0], m), dtype=torch.float32)
+    return xh.new_empty((xh.shape[-2], sum(shard_rows)), dtype=torch.float32)
 
 
 direct_register_custom_op(
@@ -75,18 +88,36 @@ direct_register_custom_op(
 )
 
 
-def input_transform(
-    layer: torch.nn.Module,
-    x: torch.Tensor,
-    shard: "QTIPShard",
-    transform: "QTIPTransform",
-) -> torch.Tensor:
-    """Hn^T (SU * x) / 32 of a quantized shard in fp16: its GEMM input.
+def _runs(shards: list["QTIPShard"], key) -> list[list["QTIPShard"]]:
+    """Consecutive shards with the same key(shard): one kernel call each."""
+    runs: list[list[QTIPShard]] = []
+    for shard in shards:
+        if runs and key(runs[-1][-1]) == key(shard):
+            runs[-1].append(shard)
+        else:
+            runs.append([shard])
+    return runs
 
-    x (rows, n) holds every input feature the transform spans.
+
+def _bits(shard: "QTIPShard") -> int:
+    assert shard.params is not None
+    return shard.params.K
+
+
+def input_transform(
+    layer: torch.nn.Module, x: torch.Tensor, shards: list["QTIPShard"]
+) -> torch.Tensor:
+    """Hn^T (SU_s * x) / 32 in fp16 of each quantized shard s: (shards, rows, n).
+
+    x (rows, n) holds every input feature the transforms span. The shards
+    are consecutive quantized ones of the layer; they share the input, so
+    one kernel call serves them all.
     """
-    su = layer.SU[shard.index]
-    had = getattr(layer, f"qtip_had_in_{shard.index}")
+    first = shards[0].index
+    assert [sh.index for sh in shards] == list(range(first, first + len(shards)))
+    su = layer.SU[first : first + len(shards)]
+    transform = layer.qtip_transforms[first]
+    had = getattr(layer, f"qtip_had_in_{first}")
     if layer.qtip_use_kernels:
         return qtip_ops.qtip_hadamard(
             x,
@@ -97,41 +128,88 @@ def input_transform(
             factor=1.0 / FORWARD_SCALE,
             out_dtype=torch.float16,
         )
-    xf = hadamard_transform(
-        x.float() * su, transpose=True, block_size=transform.in_block, had_k=had
+    xf = torch.stack(
+        [
+            hadamard_transform(
+                x.float() * su_s,
+                transpose=True,
+                block_size=transform.in_block,
+                had_k=had,
+            )
+            for su_s in su
+        ]
     )
     return (xf / FORWARD_SCALE).half()
 
 
 def hat_product(
-    layer: torch.nn.Module, xh: torch.Tensor, shard: "QTIPShard"
+    layer: torch.nn.Module, xh: torch.Tensor, shards: list["QTIPShard"]
 ) -> torch.Tensor:
-    """xh (rows, n) fp16 times this rank's W_hat^T of a shard: fp32 (rows, m)."""
-    assert shard.params is not None
+    """xh (shards, rows, n) fp16 times this rank's W_hat^T of each shard.
+
+    fp32 (rows, sum of the shards' rows), the products side by side. The
+    shards are consecutive quantized ones of the same K, whose trellises
+    lie back to back: one kernel call.
+    """
     n = xh.shape[-1]
-    trellis = layer.trellis.narrow(0, shard.word_offset, shard.num_words(n))
-    tlut = layer.tlut[shard.index] if shard.params.uses_tlut else None
+    params = shards[0].params
+    assert params is not None
+    words = sum(sh.num_words(n) for sh in shards)
+    trellis = layer.trellis.narrow(0, shards[0].word_offset, words)
+    rows = [sh.out_size for sh in shards]
     if layer.qtip_use_kernels:
-        return torch.ops.vllm.qtip_hat_product(
-            xh, trellis, tlut, shard.out_size, shard.params.K
-        )
-    w_hat = decode_weight(trellis, tlut, shard.out_size, n, shard.params)
-    return xh.float() @ w_hat.T
+        first = shards[0].index
+        tlut = layer.tlut[first : first + len(shards)]
+        return torch.ops.vllm.qtip_hat_product(xh, trellis, tlut, rows, params.K)
+    products = []
+    for x_s, shard, trellis_s in zip(
+        xh, shards, trellis.split([sh.num_words(n) for sh in shards])
+    ):
+        tlut = layer.tlut[shard.index] if params.uses_tlut else None
+        w_hat = decode_weight(trellis_s, tlut, shard.out_size, n, params)
+        products.append(x_s.float() @ w_hat.T)
+    return _cat(products)
 
 
 def output_transform(
-    layer: torch.nn.Module,
-    acc: torch.Tensor,
-    shard: "QTIPShard",
-    transform: "QTIPTransform",
+    layer: torch.nn.Module, acc: torch.Tensor, shards: list["QTIPShard"]
 ) -> torch.Tensor:
-    """Hm acc of a quantized shard in fp32 (no scales)."""
-    had = getattr(layer, f"qtip_had_out_{shard.index}")
-    if layer.qtip_use_kernels:
-        return qtip_ops.qtip_hadamard(
-            acc, had, block_size=transform.out_block, out_dtype=torch.float32
+    """Hm of each shard's full output in fp32 (no scales).
+
+    acc (rows, sum of the shards' out_full) holds the outputs side by side.
+    Consecutive shards whose transforms share one H_K factor run in one
+    kernel call.
+    """
+    if not layer.qtip_use_kernels:
+        outputs = []
+        for shard, acc_s in zip(
+            shards, acc.split([sh.out_full for sh in shards], dim=-1)
+        ):
+            transform = layer.qtip_transforms[shard.index]
+            had = getattr(layer, f"qtip_had_out_{shard.index}")
+            outputs.append(
+                hadamard_transform(acc_s, block_size=transform.out_block, had_k=had)
+            )
+        return _cat(outputs)
+    runs = _runs(shards, lambda sh: layer.qtip_transforms[sh.index].out_factor)
+    widths = [sum(sh.out_full for sh in run) for run in runs]
+    outputs = []
+    for run, acc_run in zip(runs, acc.split(widths, dim=-1)):
+        outputs.append(
+            qtip_ops.qtip_hadamard(
+                acc_run.contiguous(),
+                getattr(layer, f"qtip_had_out_{run[0].index}"),
+                block_size=[layer.qtip_transforms[sh.index].out_block for sh in run],
+                segment_sizes=[sh.out_full for sh in run],
+                out_dtype=torch.float32,
+            )
         )
-    return hadamard_transform(acc, block_size=transform.out_block, had_k=had)
+    return _cat(outputs)
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Side by side along the last dim (no copy for one tensor)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=-1)
 
 
 def _scale_output(
@@ -157,42 +235,52 @@ def qtip_gathered_apply(
 
 def _row_parallel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """This rank's partial output; RowParallelLinear all-reduces it."""
-    (shard,) = layer.qtip_shards
-    (transform,) = layer.qtip_transforms
+    shards = layer.qtip_shards
     n = layer.qtip_in_size
     x_full = tensor_model_parallel_all_gather(x.contiguous(), dim=-1)
-    xh = input_transform(layer, x_full, shard, transform)
+    xh = input_transform(layer, x_full, shards)
     xh = xh.narrow(-1, layer.qtip_in_rank * n, n).contiguous()
-    acc = hat_product(layer, xh, shard)
-    y = output_transform(layer, acc, shard, transform)
+    y = output_transform(layer, hat_product(layer, xh, shards), shards)
     return _scale_output(y, layer.SV, x.dtype)
 
 
 def _column_parallel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """This rank's output columns of every shard, side by side."""
+    """This rank's output columns of every shard, side by side.
+
+    All quantized shards share each step (one input transform, one W_hat
+    product per K, one all-gather, one output transform per H_K factor), so
+    a fused q/k/v or gate/up layer launches no more kernels than one shard.
+    """
     quantized = [sh for sh in layer.qtip_shards if sh.params is not None]
-    accs = [
-        hat_product(layer, input_transform(layer, x, sh, t), sh)
-        for sh, t in zip(quantized, layer.qtip_transforms)
-    ]
-    acc = accs[0] if len(accs) == 1 else torch.cat(accs, dim=-1)
+    xh = input_transform(layer, x, quantized)
+    acc = _cat(
+        [
+            hat_product(layer, xh[run[0].index : run[-1].index + 1], run)
+            for run in _runs(quantized, _bits)
+        ]
+    )
     # (ranks, rows, this rank's outputs of the quantized shards).
     tp_size = layer.tp_size
     gathered = tensor_model_parallel_all_gather(acc, dim=0).view(tp_size, *acc.shape)
-    outputs = []
+    fulls = []
     col = 0
+    for shard in quantized:
+        # Ranks holding the same rows (replicated KV heads) come in groups
+        # of `replicas` consecutive ranks; take one of each group.
+        replicas = tp_size * shard.out_size // shard.out_full
+        full = gathered[::replicas, :, col : col + shard.out_size]
+        fulls.append(full.transpose(0, 1).reshape(x.shape[0], shard.out_full))
+        col += shard.out_size
+    y = output_transform(layer, _cat(fulls), quantized)
+    full_outputs = iter(y.split([sh.out_full for sh in quantized], dim=-1))
+    outputs = []
     for shard in layer.qtip_shards:
         rows = slice(shard.row_offset, shard.row_offset + shard.out_size)
         if shard.params is None:
             outputs.append(F.linear(x, layer.weight[rows]))
             continue
-        # Ranks holding the same rows (replicated KV heads) come in groups
-        # of `replicas` consecutive ranks; take one of each group.
-        replicas = tp_size * shard.out_size // shard.out_full
-        full = gathered[::replicas, :, col : col + shard.out_size]
-        full = full.transpose(0, 1).reshape(x.shape[0], shard.out_full)
-        col += shard.out_size
-        y = output_transform(layer, full, shard, layer.qtip_transforms[shard.index])
-        y = y.narrow(-1, shard.out_rank * shard.out_size, shard.out_size)
-        outputs.append(_scale_output(y, layer.SV[rows], x.dtype))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        y_s = next(full_outputs).narrow(
+            -1, shard.out_rank * shard.out_size, shard.out_size
+        )
+        outputs.append(_scale_output(y_s, layer.SV[rows], x.dtype))
+    return _cat(outputs)
