@@ -23,7 +23,8 @@
 #   scale   scripts/bench_scale.py -> /tmp/scale_h200.json, copied to $OUT
 #           (resumes like e2e; SCALE_ARGS narrows it, e.g.
 #           "--configs 405b-qtip2"; two-GPU configurations need two GPUs)
-# Logs go to $OUT (or /tmp/qtip-out).
+# Logs go to $OUT (or /tmp/qtip-out), packed into $OUT/results.tgz when
+# they are more than the 8 files a device call brings back.
 #   usage: scripts/gpu_host_run.sh setup tests models bench e2e
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,6 +32,7 @@ OUT=${OUT:-/tmp/qtip-out}
 SITE=/tmp/vllm-site
 VTREE=/tmp/vllm-tests-tree
 mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_pack_out.sh"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
 # The hosts keep NVLink multicast off; let vLLM's TP all-reduce not even set up
 # symmetric memory (its custom all-reduce and NCCL remain).

@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 # Kernel iteration on a GPU host without vLLM (torch only): build _qtip_C with
 # CMake, run the vLLM-free kernel tests, the decode-only
-# ceiling (hyb_decode_bench.cu) and the kernel benchmark; logs to $OUT.
+# ceiling (hyb_decode_bench.cu) and the kernel benchmark; logs to $OUT (one
+# results.tgz when more than the 8 files a device call brings back).
 # Needs .gpu/vllm-src/csrc/core/registration.h and .gpu/ref (goldens,
 # hyb_decode_bench.cu): scripts/gpu_prepare.sh --kernels puts them there.
 #   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [variants] [quantize]
@@ -15,6 +16,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/qtip-out}
 QK=/tmp/qtip-kernels
 mkdir -p "$OUT" "$QK/vllm"
+source "$(dirname "$0")/gpu_pack_out.sh"
 export PYTHONPATH=$QK:$REPO/vllm_overlay PYTHONUNBUFFERED=1
 # Goldens are found next to the tests (tests/quantization/qtip_goldens).
 cd "$REPO"
