@@ -11,7 +11,9 @@ dense crossover), the same layer as three separate ops (qtip_hadamard,
 qtip_gemm, qtip_hadamard: the baseline a fusion inside qtip_matmul must beat;
 BENCHMARKS.md has the measured fused-prologue experiment), and torch.matmul
 with an fp16 weight of the same shape. Fused layers (q/k/v, gate/up) are
-timed as one qtip_matmul call for all shards against one call per shard. The
+timed as one qtip_matmul call for all shards against one call per shard.
+``--tp-split N`` makes both transforms block-diagonal with blocks of 1/N, as a
+split_for_tp checkpoint for N ranks runs at TP=1. The
 device-to-device copy bandwidth is measured in the same run. Each time is the
 median over replays of a CUDA graph that runs the op on rotating copies of the
 weights (more bytes than L2 holds), divided by the number of ops in the graph.
@@ -130,9 +132,10 @@ def kernel_breakdown(fn, trellises) -> dict[str, float]:
     return {kind: round(us / len(trellises), 2) for kind, us in kinds.items() if us}
 
 
-def linear_on_path(x, t, tlut, SU, SV, had_in, had_out, K, fused: bool):
+def linear_on_path(x, t, tlut, SU, SV, had_in, had_out, K, blocks, fused: bool):
     """qtip_linear forced onto the fused (True) or the dense (False) path."""
     m, n = SV.shape[0], SU.shape[-1]
+    in_block, out_block = blocks
     return torch.ops._qtip_C.qtip_linear(
         x,
         t.view(m // 32, n // 32, 64 * K),
@@ -141,8 +144,8 @@ def linear_on_path(x, t, tlut, SU, SV, had_in, had_out, K, fused: bool):
         SV,
         had_in,
         had_out,
-        n,
-        [m],
+        in_block,
+        [out_block],
         [m],
         1 << 30 if fused else 0,
     )
@@ -164,13 +167,16 @@ def random_trellises(m: int, n: int, K: int) -> list[torch.Tensor]:
     ]
 
 
-def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
+def bench_shape(m: int, n: int, K: int, batches, dtype, split: int) -> list[dict]:
     nbytes = m * n * K // 8
+    # Hadamard blocks: whole dimensions, or split_for_tp's blocks of 1/split.
+    in_block, out_block = n // split, m // split
+    blocks = dict(in_block=in_block, out_blocks=[out_block])
     trellises = random_trellises(m, n, K)
     tlut = torch.randn(512, 2, device="cuda").half()
     SU = torch.randn(n, device="cuda")
     SV = torch.rand(m, device="cuda") * 0.01
-    had_in, had_out = factor(n), factor(m)
+    had_in, had_out = factor(in_block), factor(out_block)
     w16 = [
         torch.randn(m, n, device="cuda").half()
         for _ in range(max(2, math.ceil(ROTATE_BYTES / (2 * m * n))))
@@ -181,13 +187,17 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
         xh = x.half()
         qtip_us = time_graph(
             [
-                lambda t=t, x=x: qtip_matmul(x, t, tlut, SU, SV, had_in, had_out, K)
+                lambda t=t, x=x: qtip_matmul(
+                    x, t, tlut, SU, SV, had_in, had_out, K, **blocks
+                )
                 for t in trellises
             ]
         )
         # Where the layer's time goes, kernel by kernel (both paths).
         kernels = kernel_breakdown(
-            lambda t, x=x: qtip_matmul(x, t, tlut, SU, SV, had_in, had_out, K),
+            lambda t, x=x: qtip_matmul(
+                x, t, tlut, SU, SV, had_in, had_out, K, **blocks
+            ),
             trellises,
         )
         gemm_us = unfused_us = dense_us = None
@@ -199,13 +209,19 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
                     x,
                     had_in,
                     transpose=True,
+                    block_size=in_block,
                     in_scale=SU,
                     factor=1 / 32,
                     out_dtype=torch.float16,
                 )
                 acc = qtip_gemm(xh, t, tlut, m, K)
                 return qtip_hadamard(
-                    acc, had_out, out_scale=SV, factor=32.0, out_dtype=x.dtype
+                    acc,
+                    had_out,
+                    block_size=out_block,
+                    out_scale=SV,
+                    factor=32.0,
+                    out_dtype=x.dtype,
                 )
 
             unfused_us = time_graph([lambda t=t: unfused(t) for t in trellises])
@@ -215,7 +231,7 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
             dense_us = time_graph(
                 [
                     lambda t=t, x=x, f=other_fused: linear_on_path(
-                        x, t, tlut, SU, SV, had_in, had_out, K, f
+                        x, t, tlut, SU, SV, had_in, had_out, K, (in_block, out_block), f
                     )
                     for t in trellises
                 ]
@@ -226,6 +242,7 @@ def bench_shape(m: int, n: int, K: int, batches, dtype) -> list[dict]:
                 "m": m,
                 "n": n,
                 "K": K,
+                "tp_split": split,
                 "batch": batch,
                 "qtip_us": round(qtip_us, 2),
                 "fp16_us": round(fp16_us, 2),
@@ -319,6 +336,14 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     parser.add_argument(
+        "--tp-split",
+        type=int,
+        default=1,
+        help="Hadamard blocks of 1/N of each dimension, as a split_for_tp "
+        "checkpoint made for N ranks runs at TP=1 (both sides block-diagonal); "
+        "the fused-layer table is skipped",
+    )
+    parser.add_argument(
         "--ceiling-log",
         help="output of hyb_decode_bench.cu from the same run: its best rate is "
         "the decode-only ceiling the fused GEMM is measured against",
@@ -332,6 +357,8 @@ def main() -> None:
     copy_gbs = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, copy {copy_gbs:.0f} GB/s, activations {args.dtype}")
+    if args.tp_split > 1:
+        print(f"Hadamard blocks of 1/{args.tp_split} of m and n (split_for_tp at TP=1)")
     if ceiling:
         print(f"decode-only ceiling (hyb_decode_bench, K=2): {ceiling:.2f} T weights/s")
     print()
@@ -346,7 +373,7 @@ def main() -> None:
     for K in args.K:
         for m, n in shapes:
             try:
-                shape_rows = bench_shape(m, n, K, args.batches, dtype)
+                shape_rows = bench_shape(m, n, K, args.batches, dtype, args.tp_split)
             except RuntimeError as e:  # report and go on with the next shape
                 print(f"| {m} | {n} | {K} | failed: {e} |", flush=True)
                 torch.cuda.synchronize()
@@ -361,7 +388,7 @@ def main() -> None:
     )
     fused = []
     for model, layer, shard_rows, n in FUSED_LAYERS:
-        if model not in args.models:
+        if model not in args.models or args.tp_split > 1:
             continue
         for r in bench_fused_layer(
             model, layer, shard_rows, n, 2, [b for b in args.batches if b <= 64], dtype
