@@ -23,6 +23,12 @@
 #   scale   scripts/bench_scale.py -> /tmp/scale_h200.json, copied to $OUT
 #           (resumes like e2e; SCALE_ARGS narrows it, e.g.
 #           "--configs 405b-qtip2"; two-GPU configurations need two GPUs)
+#   scale_variants  for each patch in VARIANTS (e.g. the TP patches in
+#           benchmarks/experiments/): apply it, rerun setup (lays the series,
+#           rebuilds _qtip_C), run the SCALE_ARGS configurations into
+#           $OUT/scale_<patch>.json, revert; then setup again for the tree's
+#           own series. A `scale` step before it is the same call's baseline
+#           ($OUT/scale_main.json).
 # Logs go to $OUT (or /tmp/qtip-out), packed into $OUT/results.tgz when
 # they are more than the 8 files a device call brings back.
 #   usage: scripts/gpu_host_run.sh setup tests models bench e2e
@@ -134,6 +140,29 @@ step_scale() {
   timeout "${SCALE_TIMEOUT:-570}" python3 scripts/bench_scale.py --out /tmp/scale_h200.json \
     --resume ${SCALE_ARGS:-} 2>&1 | tee -a "$OUT/bench_scale.log" | tail -40
   cp /tmp/scale_h200.json "$OUT/" 2>/dev/null
+}
+
+step_scale_variants() {
+  if [ -f /tmp/scale_h200.json ]; then
+    mv /tmp/scale_h200.json "$OUT/scale_main.json"
+    rm -f "$OUT/scale_h200.json"
+  fi
+  local patch name
+  for patch in ${VARIANTS:?VARIANTS must list the patches to measure}; do
+    name=$(basename "$patch" .patch)
+    echo "--- variant $name" | tee -a "$OUT/bench_scale.log"
+    if ! patch -p1 --forward < "$patch" > "$OUT/patch_$name.log"; then
+      cat "$OUT/patch_$name.log"
+      continue
+    fi
+    # A subshell: setup's `set -e` must not end the loop.
+    (step_setup) > "$OUT/setup_$name.log" 2>&1 || echo "setup of $name failed"
+    step_scale
+    mv /tmp/scale_h200.json "$OUT/scale_$name.json" 2>/dev/null
+    rm -f "$OUT/scale_h200.json"
+    patch -p1 -R < "$patch" > /dev/null
+  done
+  (step_setup) > "$OUT/setup_main.log" 2>&1 || echo "setup of the tree's own series failed"
 }
 
 for step in "$@"; do
