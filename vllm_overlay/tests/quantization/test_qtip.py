@@ -58,7 +58,9 @@ from vllm.model_executor.layers.quantization.qtip import (
 )
 from vllm.model_executor.layers.quantization.utils.qtip_utils import (
     QTIPCodeParams,
+    decode_weight,
     get_hadamard_factor,
+    hadamard_transform,
     qtip_linear_forward,
 )
 from vllm.model_executor.model_loader import get_model_loader
@@ -509,6 +511,101 @@ def test_gathered_forward_on_one_rank(tp1):
         expected = module(x)[0]
         module.qtip_gather = gather
         torch.testing.assert_close(module(x)[0], expected, rtol=0, atol=0)
+
+
+def test_gathered_kernel_path_shares_calls(tp1, monkeypatch):
+    # The kernel path of the rcp = 0 forward runs each step once for all
+    # shards that can share a kernel call. The kernel ops are replaced by
+    # the reference math (the CUDA kernels do not run here), so the test
+    # checks the call grouping and the values it produces.
+    spec = TinyLlamaSpec(num_hidden_layers=1, K_v_proj=4, skip_list=["0_gate"])
+    cfg = QTIPConfig.from_config(
+        {"quant_method": "qtip", **quip_params(spec.code_params, **_spec_options(spec))}
+    )
+    linears = LlamaLinears(spec, cfg, torch.float16)
+    linears.load(random_llama_tensors(spec))
+    block = linears.model.layers[0]
+    calls: list[str] = []
+
+    def hadamard(
+        x,
+        had_k=None,
+        *,
+        transpose=False,
+        block_size=None,
+        segment_sizes=None,
+        in_scale=None,
+        out_scale=None,
+        factor=1.0,
+        out_dtype=None,
+    ):
+        calls.append("transform")
+        assert out_scale is None
+        segments = segment_sizes or [x.shape[-1]]
+        if isinstance(block_size, list):
+            blocks = block_size
+        else:
+            blocks = [block_size or segments[0]] * len(segments)
+
+        def one(v: torch.Tensor) -> torch.Tensor:
+            parts = v.float().split(segments, dim=-1)
+            out = [
+                hadamard_transform(p, transpose=transpose, block_size=b, had_k=had_k)
+                for p, b in zip(parts, blocks)
+            ]
+            return torch.cat(out, dim=-1) * factor
+
+        if in_scale is None:
+            y = one(x)
+        elif in_scale.dim() == 1:
+            y = one(x.float() * in_scale)
+        else:
+            y = torch.stack([one(x.float() * su) for su in in_scale])
+        return y.to(out_dtype or x.dtype)
+
+    def hat_product(xh, trellis, tlut, shard_rows, K):
+        calls.append(f"product K={K} x{len(shard_rows)}")
+        module = current[0]
+        params = next(
+            sh.params for sh in module.qtip_shards if sh.params and sh.params.K == K
+        )
+        n = xh.shape[-1]
+        words = [rows * n * K // 16 for rows in shard_rows]
+        products = [
+            x_s.float() @ decode_weight(t, lut, rows, n, params).T
+            for x_s, t, lut, rows in zip(xh, trellis.split(words), tlut, shard_rows)
+        ]
+        return torch.cat(products, dim=-1)
+
+    monkeypatch.setattr(qtip_ops, "qtip_hadamard", hadamard)
+    monkeypatch.setattr(torch.ops.vllm, "qtip_hat_product", hat_product, raising=False)
+    current: list[torch.nn.Module] = []
+    gen = torch.Generator().manual_seed(0)
+    for module, gather, expected_calls in (
+        # q/k (K=2) share a product, v (K=4) has its own; q's output (192:
+        # H_12) and k/v's (64: none) need two output transforms.
+        (
+            block.self_attn.qkv_proj,
+            "output",
+            ["transform", "product K=2 x2", "product K=4 x1", "transform", "transform"],
+        ),
+        (block.self_attn.o_proj, "input", ["transform", "product K=2 x1", "transform"]),
+        # gate is skip-listed (dense): up alone.
+        (
+            block.mlp.gate_up_proj,
+            "output",
+            ["transform", "product K=2 x1", "transform"],
+        ),
+    ):
+        current[:] = [module]
+        x = torch.randn(3, module.qtip_in_size, generator=gen).half()
+        expected = module(x)[0]
+        module.qtip_gather = gather
+        module.qtip_use_kernels = True
+        calls.clear()
+        out = module(x)[0]
+        assert calls == expected_calls
+        torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
 
 
 def _spec_options(spec: TinyLlamaSpec) -> dict:
