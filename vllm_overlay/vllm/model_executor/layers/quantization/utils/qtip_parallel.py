@@ -30,6 +30,7 @@ they can share it: at batch 1 a layer's time is mostly launches and
 collectives, not bytes.
 """
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,9 +46,7 @@ from vllm.model_executor.layers.quantization.utils.qtip_utils import (
 from vllm.utils.torch_utils import direct_register_custom_op
 
 if TYPE_CHECKING:
-    from vllm.model_executor.layers.quantization.qtip import (
-        QTIPShard,
-    )
+    from vllm.model_executor.layers.quantization.qtip import QTIPShard
 
 # layer.qtip_gather: which side of a rcp=0 layer is all-gathered at TP > 1.
 GATHER_INPUT = "input"
@@ -88,7 +87,9 @@ direct_register_custom_op(
 )
 
 
-def _runs(shards: list["QTIPShard"], key) -> list[list["QTIPShard"]]:
+def _runs(
+    shards: list["QTIPShard"], key: Callable[["QTIPShard"], int]
+) -> list[list["QTIPShard"]]:
     """Consecutive shards with the same key(shard): one kernel call each."""
     runs: list[list[QTIPShard]] = []
     for shard in shards:
