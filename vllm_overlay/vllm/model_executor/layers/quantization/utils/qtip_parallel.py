@@ -155,17 +155,15 @@ def hat_product(
     n = xh.shape[-1]
     params = shards[0].params
     assert params is not None
-    words = sum(sh.num_words(n) for sh in shards)
-    trellis = layer.trellis.narrow(0, shards[0].word_offset, words)
+    words = [sh.num_words(n) for sh in shards]
+    trellis = layer.trellis.narrow(0, shards[0].word_offset, sum(words))
     rows = [sh.out_size for sh in shards]
     if layer.qtip_use_kernels:
         first = shards[0].index
         tlut = layer.tlut[first : first + len(shards)]
         return torch.ops.vllm.qtip_hat_product(xh, trellis, tlut, rows, params.K)
     products = []
-    for x_s, shard, trellis_s in zip(
-        xh, shards, trellis.split([sh.num_words(n) for sh in shards])
-    ):
+    for x_s, shard, trellis_s in zip(xh, shards, trellis.split(words)):
         tlut = layer.tlut[shard.index] if params.uses_tlut else None
         w_hat = decode_weight(trellis_s, tlut, shard.out_size, n, params)
         products.append(x_s.float() @ w_hat.T)
