@@ -155,7 +155,8 @@ step_scale_variants() {
       cat "$OUT/patch_$name.log"
       continue
     fi
-    # A subshell: setup's `set -e` must not end the loop.
+    # In a subshell, so that setup's `set -e` does not stay on for the loop;
+    # a failed setup is reported and the loop goes on.
     (step_setup) > "$OUT/setup_$name.log" 2>&1 || echo "setup of $name failed"
     step_scale
     mv /tmp/scale_h200.json "$OUT/scale_$name.json" 2>/dev/null
