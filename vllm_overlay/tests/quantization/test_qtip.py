@@ -489,16 +489,21 @@ def test_layers_compile_without_graph_breaks(tp1):
             torch.testing.assert_close(compiled(x)[0], module(x)[0], rtol=0, atol=0)
 
 
-def test_gathered_forward_on_one_rank(tp1):
-    # The rcp = 0 path of TP > 1 (qtip_parallel) with one rank, where the
-    # all-gathers are identities: the same outputs as the layers' usual path.
+def _layer_with_v_k4_and_dense_gate() -> torch.nn.Module:
+    """One decoder layer whose v_proj has K=4 and whose gate_proj is dense."""
     spec = TinyLlamaSpec(num_hidden_layers=1, K_v_proj=4, skip_list=["0_gate"])
     cfg = QTIPConfig.from_config(
         {"quant_method": "qtip", **quip_params(spec.code_params, **_spec_options(spec))}
     )
     linears = LlamaLinears(spec, cfg, torch.float16)
     linears.load(random_llama_tensors(spec))
-    block = linears.model.layers[0]
+    return linears.model.layers[0]
+
+
+def test_gathered_forward_on_one_rank(tp1):
+    # The rcp = 0 path of TP > 1 (qtip_parallel) with one rank, where the
+    # all-gathers are identities: the same outputs as the layers' usual path.
+    block = _layer_with_v_k4_and_dense_gate()
     gen = torch.Generator().manual_seed(0)
     for module, gather in (
         (block.self_attn.qkv_proj, "output"),
@@ -518,13 +523,13 @@ def test_gathered_kernel_path_shares_calls(tp1, monkeypatch):
     # shards that can share a kernel call. The kernel ops are replaced by
     # the reference math (the CUDA kernels do not run here), so the test
     # checks the call grouping and the values it produces.
-    spec = TinyLlamaSpec(num_hidden_layers=1, K_v_proj=4, skip_list=["0_gate"])
-    cfg = QTIPConfig.from_config(
-        {"quant_method": "qtip", **quip_params(spec.code_params, **_spec_options(spec))}
-    )
-    linears = LlamaLinears(spec, cfg, torch.float16)
-    linears.load(random_llama_tensors(spec))
-    block = linears.model.layers[0]
+    block = _layer_with_v_k4_and_dense_gate()
+    params_by_bits = {
+        sh.params.K: sh.params
+        for module in (block.self_attn.qkv_proj, block.mlp.gate_up_proj)
+        for sh in module.qtip_shards
+        if sh.params is not None
+    }
     calls: list[str] = []
 
     def hadamard(
@@ -555,20 +560,16 @@ def test_gathered_kernel_path_shares_calls(tp1, monkeypatch):
             ]
             return torch.cat(out, dim=-1) * factor
 
+        # The gathered path passes SU as (shards, n), or no input scale.
         if in_scale is None:
             y = one(x)
-        elif in_scale.dim() == 1:
-            y = one(x.float() * in_scale)
         else:
             y = torch.stack([one(x.float() * su) for su in in_scale])
         return y.to(out_dtype or x.dtype)
 
     def hat_product(xh, trellis, tlut, shard_rows, K):
         calls.append(f"product K={K} x{len(shard_rows)}")
-        module = current[0]
-        params = next(
-            sh.params for sh in module.qtip_shards if sh.params and sh.params.K == K
-        )
+        params = params_by_bits[K]
         n = xh.shape[-1]
         words = [rows * n * K // 16 for rows in shard_rows]
         products = [
@@ -579,7 +580,6 @@ def test_gathered_kernel_path_shares_calls(tp1, monkeypatch):
 
     monkeypatch.setattr(qtip_ops, "qtip_hadamard", hadamard)
     monkeypatch.setattr(torch.ops.vllm, "qtip_hat_product", hat_product, raising=False)
-    current: list[torch.nn.Module] = []
     gen = torch.Generator().manual_seed(0)
     for module, gather, expected_calls in (
         # q/k (K=2) share a product, v (K=4) has its own; q's output (192:
@@ -597,7 +597,6 @@ def test_gathered_kernel_path_shares_calls(tp1, monkeypatch):
             ["transform", "product K=2 x1", "transform"],
         ),
     ):
-        current[:] = [module]
         x = torch.randn(3, module.qtip_in_size, generator=gen).half()
         expected = module(x)[0]
         module.qtip_gather = gather
