@@ -76,21 +76,35 @@ struct SignedLut {
   static constexpr int kBytes = kLutEntries * kCopies * 4;
 
   // Fills the replicated, sign-folded LUT from tlut (512 x 2 fp16, 4-byte
-  // aligned rows). Each thread writes 16-byte vectors (4 copies of one
-  // entry); the loop is unrolled so that its global loads of tlut overlap
-  // (the fill is latency-bound, not bandwidth-bound).
+  // aligned rows) with kThreads threads. Thread t writes the 16-byte vectors
+  // t + p * kThreads (4 copies of one entry each): one tlut load per pass
+  // serves entry e and its negated twin e + 512, all loads are issued
+  // before the stores, and every address is a constant offset from the
+  // thread's base (no index arithmetic in the loop).
+  template <int kThreads>
   __device__ __forceinline__ static void fill(uint32_t* lut,
                                               const __half* __restrict__ tlut,
-                                              int tid, int nthreads) {
-    const uint32_t* rows = reinterpret_cast<const uint32_t*>(tlut);
+                                              int tid) {
     constexpr int kVecPerEntry = kCopies / 4;
-#pragma unroll 8
-    for (int i = tid; i < kLutEntries * kVecPerEntry; i += nthreads) {
-      const int e = i / kVecPerEntry;
+    constexpr int kEntriesPerPass = kThreads / kVecPerEntry;
+    static_assert(
+        kThreads % kVecPerEntry == 0 && kTlutRows % kEntriesPerPass == 0,
+        "fill: thread count must tile the table");
+    constexpr int kPasses = kTlutRows / kEntriesPerPass;
+    const uint32_t* rows =
+        reinterpret_cast<const uint32_t*>(tlut) + tid / kVecPerEntry;
+    uint4* out = reinterpret_cast<uint4*>(lut) + tid;
+    uint32_t val[kPasses];
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p)
+      val[p] = __ldg(rows + p * kEntriesPerPass);
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
       // half2 (w0 low, w1 high); entries 512.. negate w0.
-      const uint32_t val =
-          __ldg(rows + (e & (kTlutRows - 1))) ^ ((uint32_t)(e >> 9) << 15);
-      reinterpret_cast<uint4*>(lut)[i] = make_uint4(val, val, val, val);
+      const uint32_t neg = val[p] ^ (1u << 15);
+      out[p * kThreads] = make_uint4(val[p], val[p], val[p], val[p]);
+      out[p * kThreads + kTlutRows * kVecPerEntry] =
+          make_uint4(neg, neg, neg, neg);
     }
   }
 

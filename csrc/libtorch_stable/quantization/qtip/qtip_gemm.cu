@@ -114,8 +114,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
       static_cast<uint32_t>(__cvta_generic_to_shared(stage));
   const int passes = (nbt + NB - 1) / NB;
 
-  const int u_begin = (int)((int64_t)plan.units * blockIdx.x / gridDim.x);
-  const int u_end = (int)((int64_t)plan.units * (blockIdx.x + 1) / gridDim.x);
+  // 32-bit products: mma_plan keeps units * grid and nblk * splits < 2^31.
+  const int u_begin = plan.units * (int)blockIdx.x / (int)gridDim.x;
+  const int u_end = plan.units * ((int)blockIdx.x + 1) / (int)gridDim.x;
   int lut_shard = -1;
 
   for (int u = u_begin; u < u_end; ++u) {
@@ -128,8 +129,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
     const int tile = group * kMmaWarps + warp;  // this warp's row tile in s
     const bool active = tile < plan.row_tiles[s];
     const int grt = plan.rt0[s] + tile;
-    const int k0 = (int)((int64_t)nblk * split / plan.splits);
-    const int k1 = (int)((int64_t)nblk * (split + 1) / plan.splits);
+    const int k0 = nblk * split / plan.splits;
+    const int k1 = nblk * (split + 1) / plan.splits;
     const int nchunks = (k1 - k0 + chunk_blocks - 1) / chunk_blocks;
     const uint8_t* wptr =
         trellis + ((size_t)grt * nblk) * Blk::kBytes + lane * Blk::kLaneBytes;
@@ -142,12 +143,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
       auto stage_chunk = [&](int c) {
         const int cb0 = k0 + c * chunk_blocks;
         const int ncb = min(chunk_blocks, k1 - cb0);
-        const int vecs = nbp * ncb * 32;
+        if (ncb <= 0) return;
+        const int tile_vecs = ncb * 32;
         const uint32_t base = stage_addr + (c & 1) * buf_vecs * 16;
-        for (int i = tid; i < vecs; i += kThreads) {
-          const int nb = i / (ncb * 32), r = i % (ncb * 32);
+        // Vector i = nb * tile_vecs + r, walked without a division per step.
+        int nb = tid / tile_vecs, r = tid % tile_vecs;
+        while (nb < nbp) {
           cp_async16(base + (nb * chunk_blocks * 32 + r) * 16,
                      xs + ((size_t)(nb0 + nb) * nblk + cb0) * 32 + r);
+          r += kThreads;
+          while (r >= tile_vecs) {
+            r -= tile_vecs;
+            ++nb;
+          }
         }
       };
 
@@ -164,8 +172,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         // Every warp left the previous unit's last chunk barrier, so
         // nobody reads the old table any more; the first chunk barrier
         // below publishes the new one.
-        Lut::fill(reinterpret_cast<uint32_t*>(lut), tlut + s * kTlutRows * 2,
-                  tid, kThreads);
+        Lut::template fill<kThreads>(reinterpret_cast<uint32_t*>(lut),
+                                     tlut + s * kTlutRows * 2, tid);
         if (lut_shard < 0) {
           // Table and trellis loads overlapped the input transform; x~ is
           // its output.
@@ -204,14 +212,21 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
           if (cb + kStagesNB < k1)
             load_lane<K>(wptr + (size_t)(cb + kStagesNB) * Blk::kBytes, w[st]);
           const uint4* bp = bbuf + (cb - cs) * 32;
+          uint4 b[NB];
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb) b[nb] = bp[nb * chunk_blocks * 32];
+          // frag[kc * 2 + mr]; b.x, b.y: k-tile 0, b.z, b.w: 1. k-tile
+          // outside the n8 tiles: the two MMAs into one accumulator are
+          // 2 * NB apart, not 2 (each waits on the previous one's result).
 #pragma unroll
           for (int nb = 0; nb < NB; ++nb) {
-            const uint4 b = bp[nb * chunk_blocks * 32];
-            // frag[kc * 2 + mr]; b.x, b.y: k-tile 0, b.z, b.w: 1.
-            mma_16816(acc[0][nb], frag[0], b.x, b.y);
-            mma_16816(acc[1][nb], frag[1], b.x, b.y);
-            mma_16816(acc[0][nb], frag[2], b.z, b.w);
-            mma_16816(acc[1][nb], frag[3], b.z, b.w);
+            mma_16816(acc[0][nb], frag[0], b[nb].x, b[nb].y);
+            mma_16816(acc[1][nb], frag[1], b[nb].x, b[nb].y);
+          }
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb) {
+            mma_16816(acc[0][nb], frag[2], b[nb].z, b[nb].w);
+            mma_16816(acc[1][nb], frag[3], b[nb].z, b[nb].w);
           }
         };
         if (active) {
@@ -235,7 +250,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
       // C fragment: c0 (row g, col 2q), c1 (g, 2q+1), c2 (g+8, 2q),
       // c3 (g+8, 2q+1); rows are W_hat rows, columns batch rows.
       if (active) {
-        float* dst = part + (size_t)split * rows * m + (size_t)grt * 32;
+        float* dst = part + (size_t)split * rows * m + (size_t)grt * 32 +
+                     (size_t)(nb0 * 8 + 2 * q) * m + g;
+        // A pass whose NB tiles hold only real batch rows stores without
+        // a check per element.
+        const bool full = (nb0 + NB) * 8 <= rows;
 #pragma unroll
         for (int mr = 0; mr < 2; ++mr)
 #pragma unroll
@@ -243,9 +262,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               const int col = (nb0 + nb) * 8 + 2 * q + (i & 1);
-              const int r = mr * 16 + g + 8 * (i >> 1);
-              if (nb < nbp && col < rows)
-                dst[(size_t)col * m + r] = acc[mr][nb][i];
+              if (full || (nb < nbp && col < rows))
+                dst[(size_t)(nb * 8 + (i & 1)) * m + mr * 16 + 8 * (i >> 1)] =
+                    acc[mr][nb][i];
             }
       }
     }
@@ -287,8 +306,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
       reinterpret_cast<uint32_t*>(smem + Lut::kBytes) + warp * 16 * kStageWords;
   // blockIdx.y is the shard: one table per block.
   const int shard = blockIdx.y;
-  Lut::fill(reinterpret_cast<uint32_t*>(smem), tlut + shard * kTlutRows * 2,
-            tid, kDecodeThreads);
+  Lut::template fill<kDecodeThreads>(reinterpret_cast<uint32_t*>(smem),
+                                     tlut + shard * kTlutRows * 2, tid);
   __syncthreads();
   const uint32_t lane_term = Lut::lane_term(lane);
   const int g = lane >> 2, q = lane & 3;
@@ -449,6 +468,11 @@ MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
       best_splits = (int)s;
     }
   }
+  // The kernel resolves units and splits in 32-bit arithmetic.
+  STD_TORCH_CHECK(
+      groups * best_splits * sms < INT32_MAX && nblk * best_splits < INT32_MAX,
+      "qtip_gemm: ", m, " x ", nblk * 32,
+      " is too large for the fused GEMM's 32-bit work units");
   p.splits = best_splits;
   p.units = (int)(groups * best_splits);
   int u = 0;
