@@ -35,8 +35,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "qtip_codebook.cuh"
+#include "qtip_hadamard.cuh"
 #include "qtip_launch.cuh"
 #include "qtip_ops.h"
 
@@ -71,6 +73,62 @@ struct MmaPlan {
   int groups[kMaxShards];     // row groups of shard s (kMmaWarps tiles each)
 };
 
+// The input transform done by the GEMM itself, for one row with Hadamard
+// blocks of a power of two: x (1, n) is the previous kernel's output. At one
+// row every CTA can afford the whole row's transform (n values, a few
+// barriers), and that saves a launch and the x~ round trip through global
+// memory. (An earlier form, up to 8 rows and x~ through global memory, lost
+// at 8 rows on the H200: BENCHMARKS.md "fifth run".)
+constexpr int kOwnInputMaxRows = 1;
+struct InputTransform {
+  const void* x;    // (1, n), the activation dtype
+  const float* su;  // (shards, n)
+  int log2P;        // Hadamard block size 2^log2P
+  float mult;       // 1 / (32 sqrt(2^log2P))
+};
+
+// X (fp32, n values) = Sylvester(SU_s * x) of the one row, blocks of
+// 2^log2P, by the whole CTA: the same operations in the same order as
+// qtip_hadamard_kernel, so x~ gets the same bits. Ends with a barrier.
+template <typename InT>
+__device__ void transform_row(const InputTransform& in, int s, int n,
+                              float* X) {
+  const int lane = threadIdx.x & 31;
+  const InT* x = static_cast<const InT*>(in.x);
+  const float* su = in.su + (int64_t)s * n;
+  const int shfl_stages = min(in.log2P, kShflStages);
+  const int groups = n / 8;
+  for (int g = threadIdx.x; g - lane < groups; g += blockDim.x) {
+    const bool valid = g < groups;
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (valid) {
+      float scale[8];
+      load8(x + g * 8, v);
+      load8(su + g * 8, scale);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] *= scale[i];
+    }
+    stage_group8(v, X, g, lane, shfl_stages, valid);
+  }
+  __syncthreads();
+  smem_stages(X, n, shfl_stages, in.log2P);
+}
+
+// x~ = fp16(mult * X) of the columns [32 k0, 32 k1), in B-fragment order
+// from block k0 on (one n8 tile: row 0; the other rows' columns are never
+// stored). Ends with a barrier.
+__device__ void stage_row_slice(const float* X, float mult, int k0, int k1,
+                                int n, __half* xs) {
+  for (int g = threadIdx.x; g < (k1 - k0) * 4; g += blockDim.x) {
+    const int col = k0 * 32 + g * 8;
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = X[col + i] * mult;
+    store_out8(xs, 0, 0, col - k0 * 32, n, true, v);
+  }
+  __syncthreads();
+}
+
 __device__ __forceinline__ void cp_async16(uint32_t smem_addr,
                                            const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr),
@@ -85,14 +143,20 @@ __device__ __forceinline__ void cp_async_wait_one() {
 
 // y partials (splits, rows, m) fp32 = x~ @ W_hat^T for every shard, W_hat
 // decoded on the fly. xf: x~ in B-fragment order, (shards, nbt, n/32, 32
-// lanes, 8 halves) with nbt = ceil(rows / 8) n8 tiles.
-template <int K, int NB, int kCopies>
+// lanes, 8 halves) with nbt = ceil(rows / 8) n8 tiles. With InT (the
+// activation dtype; one row) the kernel makes x~ itself from in.x instead,
+// in shared memory (xf unused): the staging buffers hold the row's
+// transform X (fp32) and, behind it, the unit's k range of x~ (the host
+// checks that both fit).
+template <int K, int NB, int kCopies, typename InT>
 __global__ void __launch_bounds__(kMmaWarps * 32, 1)
     qtip_mma_kernel(const uint8_t* __restrict__ trellis,
                     const __half* __restrict__ tlut,
                     const uint4* __restrict__ xf, float* __restrict__ part,
                     int m, int nblk, int rows, int nbt, int chunk_blocks,
-                    MmaPlan plan) {
+                    MmaPlan plan, InputTransform in) {
+  constexpr bool kOwnInput = !std::is_void_v<InT>;
+  static_assert(!kOwnInput || NB == 1);
   using Lut = SignedLut<kCopies>;
   using Blk = TrellisBlock<K>;
   constexpr int kThreads = kMmaWarps * 32;
@@ -118,6 +182,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
   const int u_begin = plan.units * (int)blockIdx.x / (int)gridDim.x;
   const int u_end = plan.units * ((int)blockIdx.x + 1) / (int)gridDim.x;
   int lut_shard = -1;
+  int x_shard = -1;  // the shard whose transformed row X holds
+  int x_unit = -1;   // shard * splits + split of the x~ slice behind X
 
   for (int u = u_begin; u < u_end; ++u) {
     // Resolve the unit (uniform across the CTA).
@@ -169,9 +235,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
             load_lane<K>(wptr + (size_t)(k0 + st) * Blk::kBytes, w[st]);
       }
       if (s != lut_shard) {
-        // Every warp left the previous unit's last chunk barrier, so
-        // nobody reads the old table any more; the first chunk barrier
-        // below publishes the new one.
+        // Every warp left the previous unit's last barrier, so nobody
+        // reads the old table any more; the next barrier below (the first
+        // chunk's, or the input transform's) publishes the new one.
         Lut::template fill<kThreads>(reinterpret_cast<uint32_t*>(lut),
                                      tlut + s * kTlutRows * 2, tid);
         if (lut_shard < 0) {
@@ -182,9 +248,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         }
         lut_shard = s;
       }
-      stage_chunk(0);
-      cp_async_commit();
-
       float acc[2][NB][4];
 #pragma unroll
       for (int mr = 0; mr < 2; ++mr)
@@ -193,14 +256,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[mr][nb][i] = 0.f;
 
-      for (int c = 0; c < nchunks; ++c) {
-        if (c + 1 < nchunks) stage_chunk(c + 1);
-        cp_async_commit();
-        cp_async_wait_one();
-        __syncthreads();
-        const int cs = k0 + c * chunk_blocks;
-        const int ce = min(k1, cs + chunk_blocks);
-        const uint4* bbuf = stage + (c & 1) * buf_vecs + lane;
+      // Multiplies blocks [cs, ce) with the B fragments of block cs on at
+      // bbuf (this lane's; n8 tile nb at nb * chunk_blocks * 32 vectors).
+      auto run_range = [&](const int cs, const int ce, const uint4* bbuf) {
         // Block cb (ring slot st): decode, refill the slot, multiply with
         // all NB tiles. Tiles past nbp and padding rows read stale staging
         // data: they only feed batch columns that are never stored, and
@@ -229,22 +287,51 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
             mma_16816(acc[1][nb], frag[3], b[nb].z, b[nb].w);
           }
         };
-        if (active) {
-          // chunk_blocks is a multiple of the ring depth, so every chunk starts
-          // at ring slot 0 and the ring index stays a constant. Whole rings
-          // first (no per-block check), then the chunk's last partial ring.
-          int base = cs;
-          for (; base + kStagesNB <= ce; base += kStagesNB) {
+        if (!active) return;
+        // cs is a ring-slot-0 block (k0, or a chunk start: chunk_blocks is
+        // a multiple of the ring depth), so the ring index stays a constant.
+        // Whole rings first (no per-block check), then the last partial one.
+        int base = cs;
+        for (; base + kStagesNB <= ce; base += kStagesNB) {
 #pragma unroll
-            for (int st = 0; st < kStagesNB; ++st) step(st, base + st);
-          }
-          if (base < ce) {
-#pragma unroll
-            for (int st = 0; st < kStagesNB; ++st)
-              if (base + st < ce) step(st, base + st);  // warp-uniform
-          }
+          for (int st = 0; st < kStagesNB; ++st) step(st, base + st);
         }
-        __syncthreads();
+        if (base < ce) {
+#pragma unroll
+          for (int st = 0; st < kStagesNB; ++st)
+            if (base + st < ce) step(st, base + st);  // warp-uniform
+        }
+      };
+
+      if constexpr (kOwnInput) {
+        // The staging buffers are free here (the last unit's final barrier).
+        float* X = reinterpret_cast<float*>(stage);
+        const int n = nblk * 32;
+        uint4* slice = stage + n / 4;  // behind X
+        if (s * plan.splits + split != x_unit) {
+          if (s != x_shard) {
+            transform_row<InT>(in, s, n, X);
+            x_shard = s;
+          }
+          stage_row_slice(X, in.mult, k0, k1, n,
+                          reinterpret_cast<__half*>(slice));
+          x_unit = s * plan.splits + split;
+        }
+        run_range(k0, k1, slice + lane);
+        __syncthreads();  // the next unit may rewrite the slice and X
+      } else {
+        stage_chunk(0);
+        cp_async_commit();
+        for (int c = 0; c < nchunks; ++c) {
+          if (c + 1 < nchunks) stage_chunk(c + 1);
+          cp_async_commit();
+          cp_async_wait_one();
+          __syncthreads();
+          const int cs = k0 + c * chunk_blocks;
+          run_range(cs, min(k1, cs + chunk_blocks),
+                    stage + (c & 1) * buf_vecs + lane);
+          __syncthreads();
+        }
       }
 
       // C fragment: c0 (row g, col 2q), c1 (g, 2q+1), c2 (g+8, 2q),
@@ -484,37 +571,46 @@ MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
   return p;
 }
 
-template <int K, int NB, int kCopies>
-void launch_mma(const uint8_t* trellis, const __half* tlut, const uint4* xf,
-                float* part, int m, int nblk, int rows, int nbt,
-                const MmaConfig& c, const MmaPlan& plan, int grid,
-                cudaStream_t stream) {
-  auto kernel = qtip_mma_kernel<K, NB, kCopies>;
+// One qtip_mma_kernel launch's arguments.
+struct MmaArgs {
+  const uint8_t* trellis;
+  const __half* tlut;
+  const uint4* xf;
+  float* part;
+  int m, nblk, rows, nbt;
+  MmaConfig config;
+  MmaPlan plan;
+  int grid;
+  InputTransform in;  // in.x == nullptr: x~ is already in xf
+};
+
+template <int K, int NB, int kCopies, typename InT>
+void launch_mma(const MmaArgs& a, cudaStream_t stream) {
+  auto kernel = qtip_mma_kernel<K, NB, kCopies, InT>;
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(kernel, smem_set);
-  launch_dependent(kernel, dim3(grid), dim3(kMmaWarps * 32), c.smem, stream,
-                   trellis, tlut, xf, part, m, nblk, rows, nbt, c.chunk_blocks,
-                   plan);
+  launch_dependent(kernel, dim3(a.grid), dim3(kMmaWarps * 32), a.config.smem,
+                   stream, a.trellis, a.tlut, a.xf, a.part, a.m, a.nblk, a.rows,
+                   a.nbt, a.config.chunk_blocks, a.plan, a.in);
 }
 
+// in_dtype: the activation dtype when the kernel transforms x itself.
 template <int K, int kCopies>
-void dispatch_nb(const uint8_t* trellis, const __half* tlut, const uint4* xf,
-                 float* part, int m, int nblk, int rows, int nbt,
-                 const MmaConfig& c, const MmaPlan& plan, int grid,
+void dispatch_nb(const MmaArgs& a, std::optional<ScalarType> in_dtype,
                  cudaStream_t stream) {
-  switch (c.nb) {
+  if (in_dtype == ScalarType::Half)
+    return launch_mma<K, 1, kCopies, __half>(a, stream);
+  if (in_dtype == ScalarType::BFloat16)
+    return launch_mma<K, 1, kCopies, __nv_bfloat16>(a, stream);
+  switch (a.config.nb) {
     case 1:
-      return launch_mma<K, 1, kCopies>(trellis, tlut, xf, part, m, nblk, rows,
-                                       nbt, c, plan, grid, stream);
+      return launch_mma<K, 1, kCopies, void>(a, stream);
     case 2:
-      return launch_mma<K, 2, kCopies>(trellis, tlut, xf, part, m, nblk, rows,
-                                       nbt, c, plan, grid, stream);
+      return launch_mma<K, 2, kCopies, void>(a, stream);
     case 4:
-      return launch_mma<K, 4, kCopies>(trellis, tlut, xf, part, m, nblk, rows,
-                                       nbt, c, plan, grid, stream);
+      return launch_mma<K, 4, kCopies, void>(a, stream);
     default:
-      return launch_mma<K, 8, kCopies>(trellis, tlut, xf, part, m, nblk, rows,
-                                       nbt, c, plan, grid, stream);
+      return launch_mma<K, 8, kCopies, void>(a, stream);
   }
 }
 
@@ -557,47 +653,54 @@ Tensor qtip_fragment_layout(const Tensor& x) {
       {copies, nbt * 8, n});
 }
 
-Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
-                const Tensor& tlut, const std::vector<int64_t>& shard_rows) {
+namespace {
+
+// The fused GEMM's launch: x~ already in *xf (in == nullptr), or made by
+// the kernel itself from in->x (one row; xf unused). nullopt when in is
+// given but the row's transform and the widest unit's x~ do not both fit
+// the staging buffers.
+std::optional<Tensor> run_mma(const Tensor* xf, int64_t rows,
+                              const Tensor& trellis, const Tensor& tlut,
+                              const std::vector<int64_t>& shard_rows,
+                              const InputTransform* in,
+                              std::optional<ScalarType> in_dtype) {
   const TrellisShape s = check_trellis(trellis, "qtip_gemm");
   const ShardRows shards = make_shard_rows(shard_rows, s.m, "qtip_gemm");
   check_tlut(tlut, trellis, shards.count, "qtip_gemm");
   const int64_t nbt = (rows + 7) / 8;
-  STD_TORCH_CHECK(
-      xf.is_cuda() && xf.get_device_index() == trellis.get_device_index() &&
-          xf.scalar_type() == ScalarType::Half && xf.is_contiguous() &&
-          xf.dim() == 3 && xf.size(0) == shards.count &&
-          xf.size(1) == nbt * 8 && xf.size(2) == s.n,
-      "qtip_gemm: fragment-ordered x~ must be contiguous float16 (",
-      shards.count, ", ", nbt * 8, ", ", s.n,
-      ") on cuda:", trellis.get_device_index(), ", got ", xf.scalar_type(), " ",
-      shape(xf));
-  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(xf.data_ptr()) % 16 == 0,
-                  "qtip_gemm: x~ data must be 16-byte aligned");
   const torch::stable::accelerator::DeviceGuard guard(
       trellis.get_device_index());
   const cudaDeviceProp* prop = get_device_prop();
-  const MmaConfig c = mma_config(*prop, nbt);
+  MmaArgs a{};
+  a.config = mma_config(*prop, nbt);
   const int sms = prop->multiProcessorCount;
-  const MmaPlan plan = mma_plan(shards, s.n / 32, rows, nbt, sms);
+  a.plan = mma_plan(shards, s.n / 32, rows, nbt, sms);
+  if (in != nullptr) {
+    const int64_t widest = (s.n / 32 + a.plan.splits - 1) / a.plan.splits;
+    if (s.n * 4 + widest * 512 > 2 * (int64_t)a.config.chunk_blocks * 512)
+      return std::nullopt;
+  }
   Tensor part =
-      new_tensor({plan.splits, rows, s.m}, ScalarType::Float, trellis);
+      new_tensor({a.plan.splits, rows, s.m}, ScalarType::Float, trellis);
   if (rows == 0) return part;
-  const int grid = std::min(sms, plan.units);
+  a.grid = std::min(sms, a.plan.units);
+  a.trellis = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
+  a.tlut = reinterpret_cast<const __half*>(tlut.data_ptr());
+  a.xf =
+      xf == nullptr ? nullptr : reinterpret_cast<const uint4*>(xf->data_ptr());
+  a.part = part.mutable_data_ptr<float>();
+  a.m = (int)s.m;
+  a.nblk = (int)(s.n / 32);
+  a.rows = (int)rows;
+  a.nbt = (int)nbt;
+  if (in != nullptr) a.in = *in;
   auto stream = get_current_cuda_stream();
-  const auto* tr = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
-  const auto* tl = reinterpret_cast<const __half*>(tlut.data_ptr());
-  const auto* xv = reinterpret_cast<const uint4*>(xf.data_ptr());
-  float* pp = part.mutable_data_ptr<float>();
-  const int m = (int)s.m, nblk = (int)(s.n / 32);
   auto run = [&](auto k_tag) {
     constexpr int K = decltype(k_tag)::value;
-    if (c.copies == 32)
-      dispatch_nb<K, 32>(tr, tl, xv, pp, m, nblk, (int)rows, (int)nbt, c, plan,
-                         grid, stream);
+    if (a.config.copies == 32)
+      dispatch_nb<K, 32>(a, in_dtype, stream);
     else
-      dispatch_nb<K, 16>(tr, tl, xv, pp, m, nblk, (int)rows, (int)nbt, c, plan,
-                         grid, stream);
+      dispatch_nb<K, 16>(a, in_dtype, stream);
   };
   switch (s.K) {
     case 2:
@@ -610,6 +713,56 @@ Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
       run(std::integral_constant<int, 4>{});
   }
   return part;
+}
+
+}  // namespace
+
+Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
+                const Tensor& tlut, const std::vector<int64_t>& shard_rows) {
+  const TrellisShape s = check_trellis(trellis, "qtip_gemm");
+  const int64_t shards = make_shard_rows(shard_rows, s.m, "qtip_gemm").count;
+  const int64_t nbt = (rows + 7) / 8;
+  STD_TORCH_CHECK(
+      xf.is_cuda() && xf.get_device_index() == trellis.get_device_index() &&
+          xf.scalar_type() == ScalarType::Half && xf.is_contiguous() &&
+          xf.dim() == 3 && xf.size(0) == shards && xf.size(1) == nbt * 8 &&
+          xf.size(2) == s.n,
+      "qtip_gemm: fragment-ordered x~ must be contiguous float16 (", shards,
+      ", ", nbt * 8, ", ", s.n, ") on cuda:", trellis.get_device_index(),
+      ", got ", xf.scalar_type(), " ", shape(xf));
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(xf.data_ptr()) % 16 == 0,
+                  "qtip_gemm: x~ data must be 16-byte aligned");
+  return *run_mma(&xf, rows, trellis, tlut, shard_rows, nullptr, std::nullopt);
+}
+
+std::optional<Tensor> qtip_mma_own_input(
+    const Tensor& x, const Tensor& su, int64_t in_block, const Tensor& trellis,
+    const Tensor& tlut, const std::vector<int64_t>& shard_rows) {
+  // Anything else takes the separate input transform, which also says
+  // what is wrong with bad arguments.
+  const bool activation = x.scalar_type() == ScalarType::Half ||
+                          x.scalar_type() == ScalarType::BFloat16;
+  if (!activation || x.dim() != 2 || su.dim() != 2 ||
+      su.size(0) != (int64_t)shard_rows.size())
+    return std::nullopt;
+  const int64_t rows = x.size(0), n = su.size(1);
+  if (rows < 1 || rows > kOwnInputMaxRows || !x.is_contiguous() ||
+      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0 ||
+      x.get_device_index() != trellis.get_device_index() ||
+      su.scalar_type() != ScalarType::Float || !su.is_contiguous() ||
+      reinterpret_cast<uintptr_t>(su.data_ptr()) % 16 != 0 ||
+      su.get_device_index() != trellis.get_device_index() || x.size(1) != n ||
+      trellis.size(1) * 32 != n || (in_block & (in_block - 1)) != 0 ||
+      in_block < 8 || n % in_block != 0)
+    return std::nullopt;
+  InputTransform in{};
+  in.x = x.data_ptr();
+  in.su = su.const_data_ptr<float>();
+  in.log2P = 0;
+  while ((int64_t{1} << in.log2P) < in_block) ++in.log2P;
+  in.mult = (float)(1.0 / 32.0 / std::sqrt((double)in_block));
+  return run_mma(nullptr, rows, trellis, tlut, shard_rows, &in,
+                 x.scalar_type());
 }
 
 Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,

@@ -10,8 +10,10 @@
 // The batch dispatch lives here, inside one opaque op, so torch.compile
 // never guards on the number of rows:
 //  * rows < dense_min_rows: the input transform writes x~ in the GEMM's
-//    B-fragment order, the fused trellis-decode GEMM (qtip_mma) writes
-//    split-K partial sums, and the output transform adds them in order;
+//    B-fragment order (for one row and power-of-two blocks the GEMM kernel
+//    does it itself, in shared memory), the fused trellis-decode GEMM
+//    (qtip_mma) writes split-K partial sums, and the output transform adds them
+//    in order;
 //  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
 //    fp16 output is the reference's fallback-GEMM numerics. An H_K factor
 //    (K > 1, e.g. K = 172 for 11008) is applied there by cuBLAS as well,
@@ -155,11 +157,18 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
   check_had_factor(had_in, x, "qtip_linear (had_in)");
   check_had_factor(had_out, x, "qtip_linear (had_out)");
   if (x.size(0) < dense_min_rows) {
-    // x * SU_s, Hn^T, / 32, fp16: one copy per shard in B-fragment order.
-    Tensor xf =
-        qtip_hadamard_impl(x, su, std::nullopt, had_in, true, {in_block}, {n},
-                           1.0 / 32.0, ScalarType::Half, /*fragment_out=*/true);
-    Tensor acc = qtip_mma(xf, x.size(0), trellis, tlut, shard_rows);
+    std::optional<Tensor> own;
+    if (!had_in.has_value())
+      own = qtip_mma_own_input(x, su, in_block, trellis, tlut, shard_rows);
+    // Otherwise x * SU_s, Hn^T, / 32, fp16: one copy per shard in B-fragment
+    // order, by its own kernel.
+    Tensor acc = own.has_value()
+                     ? *own
+                     : qtip_mma(qtip_hadamard_impl(x, su, std::nullopt, had_in,
+                                                   true, {in_block}, {n},
+                                                   1.0 / 32.0, ScalarType::Half,
+                                                   /*fragment_out=*/true),
+                                x.size(0), trellis, tlut, shard_rows);
     // Split sums, Hm per shard, * SV * 32, x's dtype.
     return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
                          shard_rows, 32.0, x.scalar_type());

@@ -86,6 +86,14 @@ Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
 Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
                 const Tensor& tlut, const std::vector<int64_t>& shard_rows);
 
+// The same from x (rows, n) itself, for one row and power-of-two input
+// Hadamard blocks: the GEMM makes its x~ = fp16(Hn^T (SU_s * x) / 32) in
+// shared memory (the input transform of qtip_linear, one launch fewer);
+// nullopt when the call does not qualify.
+std::optional<Tensor> qtip_mma_own_input(
+    const Tensor& x, const Tensor& su, int64_t in_block, const Tensor& trellis,
+    const Tensor& tlut, const std::vector<int64_t>& shard_rows);
+
 // x (copies, rows, n) -> (copies, ceil(rows/8)*8, n) in B-fragment order.
 Tensor qtip_fragment_layout(const Tensor& x);
 
