@@ -55,16 +55,22 @@ def write_model_dir(
     return path
 
 
+def server_answers() -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def wait_ready(proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"vllm serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(2)
+        if server_answers():
+            return
+        time.sleep(2)
     raise RuntimeError("vllm serve did not become ready")
 
 
@@ -103,6 +109,14 @@ def bench(model_dir: Path, concurrency: int, result_dir: Path) -> dict:
     ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     data = json.loads((result_dir / name).read_text())
+    if data["completed"] != 4 * concurrency:
+        # A run whose requests failed measures nothing (e.g. a server that
+        # does not serve this model); say why instead of recording zeros.
+        errors = [e for e in data.get("errors", []) if e]
+        raise RuntimeError(
+            f"{data['completed']} of {4 * concurrency} requests completed at "
+            f"concurrency {concurrency}; first error: {errors[:1]}"
+        )
     return {
         "concurrency": concurrency,
         "output_tok_s": round(data["output_throughput"], 1),
@@ -124,6 +138,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    # A `timeout` that ends this script must take the server down with it
+    # (it runs in its own session): SystemExit runs the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if server_answers():
+        sys.exit(f"port {PORT} already answers /health: stop that server first")
     vocab = len(AutoTokenizer.from_pretrained(args.tokenizer))
     result = start_result(args.out, args.resume)
     done = {(r["model"], r["weights"], r["concurrency"]) for r in result["rows"]}
