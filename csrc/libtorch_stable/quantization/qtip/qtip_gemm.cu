@@ -93,25 +93,10 @@ struct InputTransform {
 template <typename InT>
 __device__ void transform_row(const InputTransform& in, int s, int n,
                               float* X) {
-  const int lane = threadIdx.x & 31;
-  const InT* x = static_cast<const InT*>(in.x);
-  const float* su = in.su + (int64_t)s * n;
-  const int shfl_stages = min(in.log2P, kShflStages);
-  const int groups = n / 8;
-  for (int g = threadIdx.x; g - lane < groups; g += blockDim.x) {
-    const bool valid = g < groups;
-    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (valid) {
-      float scale[8];
-      load8(x + g * 8, v);
-      load8(su + g * 8, scale);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] *= scale[i];
-    }
-    stage_group8(v, X, g, lane, shfl_stages, valid);
-  }
-  __syncthreads();
-  smem_stages(X, n, shfl_stages, in.log2P);
+  // That kernel's own load and Sylvester step (one split, SU as in_scale).
+  load_sylvester</*kLoads=*/1>(static_cast<const InT*>(in.x),
+                               /*in_splits=*/1, /*split_stride=*/0,
+                               in.su + (int64_t)s * n, X, n, in.log2P);
 }
 
 // x~ = fp16(mult * X) of the columns [32 k0, 32 k1), in B-fragment order
