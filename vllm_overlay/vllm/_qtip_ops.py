@@ -213,9 +213,9 @@ def qtip_gemm(
 ) -> torch.Tensor:
     """x (B, n) fp16 @ W_hat^T -> (B, m) fp32, W_hat decoded on the fly.
 
-    The fused GEMM of qtip_matmul on its own (x laid out for the tensor
-    cores and the split-K partial sums added here; inside qtip_matmul the
-    Hadamard kernels do both). For several shards back to back, m lists
+    The fused GEMM of qtip_matmul on its own (its split-K partial sums
+    added here; inside qtip_matmul the output transform adds them as it
+    loads them). For several shards back to back, m lists
     their row counts, x is (shards, B, n) with one input per shard and tlut
     (shards, 512, 2); the output holds their products side by side.
     """

@@ -569,6 +569,9 @@ def test_gathered_kernel_path_shares_calls(tp1, monkeypatch):
 
     def hat_product(xh, trellis, tlut, shard_rows, K):
         calls.append(f"product K={K} x{len(shard_rows)}")
+        # What the fused GEMM reads as it is: one fp16 row-major x~ per shard.
+        assert xh.dtype == torch.float16 and xh.is_contiguous()
+        assert xh.dim() == 3 and xh.shape[0] == len(shard_rows)
         params = params_by_bits[K]
         n = xh.shape[-1]
         words = [rows * n * K // 16 for rows in shard_rows]

@@ -19,10 +19,11 @@
 //    pass (batch = mma N, up to 64 rows per pass), so a decoded weight
 //    serves all rows. Trellis words stream into a register ring kStages
 //    blocks deep (ld.global.cs).
-//  * Activations: the input transform writes x~ in mma B-fragment order
-//    (one 16-byte vector per lane per 32-column block and n8 tile), which
-//    cp.async stages, double-buffered, in shared memory for the whole CTA;
-//    a lane reads its B fragments with one LDS.128 per block and n8 tile.
+//  * Activations: the input transform writes x~ row-major (coalesced 16-byte
+//    stores); cp.async stages each batch row's k range of a chunk,
+//    double-buffered, in shared memory for the whole CTA (per 32-column
+//    block, its rows of 64 bytes; see stage_offset), and a warp loads its B
+//    fragments with one ldmatrix.x4 per block and n8 tile.
 //  * Deterministic split-K: every unit writes its fp32 partial sums to its
 //    own slot of a workspace (splits, rows, m): no atomics, no zero fill.
 //    The output transform (qtip_hadamard) adds the splits in a fixed order
@@ -54,6 +55,17 @@ constexpr int kDecodeThreads = 256;
 // stack, outside the main loop); against 8 warps it took the GEMM at 64
 // rows from 50.6 to 40.6 us (4096x11008, H200).
 constexpr int kMmaWarps = 16;
+// x~ staging in shared memory, per 32-column block: its 8 * nb batch rows of
+// 64 bytes, then 16 bytes of padding (one row's consecutive blocks then
+// start 4 banks apart, so cp.async's stores of a row use every bank).
+constexpr int stage_block_bytes(int nb) { return nb * 512 + 16; }
+// Byte offset of row r, 16-byte piece p (columns 8p..8p+7) within a block:
+// the pieces of a row are XOR-swizzled by bits 1-2 of r, so the 8 row
+// addresses of an ldmatrix phase (rows r0..r0+7, one p) hit distinct banks.
+__device__ __forceinline__ int stage_offset(int r, int p) {
+  return r * 64 + ((p ^ (r >> 1)) & 3) * 16;
+}
+
 // Trellis blocks in flight per warp (register ring): 8 with one n8 tile
 // (batch <= 8: a warp's whole k range is often only ~8-20 blocks, so its
 // refills would wait on DRAM; with a single n8 tile's accumulators the
@@ -99,17 +111,18 @@ __device__ void transform_row(const InputTransform& in, int s, int n,
                                in.su + (int64_t)s * n, X, n, in.log2P);
 }
 
-// x~ = fp16(mult * X) of the columns [32 k0, 32 k1), in B-fragment order
-// from block k0 on (one n8 tile: row 0; the other rows' columns are never
-// stored). Ends with a barrier.
+// x~ = fp16(mult * X) of the columns [32 k0, 32 k1) as row 0 of the blocks
+// of a one-n8-tile staging buffer at xs (the other rows are never stored:
+// they only feed discarded batch columns). Ends with a barrier.
 __device__ void stage_row_slice(const float* X, float mult, int k0, int k1,
-                                int n, __half* xs) {
+                                char* xs) {
   for (int g = threadIdx.x; g < (k1 - k0) * 4; g += blockDim.x) {
-    const int col = k0 * 32 + g * 8;
     float v[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = X[col + i] * mult;
-    store_out8(xs, 0, 0, col - k0 * 32, n, true, v);
+    for (int i = 0; i < 8; ++i) v[i] = X[k0 * 32 + g * 8 + i] * mult;
+    store8(reinterpret_cast<__half*>(xs + (g >> 2) * stage_block_bytes(1) +
+                                     stage_offset(0, g & 3)),
+           v);
   }
   __syncthreads();
 }
@@ -119,6 +132,15 @@ __device__ __forceinline__ void cp_async16(uint32_t smem_addr,
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr),
                "l"(gmem));
 }
+// Registers 0..3 = 8x8 matrices 0..3 (lanes 8j..8j+7 give matrix j's row
+// addresses); lane l gets row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t smem_addr,
+                                            uint32_t (&r)[4]) {
+  asm volatile(
+      "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+      : "r"(smem_addr));
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;");
 }
@@ -127,17 +149,17 @@ __device__ __forceinline__ void cp_async_wait_one() {
 }
 
 // y partials (splits, rows, m) fp32 = x~ @ W_hat^T for every shard, W_hat
-// decoded on the fly. xf: x~ in B-fragment order, (shards, nbt, n/32, 32
-// lanes, 8 halves) with nbt = ceil(rows / 8) n8 tiles. With InT (the
-// activation dtype; one row) the kernel makes x~ itself from in.x instead,
-// in shared memory (xf unused): the staging buffers hold the row's
-// transform X (fp32) and, behind it, the unit's k range of x~ (the host
-// checks that both fit).
+// decoded on the fly. xt: x~ row-major fp16, (shards, rows, n), in 16-byte
+// vectors; the batch is covered by nbt = ceil(rows / 8) n8 tiles. With InT
+// (the activation dtype; one row) the kernel makes x~ itself from in.x
+// instead, in shared memory (xt unused): the staging buffers hold the row's
+// transform X (fp32) and, behind it, the unit's k range of x~ as row 0 of a
+// staging tile (the host checks that both fit).
 template <int K, int NB, int kCopies, typename InT>
 __global__ void __launch_bounds__(kMmaWarps * 32, 1)
     qtip_mma_kernel(const uint8_t* __restrict__ trellis,
                     const __half* __restrict__ tlut,
-                    const uint4* __restrict__ xf, float* __restrict__ part,
+                    const uint4* __restrict__ xt, float* __restrict__ part,
                     int m, int nblk, int rows, int nbt, int chunk_blocks,
                     MmaPlan plan, InputTransform in) {
   constexpr bool kOwnInput = !std::is_void_v<InT>;
@@ -148,9 +170,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
 
   extern __shared__ __align__(128) char smem[];
   char* lut = smem;
-  uint4* stage = reinterpret_cast<uint4*>(smem + Lut::kBytes);
-  // One staging buffer: NB n8 tiles x chunk_blocks blocks x 32 lanes.
-  const int buf_vecs = NB * chunk_blocks * 32;
+  char* stage = smem + Lut::kBytes;
+  // One staging buffer: chunk_blocks blocks of the pass's 8 * NB rows.
+  constexpr int kBlockBytes = stage_block_bytes(NB);
+  const int buf_bytes = chunk_blocks * kBlockBytes;
+  const int row_vecs = nblk * 4;  // 16-byte vectors per row of x~
 
   const int tid = threadIdx.x, lane = tid & 31;
   // Read through a shuffle from lane 0 so the compiler knows it is
@@ -161,6 +185,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
   const uint32_t lane_term = Lut::lane_term(lane);
   const uint32_t stage_addr =
       static_cast<uint32_t>(__cvta_generic_to_shared(stage));
+  // ldmatrix matrix j of an n8 tile: its rows 0..7 (their addresses from
+  // lanes 8j..8j+7) at columns 8j..8j+7 of the block. Register j of lane
+  // g*4+q then holds x~[row g][8j + 2q + {0, 1}]: B[k][n] of the mma for
+  // k-tile j / 2, register j % 2 (b0b1, b2b3).
+  const uint32_t lane_offset = stage_offset(lane & 7, lane >> 3);
   const int passes = (nbt + NB - 1) / NB;
 
   // 32-bit products: mma_plan keeps units * grid and nblk * splits < 2^31.
@@ -185,27 +214,33 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
     const int nchunks = (k1 - k0 + chunk_blocks - 1) / chunk_blocks;
     const uint8_t* wptr =
         trellis + ((size_t)grt * nblk) * Blk::kBytes + lane * Blk::kLaneBytes;
-    const uint4* xs = xf + (size_t)s * nbt * nblk * 32;
-
     for (int pass = 0; pass < passes; ++pass) {
       const int nb0 = pass * NB;
       const int nbp = min(NB, nbt - nb0);
-      // Stages chunk c of this pass into buffer c & 1 (all threads).
+      // Only the pass's real batch rows are staged: the tile's other rows
+      // hold stale data, which only feeds batch columns never stored.
+      const int pass_rows = min(8 * NB, rows - nb0 * 8);
+      const uint4* xs = xt + ((size_t)s * rows + nb0 * 8) * row_vecs;
+      // Stages chunk c of this pass into buffer c & 1 (all threads): each
+      // row's 16-byte vectors of the chunk, consecutive in x~ (coalesced).
       auto stage_chunk = [&](int c) {
         const int cb0 = k0 + c * chunk_blocks;
         const int ncb = min(chunk_blocks, k1 - cb0);
         if (ncb <= 0) return;
-        const int tile_vecs = ncb * 32;
-        const uint32_t base = stage_addr + (c & 1) * buf_vecs * 16;
-        // Vector i = nb * tile_vecs + r, walked without a division per step.
-        int nb = tid / tile_vecs, r = tid % tile_vecs;
-        while (nb < nbp) {
-          cp_async16(base + (nb * chunk_blocks * 32 + r) * 16,
-                     xs + ((size_t)(nb0 + nb) * nblk + cb0) * 32 + r);
-          r += kThreads;
-          while (r >= tile_vecs) {
-            r -= tile_vecs;
-            ++nb;
+        const int vecs = ncb * 4;  // per row
+        const uint32_t base = stage_addr + (c & 1) * buf_bytes;
+        // Vector i = row * vecs + v, walked by a precomputed step of
+        // kThreads vectors: no division per vector.
+        const int drow = kThreads / vecs, dv = kThreads % vecs;
+        int row = tid / vecs, v = tid % vecs;
+        while (row < pass_rows) {
+          cp_async16(base + (v >> 2) * kBlockBytes + stage_offset(row, v),
+                     xs + (size_t)row * row_vecs + cb0 * 4 + v);
+          row += drow;
+          v += dv;
+          if (v >= vecs) {
+            v -= vecs;
+            ++row;
           }
         }
       };
@@ -241,50 +276,55 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[mr][nb][i] = 0.f;
 
-      // Multiplies blocks [cs, ce) with the B fragments of block cs on at
-      // bbuf (this lane's; n8 tile nb at nb * chunk_blocks * 32 vectors).
-      auto run_range = [&](const int cs, const int ce, const uint4* bbuf) {
+      // Multiplies blocks [cs, ce) with the staged x~ blocks from shared
+      // address xb (block cs) on.
+      auto run_range = [&](const int cs, const int ce, const uint32_t xb) {
         // Block cb (ring slot st): decode, refill the slot, multiply with
-        // all NB tiles. Tiles past nbp and padding rows read stale staging
-        // data: they only feed batch columns that are never stored, and
+        // all NB tiles. Tiles past nbp and rows past the batch read stale
+        // staging data: they only feed batch columns never stored, and
         // with no per-tile branch the MMAs of a block (and the decode of
         // the next) form one basic block the compiler can interleave.
-        auto step = [&](const int st, const int cb) {
+        // bp: this lane's ldmatrix address in the block's n8 tile 0.
+        auto step = [&](const int st, const int cb, const uint32_t bp) {
           uint32_t frag[4][4];
           decode_block<K, kCopies>(w[st], lut, lane_term, lane, frag);
           if (cb + kStagesNB < k1)
             load_lane<K>(wptr + (size_t)(cb + kStagesNB) * Blk::kBytes, w[st]);
-          const uint4* bp = bbuf + (cb - cs) * 32;
-          uint4 b[NB];
+          uint32_t b[NB][4];
 #pragma unroll
-          for (int nb = 0; nb < NB; ++nb) b[nb] = bp[nb * chunk_blocks * 32];
-          // frag[kc * 2 + mr]; b.x, b.y: k-tile 0, b.z, b.w: 1. k-tile
+          for (int nb = 0; nb < NB; ++nb) ldmatrix_x4(bp + nb * 512, b[nb]);
+          // frag[kc * 2 + mr]; b[.][0..1]: k-tile 0, b[.][2..3]: 1. k-tile
           // outside the n8 tiles: the two MMAs into one accumulator are
           // 2 * NB apart, not 2 (each waits on the previous one's result).
 #pragma unroll
           for (int nb = 0; nb < NB; ++nb) {
-            mma_16816(acc[0][nb], frag[0], b[nb].x, b[nb].y);
-            mma_16816(acc[1][nb], frag[1], b[nb].x, b[nb].y);
+            mma_16816(acc[0][nb], frag[0], b[nb][0], b[nb][1]);
+            mma_16816(acc[1][nb], frag[1], b[nb][0], b[nb][1]);
           }
 #pragma unroll
           for (int nb = 0; nb < NB; ++nb) {
-            mma_16816(acc[0][nb], frag[2], b[nb].z, b[nb].w);
-            mma_16816(acc[1][nb], frag[3], b[nb].z, b[nb].w);
+            mma_16816(acc[0][nb], frag[2], b[nb][2], b[nb][3]);
+            mma_16816(acc[1][nb], frag[3], b[nb][2], b[nb][3]);
           }
         };
         if (!active) return;
         // cs is a ring-slot-0 block (k0, or a chunk start: chunk_blocks is
         // a multiple of the ring depth), so the ring index stays a constant.
         // Whole rings first (no per-block check), then the last partial one.
+        // One address per ring, constant offsets within it.
         int base = cs;
-        for (; base + kStagesNB <= ce; base += kStagesNB) {
+        uint32_t ring = xb + lane_offset;
+        for (; base + kStagesNB <= ce;
+             base += kStagesNB, ring += kStagesNB * kBlockBytes) {
 #pragma unroll
-          for (int st = 0; st < kStagesNB; ++st) step(st, base + st);
+          for (int st = 0; st < kStagesNB; ++st)
+            step(st, base + st, ring + st * kBlockBytes);
         }
         if (base < ce) {
 #pragma unroll
           for (int st = 0; st < kStagesNB; ++st)
-            if (base + st < ce) step(st, base + st);  // warp-uniform
+            if (base + st < ce)  // warp-uniform
+              step(st, base + st, ring + st * kBlockBytes);
         }
       };
 
@@ -292,17 +332,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         // The staging buffers are free here (the last unit's final barrier).
         float* X = reinterpret_cast<float*>(stage);
         const int n = nblk * 32;
-        uint4* slice = stage + n / 4;  // behind X
+        const int slice = n * 4;  // behind X: k1 - k0 staged blocks
         if (s * plan.splits + split != x_unit) {
           if (s != x_shard) {
             transform_row<InT>(in, s, n, X);
             x_shard = s;
           }
-          stage_row_slice(X, in.mult, k0, k1, n,
-                          reinterpret_cast<__half*>(slice));
+          stage_row_slice(X, in.mult, k0, k1, stage + slice);
           x_unit = s * plan.splits + split;
         }
-        run_range(k0, k1, slice + lane);
+        run_range(k0, k1, stage_addr + slice);
         __syncthreads();  // the next unit may rewrite the slice and X
       } else {
         stage_chunk(0);
@@ -314,7 +353,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
           __syncthreads();
           const int cs = k0 + c * chunk_blocks;
           run_range(cs, min(k1, cs + chunk_blocks),
-                    stage + (c & 1) * buf_vecs + lane);
+                    stage_addr + (c & 1) * buf_bytes);
           __syncthreads();
         }
       }
@@ -490,20 +529,27 @@ struct MmaConfig {
   int smem;
 };
 
+// Two staging buffers of chunk_blocks blocks.
+int stage_bytes(int nb, int chunk_blocks) {
+  return 2 * chunk_blocks * stage_block_bytes(nb);
+}
+
 MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
   MmaConfig c{};
   c.nb = nbt <= 1 ? 1 : nbt <= 2 ? 2 : nbt <= 4 ? 4 : 8;
   const int limit = (int)prop.sharedMemPerBlockOptin;
   const int ring = ring_depth(c.nb);
-  const int min_stage = 2 * c.nb * ring * 512;
-  c.copies = SignedLut<32>::kBytes + min_stage <= limit ? 32 : 16;
+  c.copies = SignedLut<32>::kBytes + stage_bytes(c.nb, ring) <= limit ? 32 : 16;
   const int lut =
       c.copies == 32 ? SignedLut<32>::kBytes : SignedLut<16>::kBytes;
-  // Two staging buffers of nb x chunk_blocks x 512 bytes, at most ~96 KiB.
+  // At most ~96 KiB of x~ (plus the blocks' padding), in whole rings.
   int blocks =
       std::min(64, std::min(limit - lut, 96 * 1024) / (2 * c.nb * 512));
   c.chunk_blocks = std::max(ring, blocks / ring * ring);
-  c.smem = lut + 2 * c.nb * c.chunk_blocks * 512;
+  while (c.chunk_blocks > ring &&
+         lut + stage_bytes(c.nb, c.chunk_blocks) > limit)
+    c.chunk_blocks -= ring;
+  c.smem = lut + stage_bytes(c.nb, c.chunk_blocks);
   STD_TORCH_CHECK(c.smem <= limit, "qtip_gemm: needs ", c.smem,
                   " bytes of shared memory per block, this GPU allows ", limit);
   return c;
@@ -560,13 +606,13 @@ MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
 struct MmaArgs {
   const uint8_t* trellis;
   const __half* tlut;
-  const uint4* xf;
+  const uint4* xt;
   float* part;
   int m, nblk, rows, nbt;
   MmaConfig config;
   MmaPlan plan;
   int grid;
-  InputTransform in;  // in.x == nullptr: x~ is already in xf
+  InputTransform in;  // in.x == nullptr: x~ is already in xt
 };
 
 template <int K, int NB, int kCopies, typename InT>
@@ -575,7 +621,7 @@ void launch_mma(const MmaArgs& a, cudaStream_t stream) {
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(kernel, smem_set);
   launch_dependent(kernel, dim3(a.grid), dim3(kMmaWarps * 32), a.config.smem,
-                   stream, a.trellis, a.tlut, a.xf, a.part, a.m, a.nblk, a.rows,
+                   stream, a.trellis, a.tlut, a.xt, a.part, a.m, a.nblk, a.rows,
                    a.nbt, a.config.chunk_blocks, a.plan, a.in);
 }
 
@@ -623,28 +669,13 @@ void check_device_capability(const Tensor& t, const char* op) {
                   prop->major, ".", prop->minor);
 }
 
-Tensor qtip_fragment_layout(const Tensor& x) {
-  // (copies, rows, n) -> (copies, nbt * 8, n) with each n8 tile x 32-column
-  // block stored as 32 lanes x 8 halves: lane g*4+q holds row g, columns
-  // kc*16 + h*8 + 2q + e at half kc*4 + h*2 + e.
-  const int64_t copies = x.size(0), rows = x.size(1), n = x.size(2);
-  const int64_t nbt = (rows + 7) / 8;
-  const Tensor padded = torch::stable::contiguous(
-      torch::stable::pad(x, {0, 0, 0, nbt * 8 - rows}));
-  const Tensor tiles =
-      torch::stable::view(padded, {copies, nbt, 8, n / 32, 2, 2, 4, 2});
-  return torch::stable::view(
-      torch::stable::contiguous(permute(tiles, {0, 1, 3, 2, 6, 4, 5, 7})),
-      {copies, nbt * 8, n});
-}
-
 namespace {
 
-// The fused GEMM's launch: x~ already in *xf (in == nullptr), or made by
-// the kernel itself from in->x (one row; xf unused). nullopt when in is
-// given but the row's transform and the widest unit's x~ do not both fit
-// the staging buffers.
-std::optional<Tensor> run_mma(const Tensor* xf, int64_t rows,
+// The fused GEMM's launch: x~ already in *xt (in == nullptr), or made by
+// the kernel itself from in->x (one row; xt unused). nullopt when in is
+// given but the row's transform and the widest unit's x~ tile do not both
+// fit the staging buffers.
+std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
                               const Tensor& trellis, const Tensor& tlut,
                               const std::vector<int64_t>& shard_rows,
                               const InputTransform* in,
@@ -662,7 +693,8 @@ std::optional<Tensor> run_mma(const Tensor* xf, int64_t rows,
   a.plan = mma_plan(shards, s.n / 32, rows, nbt, sms);
   if (in != nullptr) {
     const int64_t widest = (s.n / 32 + a.plan.splits - 1) / a.plan.splits;
-    if (s.n * 4 + widest * 512 > 2 * (int64_t)a.config.chunk_blocks * 512)
+    if (s.n * 4 + widest * stage_block_bytes(1) >
+        stage_bytes(a.config.nb, a.config.chunk_blocks))
       return std::nullopt;
   }
   Tensor part =
@@ -671,8 +703,8 @@ std::optional<Tensor> run_mma(const Tensor* xf, int64_t rows,
   a.grid = std::min(sms, a.plan.units);
   a.trellis = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
   a.tlut = reinterpret_cast<const __half*>(tlut.data_ptr());
-  a.xf =
-      xf == nullptr ? nullptr : reinterpret_cast<const uint4*>(xf->data_ptr());
+  a.xt =
+      xt == nullptr ? nullptr : reinterpret_cast<const uint4*>(xt->data_ptr());
   a.part = part.mutable_data_ptr<float>();
   a.m = (int)s.m;
   a.nblk = (int)(s.n / 32);
@@ -702,22 +734,21 @@ std::optional<Tensor> run_mma(const Tensor* xf, int64_t rows,
 
 }  // namespace
 
-Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
-                const Tensor& tlut, const std::vector<int64_t>& shard_rows) {
+Tensor qtip_mma(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
+                const std::vector<int64_t>& shard_rows) {
   const TrellisShape s = check_trellis(trellis, "qtip_gemm");
   const int64_t shards = make_shard_rows(shard_rows, s.m, "qtip_gemm").count;
-  const int64_t nbt = (rows + 7) / 8;
   STD_TORCH_CHECK(
-      xf.is_cuda() && xf.get_device_index() == trellis.get_device_index() &&
-          xf.scalar_type() == ScalarType::Half && xf.is_contiguous() &&
-          xf.dim() == 3 && xf.size(0) == shards && xf.size(1) == nbt * 8 &&
-          xf.size(2) == s.n,
-      "qtip_gemm: fragment-ordered x~ must be contiguous float16 (", shards,
-      ", ", nbt * 8, ", ", s.n, ") on cuda:", trellis.get_device_index(),
-      ", got ", xf.scalar_type(), " ", shape(xf));
-  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(xf.data_ptr()) % 16 == 0,
+      xt.is_cuda() && xt.get_device_index() == trellis.get_device_index() &&
+          xt.scalar_type() == ScalarType::Half && xt.is_contiguous() &&
+          xt.dim() == 3 && xt.size(0) == shards && xt.size(2) == s.n,
+      "qtip_gemm: x~ must be contiguous float16 (", shards, ", rows, ", s.n,
+      ") on cuda:", trellis.get_device_index(), ", got ", xt.scalar_type(), " ",
+      shape(xt));
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(xt.data_ptr()) % 16 == 0,
                   "qtip_gemm: x~ data must be 16-byte aligned");
-  return *run_mma(&xf, rows, trellis, tlut, shard_rows, nullptr, std::nullopt);
+  return *run_mma(&xt, xt.size(1), trellis, tlut, shard_rows, nullptr,
+                  std::nullopt);
 }
 
 std::optional<Tensor> qtip_mma_own_input(
@@ -770,10 +801,12 @@ Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                   ", B, n) (or (B, n) for one shard) with n = 32 * "
                   "trellis.size(1) = ",
                   n, ", got ", shape(x));
-  const int64_t rows = x.size(-2);
-  const Tensor xf =
-      qtip_fragment_layout(torch::stable::reshape(x, {shards, rows, n}));
-  return torch::stable::sum(qtip_mma(xf, rows, trellis, tlut, shard_rows),
+  Tensor xt = torch::stable::contiguous(
+      torch::stable::reshape(x, {shards, x.size(-2), n}));
+  // The kernel stages x~ in 16-byte pieces (a view may start anywhere).
+  if (reinterpret_cast<uintptr_t>(xt.data_ptr()) % 16 != 0)
+    xt = torch::stable::clone(xt);
+  return torch::stable::sum(qtip_mma(xt, trellis, tlut, shard_rows),
                             std::vector<int64_t>{0});
 }
 

@@ -16,10 +16,9 @@
 // one row per shard (SU_s), giving one transformed copy of x per shard; all
 // in one launch.
 //
-// The GEMM's two ends: x may be (splits, rows, n) fp32 split-K partial sums,
-// added in split order as they are loaded (deterministic); and the input
-// transform may write x~ straight in the GEMM's B-fragment order (rows
-// padded to whole n8 tiles; see qtip_fragment_layout in qtip_gemm.cu).
+// The GEMM's output side: x may be (splits, rows, n) fp32 split-K partial
+// sums, added in split order as they are loaded (deterministic). On its input
+// side the GEMM reads the (shards, rows, n) row-major copies as they are.
 //
 // One thread block per (copy, row, Hadamard block), the block's b values in
 // fp32 shared memory (so b <= ~57k on Hopper); for powers of two (K = 1) a
@@ -58,7 +57,7 @@ constexpr int kHadMaxThreads = 1024;
 // Columns a thread block takes at least when a row has several small
 // power-of-two blocks (eight per thread).
 constexpr int64_t kHadMinCtaCols = 2048;
-// Blocks per row of a large H_K factor (see rchunk in qtip_hadamard_impl).
+// Blocks per row of a large H_K factor (see rchunk in qtip_hadamard).
 constexpr int64_t kHadMaxRowChunks = 4;
 // Split-K partial loads a thread keeps in flight (4 x 32 bytes).
 constexpr int kSplitLoads = 4;
@@ -85,7 +84,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
                          const float* __restrict__ had, OutT* __restrict__ y,
                          int rows, int n, HadSegments segs, int K,
                          bool transpose, int rchunk, int p_splits, int ksplit,
-                         int in_splits, int64_t copy_stride, bool frag) {
+                         int in_splits) {
   extern __shared__ __align__(16) float X[];
   const int per_row = segs.blk0[segs.count];
   const int copy_row = blockIdx.x / per_row, j = blockIdx.x % per_row;
@@ -99,7 +98,8 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   // x is shared by the copies; copy c is scaled by in_scale row c.
   x += (int64_t)row * n + col0;
   if (in_scale != nullptr) in_scale += (int64_t)copy * n;
-  const int64_t copy_base = (int64_t)copy * copy_stride;
+  // This block's output row: row-major, copy after copy.
+  y += ((int64_t)copy * rows + row) * n;
   const float mult = segs.mult[seg];
   const int64_t split_stride = (int64_t)rows * n;
   allow_dependents();
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
 
   if (K == 1) {
     for (int g = threadIdx.x; g < b / 8; g += blockDim.x)
-      store_group8(X, g, mult, out_scale, col0, y, copy_base, row, n, frag);
+      store_group8(X, g, mult, out_scale, col0, y);
     return;
   }
 
@@ -133,12 +133,12 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   const int p_lo = (int)((int64_t)ps * P / p_splits);
   const int plen = (int)((int64_t)(ps + 1) * P / p_splits) - p_lo;
   const int items = (rchunk / 8) * plen;
-  // Output (r, p) of this block: scaled, in the output's layout.
+  // Output (r, p) of this block, scaled.
   auto put = [&](int r, int p, float acc) {
     const int idx = r * P + p;
     float val = acc * mult;
     if (out_scale != nullptr) val *= out_scale[col0 + idx];
-    y[out_index(copy_base, row, col0 + idx, n, frag)] = from_float<OutT>(val);
+    y[col0 + idx] = from_float<OutT>(val);
   };
   if (ksplit == 1) {
     // Many rows: each thread takes 8 rows x 2 columns, so every k costs
@@ -250,8 +250,6 @@ struct HadArgs {
   bool transpose;
   int rchunk, p_splits, ksplit, threads, smem;
   int in_splits;
-  int64_t copy_stride;
-  bool frag;
 };
 
 template <typename InT, typename OutT>
@@ -266,7 +264,7 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
                    reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale,
                    a.had, reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.segs,
                    a.K, a.transpose, a.rchunk, a.p_splits, a.ksplit,
-                   a.in_splits, a.copy_stride, a.frag);
+                   a.in_splits);
 }
 
 template <typename InT>
@@ -304,19 +302,6 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
                      const std::vector<int64_t>& block_sizes,
                      const std::vector<int64_t>& segment_sizes, double factor,
                      ScalarType out_dtype) {
-  return qtip_hadamard_impl(x, in_scale, out_scale, had_k, transpose,
-                            block_sizes, segment_sizes, factor, out_dtype,
-                            /*fragment_out=*/false);
-}
-
-Tensor qtip_hadamard_impl(const Tensor& x,
-                          const std::optional<Tensor>& in_scale,
-                          const std::optional<Tensor>& out_scale,
-                          const std::optional<Tensor>& had_k, bool transpose,
-                          const std::vector<int64_t>& block_sizes,
-                          const std::vector<int64_t>& segment_sizes,
-                          double factor, ScalarType out_dtype,
-                          bool fragment_out) {
   STD_TORCH_CHECK(x.is_cuda(), "qtip_hadamard: x must be a CUDA tensor");
   const auto in_dtype = x.scalar_type();
   STD_TORCH_CHECK(
@@ -342,9 +327,6 @@ Tensor qtip_hadamard_impl(const Tensor& x,
   const int64_t in_splits = x.dim() == 3 ? x.size(0) : 1;
   STD_TORCH_CHECK(in_splits >= 1, "qtip_hadamard: x has no splits, shape ",
                   shape(x));
-  STD_TORCH_CHECK(
-      !fragment_out || n % 32 == 0,
-      "qtip_hadamard: fragment output needs n % 32 == 0, got n = ", n);
   const int64_t K = check_had_factor(had_k, x, "qtip_hadamard");
   const float* had = had_k ? had_k->const_data_ptr<float>() : nullptr;
   STD_TORCH_CHECK(
@@ -422,12 +404,8 @@ Tensor qtip_hadamard_impl(const Tensor& x,
                   max_cols, " columns needs ", smem,
                   " bytes of shared memory, this GPU allows ", smem_limit);
 
-  // Fragment order pads the rows to whole n8 tiles (padding rows are left
-  // unwritten: they only feed GEMM output columns that are discarded).
-  const int64_t out_rows = fragment_out ? (rows + 7) / 8 * 8 : rows;
-  auto y = copies_out || fragment_out
-               ? new_tensor({copies, out_rows, n}, out_dtype, x)
-               : new_tensor({rows, n}, out_dtype, x);
+  auto y = copies_out ? new_tensor({copies, rows, n}, out_dtype, x)
+                      : new_tensor({rows, n}, out_dtype, x);
   if (rows == 0) return y;
   const int64_t max_P = max_cols / K;
   int p_splits = 1;
@@ -469,8 +447,6 @@ Tensor qtip_hadamard_impl(const Tensor& x,
                                        kernels::kHadMaxThreads);
   a.smem = (int)(smem + (ksplit - 1) * items * 8 * 4);
   a.in_splits = (int)in_splits;
-  a.copy_stride = out_rows * n;
-  a.frag = fragment_out;
   auto stream = get_current_cuda_stream();
   switch (in_dtype) {
     case ScalarType::Half:

@@ -2,8 +2,8 @@
 // SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 //
 // Device helpers of the QTIP Hadamard-transform kernels: 8-value loads and
-// stores, the output layouts, and the Sylvester (power-of-two Hadamard)
-// stages in registers, warp shuffles and shared memory.
+// stores, and the Sylvester (power-of-two Hadamard) stages in registers, warp
+// shuffles and shared memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -53,18 +53,6 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = to_float(h[i]);
   }
-}
-
-// Output element (row, col) of a copy: row-major, or the GEMM's B-fragment
-// order (n8 tile, 32-column block, lane g*4+q, half kc*4+h*2+e).
-__device__ __forceinline__ int64_t out_index(int64_t copy_base, int row,
-                                             int col, int n, bool frag) {
-  if (!frag) return copy_base + (int64_t)row * n + col;
-  const int c = col & 31;
-  const int lane = (row & 7) * 4 + ((c & 7) >> 1);
-  const int half = (c >> 4) * 4 + ((c >> 3) & 1) * 2 + (c & 1);
-  return copy_base +
-         (((int64_t)(row >> 3) * (n >> 5) + (col >> 5)) * 32 + lane) * 8 + half;
 }
 
 template <typename T>
@@ -145,32 +133,12 @@ __device__ __forceinline__ void register_stages(float (&v)[8], int lane,
   }
 }
 
-// Eight values of an output row from column col on, in the output's layout.
-template <typename OutT>
-__device__ __forceinline__ void store_out8(OutT* __restrict__ y,
-                                           int64_t copy_base, int row, int col,
-                                           int n, bool frag,
-                                           const float (&v)[8]) {
-  if (!frag) {
-    store8(y + out_index(copy_base, row, col, n, false), v);
-  } else {
-    // Columns col..col+7 are lanes q = 0..3 of one fragment half.
-    OutT* p = y + out_index(copy_base, row, col, n, true);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      p[i * 8] = from_float<OutT>(v[2 * i]);
-      p[i * 8 + 1] = from_float<OutT>(v[2 * i + 1]);
-    }
-  }
-}
-
 // Group g (8 values) of X times mult (and out_scale from column col0 on),
-// stored to the output row in its layout.
+// stored to the output row (y: the row's first element).
 template <typename OutT>
 __device__ __forceinline__ void store_group8(
     const float* X, int g, float mult, const float* __restrict__ out_scale,
-    int col0, OutT* __restrict__ y, int64_t copy_base, int row, int n,
-    bool frag) {
+    int col0, OutT* __restrict__ y) {
   float v[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) v[i] = X[g * 8 + i] * mult;
@@ -180,7 +148,7 @@ __device__ __forceinline__ void store_group8(
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] *= s[i];
   }
-  store_out8(y, copy_base, row, col0 + g * 8, n, frag, v);
+  store8(y + col0 + g * 8, v);
 }
 
 // Group g's 8 loaded values through stages 0 .. shfl_stages - 1

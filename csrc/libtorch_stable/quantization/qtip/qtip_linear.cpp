@@ -9,8 +9,8 @@
 //
 // The batch dispatch lives here, inside one opaque op, so torch.compile
 // never guards on the number of rows:
-//  * rows < dense_min_rows: the input transform writes x~ in the GEMM's
-//    B-fragment order (for one row and power-of-two blocks the GEMM kernel
+//  * rows < dense_min_rows: the input transform writes x~ row-major, one
+//    copy per shard (for one row and power-of-two blocks the GEMM kernel
 //    does it itself, in shared memory), the fused trellis-decode GEMM
 //    (qtip_mma) writes split-K partial sums, and the output transform adds them
 //    in order;
@@ -80,17 +80,16 @@ Tensor dense_input_transform(const Tensor& x, const Tensor& su,
                              int64_t in_block) {
   const int64_t n = su.size(1);
   if (!had_in.has_value())
-    return qtip_hadamard_impl(x, su, std::nullopt, std::nullopt, true,
-                              {in_block}, {n}, 1.0 / 32.0, ScalarType::Half,
-                              /*fragment_out=*/false);
+    return qtip_hadamard(x, su, std::nullopt, std::nullopt, true, {in_block},
+                         {n}, 1.0 / 32.0, ScalarType::Half);
   // Sylvester part with SU, / 32 and its 1/sqrt(P) in the kernel, rounded
   // to fp16 for the tensor cores at x~'s own magnitude (so no subnormals
   // beyond the reference's); then H_K^T / sqrt(K) per block, accumulated in
   // fp32 and rounded once more.
   const int64_t K = had_in->size(0);
   const int64_t P = sylvester_size(in_block, K, "input");
-  Tensor t = qtip_hadamard_impl(x, su, std::nullopt, std::nullopt, true, {P},
-                                {n}, 1.0 / 32.0, ScalarType::Half, false);
+  Tensor t = qtip_hadamard(x, su, std::nullopt, std::nullopt, true, {P}, {n},
+                           1.0 / 32.0, ScalarType::Half);
   const int64_t blocks = t.numel() / in_block;
   Tensor xh = new_tensor({su.size(0), x.size(0), n}, ScalarType::Half, x);
   Tensor xh_blocks = torch::stable::view(xh, {blocks, K, P});
@@ -160,15 +159,14 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
     std::optional<Tensor> own;
     if (!had_in.has_value())
       own = qtip_mma_own_input(x, su, in_block, trellis, tlut, shard_rows);
-    // Otherwise x * SU_s, Hn^T, / 32, fp16: one copy per shard in B-fragment
-    // order, by its own kernel.
+    // Otherwise x * SU_s, Hn^T, / 32, fp16: one row-major copy per shard,
+    // by its own kernel.
     Tensor acc = own.has_value()
                      ? *own
-                     : qtip_mma(qtip_hadamard_impl(x, su, std::nullopt, had_in,
-                                                   true, {in_block}, {n},
-                                                   1.0 / 32.0, ScalarType::Half,
-                                                   /*fragment_out=*/true),
-                                x.size(0), trellis, tlut, shard_rows);
+                     : qtip_mma(qtip_hadamard(x, su, std::nullopt, had_in, true,
+                                              {in_block}, {n}, 1.0 / 32.0,
+                                              ScalarType::Half),
+                                trellis, tlut, shard_rows);
     // Split sums, Hm per shard, * SV * 32, x's dtype.
     return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
                          shard_rows, 32.0, x.scalar_type());

@@ -65,11 +65,6 @@ Tensor call_aten(const char* op, const char* overload, const Args&... args) {
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
-inline Tensor permute(const Tensor& self, std::vector<int64_t> dims) {
-  return call_aten("aten::permute", "", self,
-                   torch::headeronly::IntHeaderOnlyArrayRef(dims));
-}
-
 // The trellis ops take one or several shards of a fused layer (q/k/v,
 // gate/up): their trellises back to back along m, shard_rows their row
 // counts, tlut (512, 2) or (shards, 512, 2), one per shard.
@@ -80,11 +75,12 @@ inline Tensor permute(const Tensor& self, std::vector<int64_t> dims) {
 Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                  const std::vector<int64_t>& shard_rows);
 
-// The fused GEMM on x~ already in mma B-fragment order (see
-// qtip_fragment_layout): fp32 split-K partial sums (splits, rows, m), to be
-// added in split order (qtip_hadamard does it as it loads them).
-Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
-                const Tensor& tlut, const std::vector<int64_t>& shard_rows);
+// The fused GEMM on x~ (shards, rows, n) fp16, row-major and 16-byte
+// aligned (qtip_hadamard's output): fp32 split-K partial sums (splits,
+// rows, m), to be added in split order (qtip_hadamard does it as it loads
+// them).
+Tensor qtip_mma(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
+                const std::vector<int64_t>& shard_rows);
 
 // The same from x (rows, n) itself, for one row and power-of-two input
 // Hadamard blocks: the GEMM makes its x~ = fp16(Hn^T (SU_s * x) / 32) in
@@ -93,9 +89,6 @@ Tensor qtip_mma(const Tensor& xf, int64_t rows, const Tensor& trellis,
 std::optional<Tensor> qtip_mma_own_input(
     const Tensor& x, const Tensor& su, int64_t in_block, const Tensor& trellis,
     const Tensor& tlut, const std::vector<int64_t>& shard_rows);
-
-// x (copies, rows, n) -> (copies, ceil(rows/8)*8, n) in B-fragment order.
-Tensor qtip_fragment_layout(const Tensor& x);
 
 // Decode the whole W_hat (m, n) in fp16.
 Tensor qtip_decode(const Tensor& trellis, const Tensor& tlut,
@@ -114,16 +107,6 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
                      const std::vector<int64_t>& block_sizes,
                      const std::vector<int64_t>& segment_sizes, double factor,
                      ScalarType out_dtype);
-// The same, optionally writing (copies, ceil(rows/8)*8, n) in the GEMM's
-// B-fragment order (the input transform of qtip_linear).
-Tensor qtip_hadamard_impl(const Tensor& x,
-                          const std::optional<Tensor>& in_scale,
-                          const std::optional<Tensor>& out_scale,
-                          const std::optional<Tensor>& had_k, bool transpose,
-                          const std::vector<int64_t>& block_sizes,
-                          const std::vector<int64_t>& segment_sizes,
-                          double factor, ScalarType out_dtype,
-                          bool fragment_out);
 
 // One QTIP linear layer with all its shards (see qtip_linear.cpp): fused
 // GEMM below dense_min_rows rows, decode-to-dense + cuBLAS from there on.

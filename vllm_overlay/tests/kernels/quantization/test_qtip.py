@@ -175,6 +175,16 @@ def test_gemm_vs_decoded(K: int, batch: int, m: int, n: int):
     assert rel_err(y, x.float() @ w.T) < 1e-5
 
 
+def test_gemm_unaligned_input():
+    # The GEMM stages x~ in 16-byte pieces: a view starting 2 bytes into its
+    # storage is copied first, not read misaligned.
+    m, n, K = 64, 576, 2
+    trellis, tlut, _, _ = random_layer(m, n, K, seed=5)
+    x = torch.randn(3 * n + 1, device=DEVICE).half()[1:].view(3, n)
+    w = qtip_decode(trellis, tlut, m, n, K).float()
+    assert rel_err(qtip_gemm(x, trellis, tlut, m, K), x.float() @ w.T) < 1e-5
+
+
 def test_block_diagonal_linear():
     # A TP-split (rcp=2 style) layer: Hm block-diagonal with 8 blocks.
     m, n, K = 8 * 1664, 4096, 2  # 1664 = 52 * 32
