@@ -85,18 +85,28 @@ struct MmaPlan {
   int groups[kMaxShards];     // row groups of shard s (kMmaWarps tiles each)
 };
 
-// The input transform done by the GEMM itself, for one row with Hadamard
-// blocks of a power of two: x (1, n) is the previous kernel's output. At one
-// row every CTA can afford the whole row's transform (n values, a few
-// barriers), and that saves a launch and the x~ round trip through global
-// memory. (An earlier form, up to 8 rows and x~ through global memory, lost
-// at 8 rows on the H200: BENCHMARKS.md "fifth run".)
+// The input transform done by the GEMM itself, for one row whose Hadamard
+// blocks are a power of two, or one block of the whole row with an H_K
+// factor: x (1, n) is the previous kernel's output. At one row every CTA can
+// afford the whole row's transform (n values, a few barriers, and for H_K
+// about K FMAs per column of its own k range), and that saves a launch and
+// the x~ round trip through global memory. (An earlier form, up to 8 rows
+// and x~ through global memory, lost at 8 rows on the H200: BENCHMARKS.md
+// "fifth run".)
 constexpr int kOwnInputMaxRows = 1;
+// Threads that split one column quad's K-long sum of the H_K step, at most.
+constexpr int kHadMaxKSplit = 8;
 struct InputTransform {
-  const void* x;    // (1, n), the activation dtype
-  const float* su;  // (shards, n)
-  int log2P;        // Hadamard block size 2^log2P
-  float mult;       // 1 / (32 sqrt(2^log2P))
+  const void* x;     // (1, n), the activation dtype
+  const float* su;   // (shards, n)
+  const float* had;  // H_K (hk, hk) fp32, hk > 1 only
+  int hk;            // K of the H_K factor, 1 for none
+  int log2P;         // Sylvester block size 2^log2P (n = hk 2^log2P if hk > 1)
+  // hk > 1: float offsets into the staging buffers of the unit's rows of
+  // H_K and of the H_K step's partial sums (own_input_staging).
+  int had_offset;
+  int partial_offset;
+  float mult;  // 1 / (32 sqrt(hk 2^log2P))
 };
 
 // X (fp32, n values) = Sylvester(SU_s * x) of the one row, blocks of
@@ -120,6 +130,82 @@ __device__ void stage_row_slice(const float* X, float mult, int k0, int k1,
     float v[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = X[k0 * 32 + g * 8 + i] * mult;
+    store8(reinterpret_cast<__half*>(xs + (g >> 2) * stage_block_bytes(1) +
+                                     stage_offset(0, g & 3)),
+           v);
+  }
+  __syncthreads();
+}
+
+// Rows [first, first + count) of H_K that the columns [32 k0, 32 k1) of the
+// H_K step need (column c = r * P + p).
+struct HadRows {
+  int first, count;
+};
+__device__ __forceinline__ HadRows had_rows(int k0, int k1, int log2P) {
+  const int first = (k0 * 32) >> log2P;
+  return {first, ((k1 * 32 - 1) >> log2P) + 1 - first};
+}
+
+// Hs[k][r - first] = H_K[k][r] (y = H_K^T X) for the rows of the columns
+// [32 k0, 32 k1), all k. H_K is a weight, never the previous kernel's
+// output: the first unit loads it before waiting for that kernel. A later
+// barrier publishes it.
+__device__ void load_had_rows(const InputTransform& in, int k0, int k1,
+                              float* Hs) {
+  const HadRows rows = had_rows(k0, k1, in.log2P);
+  for (int i = threadIdx.x; i < in.hk * rows.count; i += blockDim.x) {
+    const int k = i / rows.count, r = rows.first + i % rows.count;
+    Hs[i] = in.had[k * in.hk + r];
+  }
+}
+
+// With H_K (one block of n = K * P): x~[c] = fp16(mult * sum_k H_K[k][r]
+// X[k P + p]), c = r P + p, for the columns [32 k0, 32 k1), stored as
+// stage_row_slice does (row 0 of the blocks at xs). Hs holds the rows of H_K
+// they need (load_had_rows, already published). Each thread sums four columns
+// (one LDS.128 of X per k, lanes on consecutive quads: no bank conflicts) over
+// a k range; with few quads ksplit threads share a quad, so the dependent chain
+// is K / ksplit long, and the partial sums are added in k-range order (the same
+// bits every run). Ends with a barrier.
+__device__ void stage_row_slice_had(const InputTransform& in, const float* X,
+                                    const float* Hs, float* partial, int k0,
+                                    int k1, char* xs) {
+  const int P = 1 << in.log2P, K = in.hk;
+  const HadRows rows = had_rows(k0, k1, in.log2P);
+  const int cols = (k1 - k0) * 32, quads = cols / 4;
+  const int ksplit =
+      max(1, min(min(kHadMaxKSplit, K), (int)blockDim.x / quads));
+  for (int item = threadIdx.x; item < quads * ksplit; item += blockDim.x) {
+    const int ks = item / quads;
+    const int c = k0 * 32 + (item - ks * quads) * 4;
+    const float4* x4 = reinterpret_cast<const float4*>(X + (c & (P - 1)));
+    const float* h = Hs + (c >> in.log2P) - rows.first;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int k = K * ks / ksplit; k < K * (ks + 1) / ksplit; ++k) {
+      const float4 v = x4[k * (P / 4)];
+      const float coef = h[k * rows.count];
+      acc.x += coef * v.x, acc.y += coef * v.y;
+      acc.z += coef * v.z, acc.w += coef * v.w;
+    }
+    // partial[ks][column - 32 k0]
+    reinterpret_cast<float4*>(partial)[item] = acc;
+  }
+  __syncthreads();
+  for (int g = threadIdx.x; g < cols / 8; g += blockDim.x) {
+    float v[8];
+    load8(partial + g * 8, v);
+    // One split at a time: a few more cycles, no register peak for the ring.
+#pragma unroll 1
+    for (int ks = 1; ks < ksplit; ++ks) {
+      float p[8];
+      load8(partial + ks * cols + g * 8, p);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] += p[i];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] *= in.mult;
     store8(reinterpret_cast<__half*>(xs + (g >> 2) * stage_block_bytes(1) +
                                      stage_offset(0, g & 3)),
            v);
@@ -153,8 +239,10 @@ __device__ __forceinline__ void cp_async_wait_one() {
 // vectors; the batch is covered by nbt = ceil(rows / 8) n8 tiles. With InT
 // (the activation dtype; one row) the kernel makes x~ itself from in.x
 // instead, in shared memory (xt unused): the staging buffers hold the row's
-// transform X (fp32) and, behind it, the unit's k range of x~ as row 0 of a
-// staging tile (the host checks that both fit).
+// transform X (fp32), behind it the unit's k range of x~ as row 0 of a
+// staging tile and, with H_K, the unit's rows of H_K and the H_K step's
+// partial sums (the host checks that they fit; for H_K it may give the
+// launch more shared memory).
 template <int K, int NB, int kCopies, typename InT>
 __global__ void __launch_bounds__(kMmaWarps * 32, 1)
     qtip_mma_kernel(const uint8_t* __restrict__ trellis,
@@ -254,6 +342,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
           if (k0 + st < k1)
             load_lane<K>(wptr + (size_t)(k0 + st) * Blk::kBytes, w[st]);
       }
+      if constexpr (kOwnInput) {
+        // This unit's rows of H_K, into free staging space (as below).
+        if (in.hk > 1 && s * plan.splits + split != x_unit)
+          load_had_rows(in, k0, k1,
+                        reinterpret_cast<float*>(stage) + in.had_offset);
+      }
       if (s != lut_shard) {
         // Every warp left the previous unit's last barrier, so nobody
         // reads the old table any more; the next barrier below (the first
@@ -335,10 +429,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         const int slice = n * 4;  // behind X: k1 - k0 staged blocks
         if (s * plan.splits + split != x_unit) {
           if (s != x_shard) {
-            transform_row<InT>(in, s, n, X);
+            transform_row<InT>(in, s, n, X);  // its barriers publish Hs too
             x_shard = s;
+          } else if (in.hk > 1) {
+            __syncthreads();  // publishes Hs
           }
-          stage_row_slice(X, in.mult, k0, k1, stage + slice);
+          if (in.hk > 1)
+            stage_row_slice_had(in, X, X + in.had_offset, X + in.partial_offset,
+                                k0, k1, stage + slice);
+          else
+            stage_row_slice(X, in.mult, k0, k1, stage + slice);
           x_unit = s * plan.splits + split;
         }
         run_range(k0, k1, stage_addr + slice);
@@ -671,10 +771,36 @@ void check_device_capability(const Tensor& t, const char* op) {
 
 namespace {
 
+// Bytes of the staging buffers that the kernel's own input transform uses:
+// X (n fp32), behind it the widest unit's x~ tile (row 0 of its blocks of
+// stage_block_bytes(1), padding included) and, with H_K, the unit's rows of
+// H_K (for the unit that needs the most) and the H_K step's partial sums
+// (ksplit * quads <= threads, or one per column with ksplit = 1). Sets in's
+// offsets.
+int64_t own_input_staging(InputTransform& in, int64_t n, int64_t splits) {
+  const int64_t nblk = n / 32;
+  const int64_t widest = (nblk + splits - 1) / splits;
+  static_assert(stage_block_bytes(1) % 16 == 0, "H_K rows 16-byte aligned");
+  int64_t floats = n + widest * (stage_block_bytes(1) / 4);
+  if (in.hk > 1) {
+    int64_t rows = 0;
+    for (int64_t sp = 0; sp < splits; ++sp) {
+      const int64_t c0 = nblk * sp / splits * 32;
+      const int64_t c1 = nblk * (sp + 1) / splits * 32;
+      rows = std::max(rows, ((c1 - 1) >> in.log2P) - (c0 >> in.log2P) + 1);
+    }
+    in.had_offset = (int)floats;
+    floats += (in.hk * rows + 3) / 4 * 4;  // partials 16-byte aligned
+    in.partial_offset = (int)floats;
+    floats += std::max<int64_t>(4 * kMmaWarps * 32, widest * 32);
+  }
+  return floats * 4;
+}
+
 // The fused GEMM's launch: x~ already in *xt (in == nullptr), or made by
 // the kernel itself from in->x (one row; xt unused). nullopt when in is
-// given but the row's transform and the widest unit's x~ tile do not both
-// fit the staging buffers.
+// given but what its transform keeps in shared memory does not fit the
+// staging buffers (with H_K: the device's shared memory).
 std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
                               const Tensor& trellis, const Tensor& tlut,
                               const std::vector<int64_t>& shard_rows,
@@ -692,10 +818,16 @@ std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
   const int sms = prop->multiProcessorCount;
   a.plan = mma_plan(shards, s.n / 32, rows, nbt, sms);
   if (in != nullptr) {
-    const int64_t widest = (s.n / 32 + a.plan.splits - 1) / a.plan.splits;
-    if (s.n * 4 + widest * stage_block_bytes(1) >
-        stage_bytes(a.config.nb, a.config.chunk_blocks))
-      return std::nullopt;
+    a.in = *in;
+    const int64_t staging = stage_bytes(a.config.nb, a.config.chunk_blocks);
+    const int64_t need = own_input_staging(a.in, s.n, a.plan.splits);
+    if (need > staging) {
+      // With H_K (e.g. n = 14336) the launch may take more shared memory.
+      if (a.in.hk == 1 || a.config.smem + need - staging >
+                              (int64_t)prop->sharedMemPerBlockOptin)
+        return std::nullopt;
+      a.config.smem += (int)(need - staging);
+    }
   }
   Tensor part =
       new_tensor({a.plan.splits, rows, s.m}, ScalarType::Float, trellis);
@@ -710,7 +842,6 @@ std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
   a.nblk = (int)(s.n / 32);
   a.rows = (int)rows;
   a.nbt = (int)nbt;
-  if (in != nullptr) a.in = *in;
   auto stream = get_current_cuda_stream();
   auto run = [&](auto k_tag) {
     constexpr int K = decltype(k_tag)::value;
@@ -752,8 +883,9 @@ Tensor qtip_mma(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
 }
 
 std::optional<Tensor> qtip_mma_own_input(
-    const Tensor& x, const Tensor& su, int64_t in_block, const Tensor& trellis,
-    const Tensor& tlut, const std::vector<int64_t>& shard_rows) {
+    const Tensor& x, const Tensor& su, const std::optional<Tensor>& had_in,
+    int64_t in_block, const Tensor& trellis, const Tensor& tlut,
+    const std::vector<int64_t>& shard_rows) {
   // Anything else takes the separate input transform, which also says
   // what is wrong with bad arguments.
   const bool activation = x.scalar_type() == ScalarType::Half ||
@@ -762,20 +894,35 @@ std::optional<Tensor> qtip_mma_own_input(
       su.size(0) != (int64_t)shard_rows.size())
     return std::nullopt;
   const int64_t rows = x.size(0), n = su.size(1);
+  // With H_K: one block of the whole row, K * P with P a power of two.
+  int64_t hk = 1;
+  if (had_in.has_value()) {
+    const Tensor& h = *had_in;
+    if (h.scalar_type() != ScalarType::Float || h.dim() != 2 ||
+        h.size(0) != h.size(1) || !h.is_contiguous() ||
+        reinterpret_cast<uintptr_t>(h.data_ptr()) % 16 != 0 ||
+        h.get_device_index() != trellis.get_device_index())
+      return std::nullopt;
+    hk = h.size(0);
+    if (hk < 2 || in_block != n || n % hk != 0) return std::nullopt;
+  }
+  const int64_t P = in_block / hk;
   if (rows < 1 || rows > kOwnInputMaxRows || !x.is_contiguous() ||
       reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0 ||
       x.get_device_index() != trellis.get_device_index() ||
       su.scalar_type() != ScalarType::Float || !su.is_contiguous() ||
       reinterpret_cast<uintptr_t>(su.data_ptr()) % 16 != 0 ||
       su.get_device_index() != trellis.get_device_index() || x.size(1) != n ||
-      trellis.size(1) * 32 != n || (in_block & (in_block - 1)) != 0 ||
-      in_block < 8 || n % in_block != 0)
+      trellis.size(1) * 32 != n || (P & (P - 1)) != 0 || P < 8 ||
+      n % in_block != 0)
     return std::nullopt;
   InputTransform in{};
   in.x = x.data_ptr();
   in.su = su.const_data_ptr<float>();
+  in.had = hk > 1 ? had_in->const_data_ptr<float>() : nullptr;
+  in.hk = (int)hk;
   in.log2P = 0;
-  while ((int64_t{1} << in.log2P) < in_block) ++in.log2P;
+  while ((int64_t{1} << in.log2P) < P) ++in.log2P;
   in.mult = (float)(1.0 / 32.0 / std::sqrt((double)in_block));
   return run_mma(nullptr, rows, trellis, tlut, shard_rows, &in,
                  x.scalar_type());

@@ -10,10 +10,10 @@
 // The batch dispatch lives here, inside one opaque op, so torch.compile
 // never guards on the number of rows:
 //  * rows < dense_min_rows: the input transform writes x~ row-major, one
-//    copy per shard (for one row and power-of-two blocks the GEMM kernel
-//    does it itself, in shared memory), the fused trellis-decode GEMM
-//    (qtip_mma) writes split-K partial sums, and the output transform adds them
-//    in order;
+//    copy per shard (for one row, with power-of-two blocks or one H_K block
+//    of the whole row, the GEMM kernel does it itself, in shared memory),
+//    the fused trellis-decode GEMM (qtip_mma) writes split-K partial sums,
+//    and the output transform adds them in order;
 //  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
 //    fp16 output is the reference's fallback-GEMM numerics. An H_K factor
 //    (K > 1, e.g. K = 172 for 11008) is applied there by cuBLAS as well,
@@ -156,9 +156,8 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
   check_had_factor(had_in, x, "qtip_linear (had_in)");
   check_had_factor(had_out, x, "qtip_linear (had_out)");
   if (x.size(0) < dense_min_rows) {
-    std::optional<Tensor> own;
-    if (!had_in.has_value())
-      own = qtip_mma_own_input(x, su, in_block, trellis, tlut, shard_rows);
+    std::optional<Tensor> own =
+        qtip_mma_own_input(x, su, had_in, in_block, trellis, tlut, shard_rows);
     // Otherwise x * SU_s, Hn^T, / 32, fp16: one row-major copy per shard,
     // by its own kernel.
     Tensor acc = own.has_value()

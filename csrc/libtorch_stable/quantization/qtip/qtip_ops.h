@@ -83,12 +83,14 @@ Tensor qtip_mma(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
                 const std::vector<int64_t>& shard_rows);
 
 // The same from x (rows, n) itself, for one row and power-of-two input
-// Hadamard blocks: the GEMM makes its x~ = fp16(Hn^T (SU_s * x) / 32) in
-// shared memory (the input transform of qtip_linear, one launch fewer);
-// nullopt when the call does not qualify.
+// Hadamard blocks, or one block of the whole row with an H_K factor: the
+// GEMM makes its x~ = fp16(Hn^T (SU_s * x) / 32) in shared memory (the input
+// transform of qtip_linear, one launch fewer); nullopt when the call does
+// not qualify.
 std::optional<Tensor> qtip_mma_own_input(
-    const Tensor& x, const Tensor& su, int64_t in_block, const Tensor& trellis,
-    const Tensor& tlut, const std::vector<int64_t>& shard_rows);
+    const Tensor& x, const Tensor& su, const std::optional<Tensor>& had_in,
+    int64_t in_block, const Tensor& trellis, const Tensor& tlut,
+    const std::vector<int64_t>& shard_rows);
 
 // Decode the whole W_hat (m, n) in fp16.
 Tensor qtip_decode(const Tensor& trellis, const Tensor& tlut,

@@ -159,6 +159,14 @@ def test_linear_k34(m: int, n: int, K: int, dtype: torch.dtype):
     _check_linear(m, n, K, dtype, (1, 3, 16, 33, QTIP_DENSE_MIN_ROWS + 1))
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_linear_own_input_wide_factor(dtype: torch.dtype):
+    # Llama-3 down_proj (K=28 input factor, P=512): at one row the GEMM
+    # transforms x itself, with more shared memory than its staging buffers;
+    # two rows take the separate transform.
+    _check_linear(4096, 14336, 2, dtype, (1, 2))
+
+
 @pytest.mark.parametrize("K", (2, 3, 4))
 @pytest.mark.parametrize("batch", (1, 5, 8, 9, 16, 17, 32, 40, 64, 65, 130))
 # 1056 rows = 33 row tiles: the last work unit is partial.
@@ -442,19 +450,28 @@ def test_cuda_graph():
         assert torch.equal(y, fwd(x))
 
 
-@pytest.mark.parametrize("batch", (1, 7, 16, 40, 64, 100, 2 * QTIP_DENSE_MIN_ROWS))
-def test_deterministic(batch: int):
+@pytest.mark.parametrize(
+    "shard_rows, n, batch",
+    [
+        ([11008, 11008], 4096, batch)
+        for batch in (1, 7, 16, 40, 64, 100, 2 * QTIP_DENSE_MIN_ROWS)
+    ]
+    + [([4096], 11008, 1)],
+)
+def test_deterministic(shard_rows: list[int], n: int, batch: int):
     # Same input, same bits, on every run (no atomics anywhere): a fused
-    # gate/up layer with the K=172 output factor, split over the SMs.
-    shard_rows, n, K = [11008, 11008], 4096, 2
+    # gate/up layer with the K=172 output factor, split over the SMs, and a
+    # down_proj whose K=172 input factor the GEMM applies itself at one row
+    # (split k sums).
+    K = 2
     m = sum(shard_rows)
     trellis, _, _, _ = random_layer(m, n, K, seed=21)
     g = torch.Generator(device=DEVICE).manual_seed(22)
-    tlut = torch.randn(2, 512, 2, generator=g, device=DEVICE).half()
-    SU = torch.randn(2, n, generator=g, device=DEVICE)
+    tlut = torch.randn(len(shard_rows), 512, 2, generator=g, device=DEVICE).half()
+    SU = torch.randn(len(shard_rows), n, generator=g, device=DEVICE)
     SV = torch.rand(m, generator=g, device=DEVICE) * 0.01
     x = torch.randn(batch, n, generator=g, device=DEVICE).bfloat16()
-    args = (x, trellis, tlut, SU, SV, None, factor(11008), K)
+    args = (x, trellis, tlut, SU, SV, factor(n), factor(shard_rows[0]), K)
     first = qtip_matmul(*args, shard_rows=shard_rows)
     for _ in range(9):
         assert torch.equal(qtip_matmul(*args, shard_rows=shard_rows), first)
