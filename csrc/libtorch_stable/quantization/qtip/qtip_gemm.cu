@@ -111,7 +111,8 @@ struct InputTransform {
 
 // X (fp32, n values) = Sylvester(SU_s * x) of the one row, blocks of
 // 2^log2P, by the whole CTA: the same operations in the same order as
-// qtip_hadamard_kernel, so x~ gets the same bits. Ends with a barrier.
+// qtip_hadamard_kernel, so without an H_K factor x~ gets the same bits (the
+// H_K step sums in another order than that kernel). Ends with a barrier.
 template <typename InT>
 __device__ void transform_row(const InputTransform& in, int s, int n,
                               float* X) {
