@@ -114,7 +114,7 @@ PY
     timeout 180 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
       --metrics smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg.per_second,smsp__warps_active.avg.pct_of_peak_sustained_active \
-      python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
+      python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n ${NCU_N:-4096} --batch "$batch" 2>&1 \
       | tee "$raw/ncu_b$batch.log" | grep -v "^==PROF==" | tail -70
     # Every stall reason in cycles per issued instruction (the sections name
     # only the largest); its own run, so a metric this ncu lacks costs only it.
@@ -124,7 +124,7 @@ PY
     local metrics=""
     for r in $reasons; do metrics+="${metrics:+,}smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"; done
     timeout 120 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
-      --metrics "$metrics" python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n 4096 --batch "$batch" 2>&1 \
+      --metrics "$metrics" python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n ${NCU_N:-4096} --batch "$batch" 2>&1 \
       | tee "$raw/ncu_stalls_b$batch.log" | grep "stalled" | sort -k3 -g -r | head -8
   done
   tar czf "$OUT/ncu.tgz" -C "$OUT" ncu && rm -rf "$raw"
