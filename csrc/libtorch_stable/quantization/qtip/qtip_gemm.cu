@@ -622,6 +622,20 @@ void check_tlut(const Tensor& tlut, const Tensor& trellis, int64_t shards,
                   ": tlut data must be 4-byte aligned");
 }
 
+// A layer's weight (trellis, shard rows, codebook), checked once per op call.
+struct Weight {
+  TrellisShape s;
+  ShardRows shards;
+};
+
+Weight check_weight(const Tensor& trellis, const Tensor& tlut,
+                    const std::vector<int64_t>& shard_rows, const char* op) {
+  const TrellisShape s = check_trellis(trellis, op);
+  const ShardRows shards = make_shard_rows(shard_rows, s.m, op);
+  check_tlut(tlut, trellis, shards.count, op);
+  return {s, shards};
+}
+
 // Launch shape of one qtip_mma_kernel call.
 struct MmaConfig {
   int nb;      // n8 batch tiles per pass (1, 2, 4, 8)
@@ -804,12 +818,10 @@ int64_t own_input_staging(InputTransform& in, int64_t n, int64_t splits) {
 // staging buffers (with H_K: the device's shared memory).
 std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
                               const Tensor& trellis, const Tensor& tlut,
-                              const std::vector<int64_t>& shard_rows,
-                              const InputTransform* in,
+                              const Weight& weight, const InputTransform* in,
                               std::optional<ScalarType> in_dtype) {
-  const TrellisShape s = check_trellis(trellis, "qtip_gemm");
-  const ShardRows shards = make_shard_rows(shard_rows, s.m, "qtip_gemm");
-  check_tlut(tlut, trellis, shards.count, "qtip_gemm");
+  const TrellisShape& s = weight.s;
+  const ShardRows& shards = weight.shards;
   const int64_t nbt = (rows + 7) / 8;
   const torch::stable::accelerator::DeviceGuard guard(
       trellis.get_device_index());
@@ -864,23 +876,29 @@ std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
   return part;
 }
 
-}  // namespace
-
-Tensor qtip_mma(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
-                const std::vector<int64_t>& shard_rows) {
-  const TrellisShape s = check_trellis(trellis, "qtip_gemm");
-  const int64_t shards = make_shard_rows(shard_rows, s.m, "qtip_gemm").count;
+// The split-K partial sums of x~ (shards, rows, n) times the checked weight.
+Tensor mma_partials(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
+                    const Weight& weight) {
+  const int64_t shards = weight.shards.count, n = weight.s.n;
   STD_TORCH_CHECK(
       xt.is_cuda() && xt.get_device_index() == trellis.get_device_index() &&
           xt.scalar_type() == ScalarType::Half && xt.is_contiguous() &&
-          xt.dim() == 3 && xt.size(0) == shards && xt.size(2) == s.n,
-      "qtip_gemm: x~ must be contiguous float16 (", shards, ", rows, ", s.n,
+          xt.dim() == 3 && xt.size(0) == shards && xt.size(2) == n,
+      "qtip_gemm: x~ must be contiguous float16 (", shards, ", rows, ", n,
       ") on cuda:", trellis.get_device_index(), ", got ", xt.scalar_type(), " ",
       shape(xt));
   STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(xt.data_ptr()) % 16 == 0,
                   "qtip_gemm: x~ data must be 16-byte aligned");
-  return *run_mma(&xt, xt.size(1), trellis, tlut, shard_rows, nullptr,
+  return *run_mma(&xt, xt.size(1), trellis, tlut, weight, nullptr,
                   std::nullopt);
+}
+
+}  // namespace
+
+Tensor qtip_mma(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
+                const std::vector<int64_t>& shard_rows) {
+  return mma_partials(xt, trellis, tlut,
+                      check_weight(trellis, tlut, shard_rows, "qtip_gemm"));
 }
 
 std::optional<Tensor> qtip_mma_own_input(
@@ -925,7 +943,8 @@ std::optional<Tensor> qtip_mma_own_input(
   in.log2P = 0;
   while ((int64_t{1} << in.log2P) < P) ++in.log2P;
   in.mult = (float)(1.0 / 32.0 / std::sqrt((double)in_block));
-  return run_mma(nullptr, rows, trellis, tlut, shard_rows, &in,
+  return run_mma(nullptr, rows, trellis, tlut,
+                 check_weight(trellis, tlut, shard_rows, "qtip_gemm"), &in,
                  x.scalar_type());
 }
 
@@ -939,9 +958,8 @@ Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                   "qtip_gemm: x must be float16 (the Hadamard-domain "
                   "activations), got ",
                   x.scalar_type());
-  const TrellisShape s = check_trellis(trellis, "qtip_gemm");
-  const int64_t shards = make_shard_rows(shard_rows, s.m, "qtip_gemm").count;
-  const int64_t n = s.n;
+  const Weight weight = check_weight(trellis, tlut, shard_rows, "qtip_gemm");
+  const int64_t shards = weight.shards.count, n = weight.s.n;
   STD_TORCH_CHECK(((x.dim() == 2 && shards == 1) ||
                    (x.dim() == 3 && x.size(0) == shards)) &&
                       x.size(-1) == n,
@@ -954,15 +972,14 @@ Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
   // The kernel stages x~ in 16-byte pieces (a view may start anywhere).
   if (reinterpret_cast<uintptr_t>(xt.data_ptr()) % 16 != 0)
     xt = torch::stable::clone(xt);
-  return torch::stable::sum(qtip_mma(xt, trellis, tlut, shard_rows),
+  return torch::stable::sum(mma_partials(xt, trellis, tlut, weight),
                             std::vector<int64_t>{0});
 }
 
 Tensor qtip_decode(const Tensor& trellis, const Tensor& tlut,
                    const std::vector<int64_t>& shard_rows) {
-  const TrellisShape s = check_trellis(trellis, "qtip_decode");
-  const ShardRows shards = make_shard_rows(shard_rows, s.m, "qtip_decode");
-  check_tlut(tlut, trellis, shards.count, "qtip_decode");
+  const auto [s, shards] =
+      check_weight(trellis, tlut, shard_rows, "qtip_decode");
   const torch::stable::accelerator::DeviceGuard guard(
       trellis.get_device_index());
   Tensor w = new_tensor({s.m, s.n}, ScalarType::Half, trellis);
