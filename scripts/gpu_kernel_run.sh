@@ -89,7 +89,8 @@ step_bench() {
 # NCU_M x 4096. The matching launches come in profile_kernels.py's call order:
 # e.g. NCU_KERNEL=qtip_hadamard matches each call's input then output
 # transform, so NCU_SKIP=3 picks the second call's output transform.
-# The raw files go to $OUT/ncu.tgz (a device call returns at most 8 files).
+# The raw files go to $OUT/ncu.tgz, or ncu_$NCU_TAG.tgz when NCU_TAG is set (so
+# several ncu steps of one call keep theirs; a device call returns at most 8 files).
 step_ncu() {
   local raw=$OUT/ncu
   mkdir -p "$raw"
@@ -127,7 +128,7 @@ PY
       --metrics "$metrics" python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n ${NCU_N:-4096} --batch "$batch" 2>&1 \
       | tee "$raw/ncu_stalls_b$batch.log" | grep "stalled" | sort -k3 -g -r | head -8
   done
-  tar czf "$OUT/ncu.tgz" -C "$OUT" ncu && rm -rf "$raw"
+  tar czf "$OUT/ncu${NCU_TAG:+_$NCU_TAG}.tgz" -C "$OUT" ncu && rm -rf "$raw"
 }
 
 # The quantizer's scale benchmark (issue 14): torch, triton, safetensors,
