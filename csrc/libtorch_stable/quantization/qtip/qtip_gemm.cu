@@ -913,18 +913,13 @@ std::optional<Tensor> qtip_mma_own_input(
       su.size(0) != (int64_t)shard_rows.size())
     return std::nullopt;
   const int64_t rows = x.size(0), n = su.size(1);
-  // With H_K: one block of the whole row, K * P with P a power of two.
-  int64_t hk = 1;
-  if (had_in.has_value()) {
-    const Tensor& h = *had_in;
-    if (h.scalar_type() != ScalarType::Float || h.dim() != 2 ||
-        h.size(0) != h.size(1) || !h.is_contiguous() ||
-        reinterpret_cast<uintptr_t>(h.data_ptr()) % 16 != 0 ||
-        h.get_device_index() != trellis.get_device_index())
-      return std::nullopt;
-    hk = h.size(0);
-    if (hk < 2 || in_block != n || n % hk != 0) return std::nullopt;
-  }
+  // had_in as check_had_factor accepted it (float32, square, K > 1, on x's
+  // device). With H_K: one block of the whole row, K * P with P a power of
+  // two.
+  const int64_t hk = had_in.has_value() ? had_in->size(0) : 1;
+  if (hk > 1 && (reinterpret_cast<uintptr_t>(had_in->data_ptr()) % 16 != 0 ||
+                 in_block != n || n % hk != 0))
+    return std::nullopt;
   const int64_t P = in_block / hk;
   if (rows < 1 || rows > kOwnInputMaxRows || !x.is_contiguous() ||
       reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0 ||

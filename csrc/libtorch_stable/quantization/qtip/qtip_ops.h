@@ -86,7 +86,7 @@ Tensor qtip_mma(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
 // Hadamard blocks, or one block of the whole row with an H_K factor: the
 // GEMM makes its x~ = fp16(Hn^T (SU_s * x) / 32) in shared memory (the input
 // transform of qtip_linear, one launch fewer); nullopt when the call does
-// not qualify.
+// not qualify. had_in must have passed check_had_factor.
 std::optional<Tensor> qtip_mma_own_input(
     const Tensor& x, const Tensor& su, const std::optional<Tensor>& had_in,
     int64_t in_block, const Tensor& trellis, const Tensor& tlut,
