@@ -122,6 +122,15 @@ __device__ void transform_row(const InputTransform& in, int s, int n,
                                in.su + (int64_t)s * n, X, n, in.log2P);
 }
 
+// Group g (columns 8g..8g+7) of a staged k range of x~, as row 0 of its block
+// of a one-n8-tile staging buffer at xs.
+__device__ __forceinline__ void store_slice8(char* xs, int g,
+                                             const float (&v)[8]) {
+  store8(reinterpret_cast<__half*>(xs + (g >> 2) * stage_block_bytes(1) +
+                                   stage_offset(0, g & 3)),
+         v);
+}
+
 // x~ = fp16(mult * X) of the columns [32 k0, 32 k1) as row 0 of the blocks
 // of a one-n8-tile staging buffer at xs (the other rows are never stored:
 // they only feed discarded batch columns). Ends with a barrier.
@@ -131,9 +140,7 @@ __device__ void stage_row_slice(const float* X, float mult, int k0, int k1,
     float v[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = X[k0 * 32 + g * 8 + i] * mult;
-    store8(reinterpret_cast<__half*>(xs + (g >> 2) * stage_block_bytes(1) +
-                                     stage_offset(0, g & 3)),
-           v);
+    store_slice8(xs, g, v);
   }
   __syncthreads();
 }
@@ -207,9 +214,7 @@ __device__ void stage_row_slice_had(const InputTransform& in, const float* X,
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] *= in.mult;
-    store8(reinterpret_cast<__half*>(xs + (g >> 2) * stage_block_bytes(1) +
-                                     stage_offset(0, g & 3)),
-           v);
+    store_slice8(xs, g, v);
   }
   __syncthreads();
 }
