@@ -676,9 +676,12 @@ MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
 }
 
 // Splits of the k dimension: enough units to fill the SMs, weighed against
-// the partial sums each split adds (written and re-read once). A cost model
-// in SM clocks: decode ~32 weights/clk/SM or the tensor cores' ~1024 FMA/clk
-// (mma.sync), whichever bounds, and ~20 bytes/clk/SM of L2 traffic.
+// what each split adds. A cost model in SM clocks: decode ~32 weights/clk/SM
+// or the tensor cores' ~1024 FMA/clk (mma.sync), whichever bounds; per unit
+// its x~ staging at ~20 bytes/clk; the partial sums written and re-read at
+// ~20 bytes/clk/SM; and their reads by the output transform, which at a few
+// rows has one CTA per row and shard reading all of that row's splits at
+// ~60 bytes/clk (H200, 4096 columns: ~0.14 us per split).
 MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
                  int64_t nbt, int sms) {
   MmaPlan p{};
@@ -693,14 +696,20 @@ MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
   const int64_t m = (int64_t)shards.rb0[shards.count] * 32;
   const double rate = std::min(32.0, 1024.0 / (double)(nbt * 8));
   const double unit_weights = (double)kMmaWarps * 32 * nblk * 32;
+  const double unit_x_bytes = (double)rows * nblk * 32 * 2;
+  const double out_ctas =
+      (double)std::clamp<int64_t>(rows * shards.count, 1, sms);
   const int64_t max_splits = std::max<int64_t>(1, nblk / kStages);
   double best = 0;
   int best_splits = 1;
   for (int64_t s = 1; s <= max_splits; ++s) {
     const int64_t units = groups * s;
     const int64_t waves = (units + sms - 1) / sms;
-    const double t = (double)waves * unit_weights / (double)s / rate +
-                     (double)s * rows * m * 8.0 / ((double)sms * 20.0);
+    const double t = (double)waves *
+                         (unit_weights / rate + unit_x_bytes / 20.0) /
+                         (double)s +
+                     (double)s * rows * m * 8.0 / ((double)sms * 20.0) +
+                     (double)s * rows * m * 4.0 / (out_ctas * 60.0);
     if (s == 1 || t < best) {
       best = t;
       best_splits = (int)s;
