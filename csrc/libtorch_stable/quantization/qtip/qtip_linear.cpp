@@ -55,6 +55,13 @@ void bmm_scaled_out(Tensor& out, const Tensor& a, const Tensor& b,
       out.get(), out.get(), a.get(), b.get(), /*beta=*/0.0, alpha));
 }
 
+// out = a @ b, fp16, into out as it is: cuBLAS writes a row-major column
+// window of a wider matrix with the full row as its leading dimension, so a
+// fused layer's shards need no copy into their columns.
+void mm_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_mm_out(out.get(), a.get(), b.get()));
+}
+
 // H_K (H_K^T if transpose) in fp16, exact since its entries are +-1, as the
 // left factor of `blocks` (K, P) matrices (a stride-0 view, no copies).
 Tensor had_factor(const Tensor& had, bool transpose, int64_t blocks) {
@@ -178,9 +185,8 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
     for (int64_t s = 0; s < shards; ++s) {
       const Tensor w_s = torch::stable::narrow(w, 0, row, shard_rows[s]);
       Tensor out_s = torch::stable::narrow(acc, 1, row, shard_rows[s]);
-      torch::stable::copy_(
-          out_s, torch::stable::matmul(torch::stable::select(xh, 0, s),
-                                       torch::stable::transpose(w_s, 0, 1)));
+      mm_out(out_s, torch::stable::select(xh, 0, s),
+             torch::stable::transpose(w_s, 0, 1));
       row += shard_rows[s];
     }
   }
