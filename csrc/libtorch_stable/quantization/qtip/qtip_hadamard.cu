@@ -36,6 +36,12 @@
 //     That step costs K * b FMAs, so for small batches its rows and columns
 //     are split over gridDim.y blocks (each redoing the cheap Sylvester part)
 //     to spread it over the GPU.
+// With a few rows and K <= 32 that redone part dominates: the blocks of a row
+// split its columns only, and each one loads all of the row (all its split-K
+// partials on the output side) for a few of its outputs. There the op runs
+// in two launches instead: the Sylvester part alone (K = 1 blocks of P
+// columns, fp32, unscaled) over many small blocks, then the H_K step on
+// those values (`presummed`), each block loading only the columns it mixes.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -61,6 +67,12 @@ constexpr int64_t kHadMinCtaCols = 2048;
 constexpr int64_t kHadMaxRowChunks = 4;
 // Split-K partial loads a thread keeps in flight (4 x 32 bytes).
 constexpr int kSplitLoads = 4;
+// Up to this many rows (times copies) and this K, an H_K transform takes
+// two launches (see above).
+constexpr int64_t kHadTwoLaunchMaxRows = 32;
+constexpr int64_t kHadTwoLaunchMaxK = 32;
+// Columns per thread block of the first of the two launches (64 threads).
+constexpr int64_t kHadSylvesterCtaCols = 512;
 
 // Column segments of a row: segment s starts at column col[s], has len[s]
 // columns and is made of Hadamard blocks of K * 2^log2P[s] columns. Thread
@@ -84,7 +96,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
                          const float* __restrict__ had, OutT* __restrict__ y,
                          int rows, int n, HadSegments segs, int K,
                          bool transpose, int rchunk, int p_splits, int ksplit,
-                         int in_splits) {
+                         int in_splits, bool presummed) {
   extern __shared__ __align__(16) float X[];
   const int per_row = segs.blk0[segs.count];
   const int copy_row = blockIdx.x / per_row, j = blockIdx.x % per_row;
@@ -95,8 +107,9 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   const int b = min(segs.cta_cols[seg], segs.len[seg] - seg_off);
   const int log2P = segs.log2P[seg];
   const int col0 = segs.col[seg] + seg_off;
-  // x is shared by the copies; copy c is scaled by in_scale row c.
-  x += (int64_t)row * n + col0;
+  // x is shared by the copies (copy c is scaled by in_scale row c), or,
+  // presummed, has one row-major copy each.
+  x += ((presummed ? (int64_t)copy * rows : 0) + row) * n + col0;
   if (in_scale != nullptr) in_scale += (int64_t)copy * n;
   // This block's output row: row-major, copy after copy.
   y += ((int64_t)copy * rows + row) * n;
@@ -114,11 +127,29 @@ __global__ void __launch_bounds__(kHadMaxThreads)
     const int k = i / rchunk, r = r0 + i % rchunk;
     M[i] = r < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
   }
+  // K > 1: y[r][p] = sum_k M[k][r - r0] * X[k][p] for this block's rows
+  // r0.. of H_K and its columns p_lo..p_hi.
+  const int P = 1 << log2P;
+  const int ps = blockIdx.y % p_splits;
+  const int p_lo = (int)((int64_t)ps * P / p_splits);
+  const int plen = (int)((int64_t)(ps + 1) * P / p_splits) - p_lo;
   wait_for_producer();
 
-  load_sylvester<kSplitLoads>(x, in_splits, split_stride,
-                              in_scale == nullptr ? nullptr : in_scale + col0,
-                              X, b, log2P);
+  if (presummed) {
+    // The Sylvester part is done: only columns p_lo.. of each k (plen a
+    // multiple of 4, 16-byte aligned).
+    const int quads = plen / 4;
+    for (int i = threadIdx.x; i < K * quads; i += blockDim.x) {
+      const int off = (i / quads) * P + p_lo + (i % quads) * 4;
+      *reinterpret_cast<float4*>(X + off) =
+          *reinterpret_cast<const float4*>(x + off);
+    }
+    __syncthreads();
+  } else {
+    load_sylvester<kSplitLoads>(x, in_splits, split_stride,
+                                in_scale == nullptr ? nullptr : in_scale + col0,
+                                X, b, log2P);
+  }
 
   if (K == 1) {
     for (int g = threadIdx.x; g < b / 8; g += blockDim.x)
@@ -126,12 +157,6 @@ __global__ void __launch_bounds__(kHadMaxThreads)
     return;
   }
 
-  // y[r][p] = sum_k M[k][r - r0] * X[k][p] for this block's rows r0.. of H_K
-  // and its columns p_lo..p_hi.
-  const int P = 1 << log2P;
-  const int ps = blockIdx.y % p_splits;
-  const int p_lo = (int)((int64_t)ps * P / p_splits);
-  const int plen = (int)((int64_t)(ps + 1) * P / p_splits) - p_lo;
   const int items = (rchunk / 8) * plen;
   // Output (r, p) of this block, scaled.
   auto put = [&](int r, int p, float acc) {
@@ -250,6 +275,7 @@ struct HadArgs {
   bool transpose;
   int rchunk, p_splits, ksplit, threads, smem;
   int in_splits;
+  bool presummed;
 };
 
 template <typename InT, typename OutT>
@@ -264,7 +290,7 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
                    reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale,
                    a.had, reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.segs,
                    a.K, a.transpose, a.rchunk, a.p_splits, a.ksplit,
-                   a.in_splits);
+                   a.in_splits, a.presummed);
 }
 
 template <typename InT>
@@ -276,6 +302,18 @@ void dispatch_out(ScalarType out_dtype, const HadArgs& a, cudaStream_t stream) {
       return launch_hadamard<InT, __nv_bfloat16>(a, stream);
     default:
       return launch_hadamard<InT, float>(a, stream);
+  }
+}
+
+void dispatch(ScalarType in_dtype, ScalarType out_dtype, const HadArgs& a,
+              cudaStream_t stream) {
+  switch (in_dtype) {
+    case ScalarType::Half:
+      return dispatch_out<__half>(out_dtype, a, stream);
+    case ScalarType::BFloat16:
+      return dispatch_out<__nv_bfloat16>(out_dtype, a, stream);
+    default:
+      return dispatch_out<float>(out_dtype, a, stream);
   }
 }
 
@@ -380,6 +418,13 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   const int64_t smem_limit = (int64_t)prop->sharedMemPerBlockOptin;
   const int64_t rows = x.size(-2);
   const int sms = prop->multiProcessorCount;
+  // Two launches where they measured faster (H200): K = 28 at 1-32 rows
+  // (14336 columns, 16 rows: 14-26% faster layers). With K > 32 the one
+  // launch already splits a row by rows of H_K, at most kHadMaxRowChunks
+  // ways from 8 rows on, and two launches measured slower (K = 172, 16-32
+  // rows: 18-48% slower layers).
+  const bool two_launches = K > 1 && K <= kernels::kHadTwoLaunchMaxK &&
+                            copies * rows <= kernels::kHadTwoLaunchMaxRows;
   // Rows of H_K per block: 32, or fewer when shared memory is tight. Every
   // block loads its row and redoes the Sylvester part, so for a large K,
   // once a few blocks per row fill the SMs, a row takes only as many
@@ -387,7 +432,7 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   // two blocks of 88 rows instead of six of 32; ~30% faster layers).
   const int64_t row_blocks = copies * rows * segs.blk0[segs.count];
   int rchunk = 32;
-  if (K > 32 && row_blocks <= sms) {
+  if (K > 32 && row_blocks <= sms && !two_launches) {
     // From 8 rows on, at most 4 blocks per row: each one re-reads the row
     // (all its split-K partials on the output side), which costs more than
     // the H_K FMAs it shares out.
@@ -407,27 +452,7 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   auto y = copies_out ? new_tensor({copies, rows, n}, out_dtype, x)
                       : new_tensor({rows, n}, out_dtype, x);
   if (rows == 0) return y;
-  const int64_t max_P = max_cols / K;
-  int p_splits = 1;
-  if (K > 1) {
-    // Spread the K*b FMAs of the H_K step over about two waves of blocks
-    // (fattened row chunks above already make one).
-    const int64_t base = row_blocks * ((K + rchunk - 1) / rchunk);
-    const int64_t want = rchunk > 32 ? 1 : (2 * sms + base - 1) / base;
-    p_splits =
-        (int)std::clamp<int64_t>(want, 1, std::max<int64_t>(1, min_P / 32));
-    // A power of two, so every CTA's column range (P / p_splits) is even.
-    while (p_splits & (p_splits - 1)) p_splits &= p_splits - 1;
-  }
-  // H_K step: output groups of 8 rows x 1 column per CTA; with few of them
-  // (small batches) several threads split each group's K-long sum.
-  const int64_t items =
-      K > 1 ? (rchunk / 8) * ((max_P + p_splits - 1) / p_splits) : 0;
-  int ksplit = 1;
-  while (K > 1 && items * ksplit * 2 <= kernels::kHadMaxThreads &&
-         ksplit * 2 * 8 <= K && smem + ksplit * 2 * items * 8 * 4 <= smem_limit)
-    ksplit *= 2;
-  const int64_t work = std::max<int64_t>(max_cols / 8, items * ksplit);
+  auto stream = get_current_cuda_stream();
   HadArgs a{};
   a.x = x.data_ptr();
   a.in_scale = in_scale ? in_scale->const_data_ptr<float>() : nullptr;
@@ -440,24 +465,74 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   a.K = (int)K;
   a.segs = segs;
   a.transpose = transpose;
+  a.in_splits = (int)in_splits;
+  // A few rows with K > 1: the Sylvester part first, on its own (see the
+  // kernel's comment), into one fp32 copy of x per copy.
+  std::optional<Tensor> sylvester;
+  if (two_launches) {
+    HadArgs first = a;
+    first.K = 1;
+    first.had = nullptr;
+    first.out_scale = nullptr;
+    int64_t cols = 0;
+    for (int s = 0; s < segs.count; ++s) {
+      const int64_t P = int64_t{1} << segs.log2P[s], len = segs.len[s];
+      const int64_t cta_cols =
+          std::min(len / P, (kernels::kHadSylvesterCtaCols + P - 1) / P) * P;
+      first.segs.cta_cols[s] = (int)cta_cols;
+      first.segs.blk0[s + 1] =
+          first.segs.blk0[s] + (int)((len + cta_cols - 1) / cta_cols);
+      first.segs.mult[s] = 1.f;
+      cols = std::max(cols, cta_cols);
+    }
+    sylvester = new_tensor({copies, rows, n}, ScalarType::Float, x);
+    first.y = sylvester->data_ptr();
+    first.rchunk = 8;
+    first.p_splits = first.ksplit = 1;
+    first.threads = (int)std::clamp<int64_t>((cols / 8 + 31) / 32 * 32, 64,
+                                             kernels::kHadMaxThreads);
+    first.smem = (int)(cols * 4);
+    first.presummed = false;
+    dispatch(in_dtype, ScalarType::Float, first, stream);
+    a.x = sylvester->data_ptr();
+    a.in_scale = nullptr;
+    a.in_splits = 1;
+    a.presummed = true;
+  }
+  const int64_t max_P = max_cols / K;
+  int p_splits = 1;
+  if (K > 1) {
+    // Spread the K*b FMAs of the H_K step over about two waves of blocks
+    // (fattened row chunks above already make one). A block that redoes
+    // the Sylvester part needs 32 columns to be worth it; after the first
+    // launch, 8 (whole 16-byte loads).
+    const int64_t base = row_blocks * ((K + rchunk - 1) / rchunk);
+    const int64_t want = rchunk > 32 ? 1 : (2 * sms + base - 1) / base;
+    p_splits = (int)std::clamp<int64_t>(
+        want, 1, std::max<int64_t>(1, min_P / (two_launches ? 8 : 32)));
+    // A power of two, so every CTA's column range (P / p_splits) is even.
+    while (p_splits & (p_splits - 1)) p_splits &= p_splits - 1;
+  }
+  // H_K step: output groups of 8 rows x 1 column per CTA; with few of them
+  // (small batches) several threads split each group's K-long sum.
+  const int64_t items =
+      K > 1 ? (rchunk / 8) * ((max_P + p_splits - 1) / p_splits) : 0;
+  int ksplit = 1;
+  while (K > 1 && items * ksplit * 2 <= kernels::kHadMaxThreads &&
+         ksplit * 2 * 8 <= K && smem + ksplit * 2 * items * 8 * 4 <= smem_limit)
+    ksplit *= 2;
+  // Threads: the block's loads (8 values each; after the first launch 4,
+  // of its own columns only) or its H_K outputs, whichever needs more.
+  const int64_t loads =
+      two_launches ? K * (max_P / p_splits) / 4 : max_cols / 8;
+  const int64_t work = std::max<int64_t>(loads, items * ksplit);
   a.rchunk = rchunk;
   a.p_splits = p_splits;
   a.ksplit = ksplit;
   a.threads = (int)std::clamp<int64_t>((work + 31) / 32 * 32, 64,
                                        kernels::kHadMaxThreads);
   a.smem = (int)(smem + (ksplit - 1) * items * 8 * 4);
-  a.in_splits = (int)in_splits;
-  auto stream = get_current_cuda_stream();
-  switch (in_dtype) {
-    case ScalarType::Half:
-      dispatch_out<__half>(out_dtype, a, stream);
-      break;
-    case ScalarType::BFloat16:
-      dispatch_out<__nv_bfloat16>(out_dtype, a, stream);
-      break;
-    default:
-      dispatch_out<float>(out_dtype, a, stream);
-  }
+  dispatch(two_launches ? ScalarType::Float : in_dtype, out_dtype, a, stream);
   return y;
 }
 

@@ -328,6 +328,27 @@ def test_hadamard_sums_splits(n: int):
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("n", (11008, 14336, 192))
+@pytest.mark.parametrize("rows", (5, 40))
+def test_hadamard_partials_and_copies(n: int, rows: int):
+    # Up to 32 rows (times copies) an H_K transform with K <= 32 (14336: 28,
+    # 192: 12) takes two launches; more rows, or K = 172 (11008), one.
+    op = torch.ops._qtip_C.qtip_hadamard
+    had = factor(n)
+    # Output side: split-K partial sums.
+    parts = torch.randn(3, rows, n, device=DEVICE)
+    SV = torch.rand(n, device=DEVICE)
+    y = op(parts, None, SV, had, False, [n], [n], 32.0, torch.float32)
+    ref = hadamard_transform(parts.sum(0), had_k=had) * SV * 32
+    assert rel_err(y, ref) < 1e-5
+    # Input side: one copy per row of SU (fused layers).
+    x = torch.randn(rows, n, device=DEVICE, dtype=torch.bfloat16)
+    SU = torch.randn(2, n, device=DEVICE).sign()
+    y = op(x, SU, None, had, True, [n], [n], 1 / 32, torch.float16)
+    ref = hadamard_transform(x.float() * SU[:, None], transpose=True, had_k=had)
+    assert rel_err(y.float(), ref / 32) < 1e-3
+
+
 @pytest.mark.parametrize("n,block", ((8 * 6656, 6656), (4096, 512), (8 * 1536, 1536)))
 @pytest.mark.parametrize("rows", (1, 300))
 def test_hadamard_blocks(n: int, block: int, rows: int):
