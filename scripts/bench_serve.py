@@ -76,6 +76,7 @@ def wait_ready(proc: subprocess.Popen, timeout: float) -> None:
 
 def bench(model_dir: Path, concurrency: int, result_dir: Path) -> dict:
     name = f"c{concurrency}.json"
+    prompts = 4 * concurrency
     cmd = [
         sys.executable,
         "-m",
@@ -95,7 +96,7 @@ def bench(model_dir: Path, concurrency: int, result_dir: Path) -> dict:
         "--random-output-len",
         str(OUTPUT_LEN),
         "--num-prompts",
-        str(4 * concurrency),
+        str(prompts),
         "--max-concurrency",
         str(concurrency),
         "--ignore-eos",
@@ -109,12 +110,12 @@ def bench(model_dir: Path, concurrency: int, result_dir: Path) -> dict:
     ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     data = json.loads((result_dir / name).read_text())
-    if data["completed"] != 4 * concurrency:
+    if data["completed"] != prompts:
         # A run whose requests failed measures nothing (e.g. a server that
         # does not serve this model); say why instead of recording zeros.
         errors = [e for e in data.get("errors", []) if e]
         raise RuntimeError(
-            f"{data['completed']} of {4 * concurrency} requests completed at "
+            f"{data['completed']} of {prompts} requests completed at "
             f"concurrency {concurrency}; first error: {errors[:1]}"
         )
     return {
