@@ -13,7 +13,7 @@
 #           2-bit and FP16, batch 1 -> $OUT/profile_*.json
 #   e2e     scripts/bench_e2e.py -> /tmp/e2e_h200.json, copied to $OUT
 #           (resumes: rerun the step on the same machine to finish the table;
-#           E2E_ARGS narrows it)
+#           E2E_ARGS narrows it, E2E_JSON names another file, e.g. one per GPU)
 #   serve   scripts/bench_serve.py (vllm serve + vllm bench serve, tokenizer
 #           from .gpu/tokenizer) -> /tmp/serve_h200.json, copied to $OUT
 #           (resumes like e2e; SERVE_ARGS narrows it)
@@ -125,9 +125,10 @@ step_profile() {
 }
 
 step_e2e() {
-  timeout "${E2E_TIMEOUT:-420}" python3 scripts/bench_e2e.py --out /tmp/e2e_h200.json \
+  local json=${E2E_JSON:-/tmp/e2e_h200.json}
+  timeout "${E2E_TIMEOUT:-420}" python3 scripts/bench_e2e.py --out "$json" \
     --resume ${E2E_ARGS:-} 2>&1 | tee -a "$OUT/bench_e2e.log" | tail -30
-  cp /tmp/e2e_h200.json "$OUT/" 2>/dev/null
+  cp "$json" "$OUT/" 2>/dev/null
 }
 
 step_serve() {

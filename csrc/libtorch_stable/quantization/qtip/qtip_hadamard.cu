@@ -235,6 +235,103 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   }
 }
 
+// Blocks of 4096 columns with K = 1 (the hidden size of Llama-2-7B and
+// Llama-3-8B) and no split-K partials take a kernel of their own: 256
+// threads hold 16 values each and do the 12 butterfly stages in three
+// radix-16 register passes (column bits 0-3, 4-7, 8-11), joined by two
+// exchanges through shared memory (slots: syl16_slot below), where every
+// exchange is free of bank conflicts (the first as 16-byte stores). About 28
+// instructions per element in all (20 on the data path), against ~50 in the
+// shuffle and radix-8 passes of qtip_hadamard_kernel, which this transform
+// is bound by at many rows. Same fp32 operations in the same order: the
+// same bits.
+constexpr int kSyl16Cols = 4096;
+constexpr int kSyl16Threads = kSyl16Cols / 16;
+// Rows from which it is taken: the dense path's (QTIP_DENSE_MIN_ROWS). H200,
+// 2048 rows: 4096x4096 layers -24%, 11008x4096 -8%; at 64 rows, where its
+// one CTA per row meets the fused GEMM's early launch, layers measured up to
+// 17% slower (BENCHMARKS.md, tenth run).
+constexpr int64_t kSyl16MinRows = 128;
+
+// The exchanges keep column e in shared-memory slot
+//   syl16_slot(e) = e ^ (((e >> 5) & 3) << 2) ^ (((e >> 8) & 1) << 4),
+// written out below per pass as per-thread bases plus constant offsets.
+
+// One CTA per (row, 4096-column block, copy) = (blockIdx.x, .y, .z); scales
+// as qtip_hadamard_kernel
+// (in_scale row `copy`, then mult and out_scale at the end).
+template <typename InT, typename OutT>
+__global__ void __launch_bounds__(kSyl16Threads)
+    qtip_sylvester4096_kernel(const InT* __restrict__ x,
+                              const float* __restrict__ in_scale,
+                              const float* __restrict__ out_scale,
+                              OutT* __restrict__ y, int rows, int n,
+                              float mult) {
+  __shared__ __align__(16) float X[kSyl16Cols];
+  const int row = blockIdx.x, col0 = blockIdx.y * kSyl16Cols;
+  const int copy = blockIdx.z;
+  const int64_t copy_row = (int64_t)copy * rows + row;
+  const int t = threadIdx.x;
+  x += (int64_t)row * n + col0;
+  y += copy_row * n + col0;
+  allow_dependents();
+  wait_for_producer();
+
+  // Pass 0: columns 16t .. 16t + 15, contiguous.
+  float v[16];
+  load8(x + 16 * t, *reinterpret_cast<float (*)[8]>(v));
+  load8(x + 16 * t + 8, *reinterpret_cast<float (*)[8]>(v + 8));
+  if (in_scale != nullptr) {
+    float s[16];
+    const float* sc = in_scale + (int64_t)copy * n + col0 + 16 * t;
+    load8(sc, *reinterpret_cast<float (*)[8]>(s));
+    load8(sc + 8, *reinterpret_cast<float (*)[8]>(s + 8));
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] *= s[i];
+  }
+  butterflies<16>(v);
+  // syl16_slot(16t + 4q): granule q ^ ((t >> 1) & 3) of 16t ^ bit 8 into 4.
+  const int tb4 = (t >> 4) & 1;
+  const int row0 = (16 * t) ^ (tb4 << 4), gsw = (t >> 1) & 3;
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    *reinterpret_cast<float4*>(X + row0 + 4 * (q ^ gsw)) =
+        make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  __syncthreads();
+
+  // Pass 1: bits 4-7; each thread reads and rewrites its own 16 slots,
+  // syl16_slot(((t >> 4) << 8) | (i << 4) | (t & 15)) = base[i & 7] + 16 i
+  // (i's bits 1-2 pick the XOR into t's bits 2-3, its bit 0 the sign of
+  // bit 8's XOR into bit 4), so the loads and stores take immediates.
+  int base1[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int c = (j >> 1) & 3, odd = j & 1;
+    base1[j] = ((t >> 4) << 8) + ((t & 15) ^ (c << 2)) + (odd ? -16 : 16) * tb4;
+  }
+#pragma unroll
+  for (int i = 0; i < 16; ++i) v[i] = X[base1[i & 7] + 16 * i];
+  butterflies<16>(v);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) X[base1[i & 7] + 16 * i] = v[i];
+  __syncthreads();
+
+  // Pass 2: bits 8-11; column 256 i + t (coalesced stores), whose slot is
+  // 256 i + (u ^ 16 (i & 1)) with u = t ^ (bits 5-6 of t into bits 2-3).
+  const int u = t ^ (((t >> 5) & 3) << 2);
+  const int base2[2] = {u, u ^ 16};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) v[i] = X[base2[i & 1] + 256 * i];
+  butterflies<16>(v);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int e = 256 * i + t;
+    float val = v[i] * mult;
+    if (out_scale != nullptr) val *= out_scale[col0 + e];
+    y[e] = from_float<OutT>(val);
+  }
+}
+
 }  // namespace kernels
 
 namespace {
@@ -276,10 +373,21 @@ struct HadArgs {
   int rchunk, p_splits, ksplit, threads, smem;
   int in_splits;
   bool presummed;
+  bool sylvester4096;  // qtip_sylvester4096_kernel (see there)
 };
 
 template <typename InT, typename OutT>
 void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
+  if (a.sylvester4096) {
+    launch_dependent(
+        kernels::qtip_sylvester4096_kernel<InT, OutT>,
+        dim3((unsigned)a.rows, (unsigned)(a.n / kernels::kSyl16Cols),
+             (unsigned)a.copies),
+        dim3(kernels::kSyl16Threads), 0, stream,
+        reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale,
+        reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.segs.mult[0]);
+    return;
+  }
   auto kernel = kernels::qtip_hadamard_kernel<InT, OutT>;
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(kernel, smem_set);
@@ -466,6 +574,16 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   a.segs = segs;
   a.transpose = transpose;
   a.in_splits = (int)in_splits;
+  // Whole rows in 4096-column blocks, K = 1, many rows: the radix-16 kernel.
+  bool all_4096 =
+      K == 1 && in_splits == 1 && copies * rows >= kernels::kSyl16MinRows;
+  for (int s = 0; s < segs.count; ++s)
+    all_4096 &= (1 << segs.log2P[s]) == kernels::kSyl16Cols;
+  if (all_4096) {
+    a.sylvester4096 = true;
+    dispatch(in_dtype, out_dtype, a, stream);
+    return y;
+  }
   // A few rows with K > 1: the Sylvester part first, on its own (see the
   // kernel's comment), into one fp32 copy of x per copy.
   std::optional<Tensor> sylvester;

@@ -359,6 +359,36 @@ def test_hadamard_blocks(n: int, block: int, rows: int):
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("rows", (64, 300))
+@pytest.mark.parametrize("in_dtype", (torch.float16, torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16, torch.float32))
+def test_hadamard_4096_blocks(rows: int, in_dtype: torch.dtype, out_dtype: torch.dtype):
+    # Blocks of 4096 columns with K = 1, no split-K partials and from 128 rows
+    # (copies x rows) on take the radix-16 kernel: two blocks per row, with and
+    # without scales, one copy per row of SU (64 rows: only these 128 copies
+    # reach it), two segments.
+    n = 8192
+    op = torch.ops._qtip_C.qtip_hadamard
+    x = torch.randn(rows, n, device=DEVICE).to(in_dtype)
+    SU = torch.randn(2, n, device=DEVICE).sign()
+    SV = torch.rand(n, device=DEVICE)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}[out_dtype]
+
+    def ref(v: torch.Tensor) -> torch.Tensor:
+        return hadamard_transform(v, block_size=4096)
+
+    y = op(x, SU, SV, None, True, [4096], [n], 0.5, out_dtype)
+    assert rel_err(y.float(), ref(x.float() * SU[:, None]) * SV * 0.5) < tol
+    y = op(x, None, None, None, False, [4096, 4096], [4096, 4096], 0.5, out_dtype)
+    assert rel_err(y.float(), ref(x.float()) * 0.5) < tol
+    # The same bits as qtip_hadamard_kernel (a zero second split-K partial
+    # sends the call there).
+    xf = x.float()
+    parts = torch.stack([xf, torch.zeros_like(xf)])
+    args = (SU, SV, None, False, [4096], [n], 0.5, out_dtype)
+    assert torch.equal(op(xf, *args), op(parts, *args))
+
+
 @pytest.mark.parametrize("rows", (1, 300))
 def test_hadamard_small_blocks(rows: int):
     # 172 power-of-two blocks of 64 (the Sylvester half of the dense path's
