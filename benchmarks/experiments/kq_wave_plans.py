@@ -1,0 +1,113 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The fused GEMM's (splits, kq) plans on an H200 (132 SMs, 227 KiB of shared
+memory per block), as main's `mma_plan` (kq = 1), the twelfth session's
+`kq-wave` (a ring-fill term per wave) and `exp/kq-wave` now (warp shares only
+in one-wave plans), for the benchmark's layers at 1-127 rows: a Python copy of
+`mma_config`, `max_chunk_log2kq` and `mma_plan` in qtip_gemm.cu. Own input
+(one row) ignores the staging fit check."""
+
+SMS = 132
+LIMIT = 232448
+W = 16
+KSTAGES = 4
+
+
+def ring(nb):
+    return 8 if nb == 1 else KSTAGES
+
+
+def sbb(nb):
+    return nb * 512 + 16
+
+
+def stage_bytes(nb, cb):
+    return 2 * cb * sbb(nb)
+
+
+def lutb(c):
+    return 1024 * c * 4
+
+
+def config(nbt):
+    nb = 1 if nbt <= 1 else 2 if nbt <= 2 else 4 if nbt <= 4 else 8
+    r = ring(nb)
+    copies = 32 if lutb(32) + stage_bytes(nb, r) <= LIMIT else 16
+    lut = lutb(copies)
+    blocks = min(64, min(LIMIT - lut, 96 * 1024) // (2 * nb * 512))
+    cb = max(r, blocks // r * r)
+    while cb > r and lut + stage_bytes(nb, cb) > LIMIT:
+        cb -= r
+    return nb, cb
+
+
+def red_bytes(lq, nb):
+    return ((1 << lq) - 1) * (W >> lq) * 32 * 2 * nb * 4 * 4
+
+
+def max_chunk_l(nb, cb):
+    lq = 0
+    while (
+        nb < 8
+        and lq < 4
+        and cb % ((2 << lq) * ring(nb)) == 0
+        and red_bytes(lq + 1, nb) <= stage_bytes(nb, cb)
+    ):
+        lq += 1
+    return lq
+
+
+def plan(shard_tiles, nblk, rows, maxl, mode):
+    nbt = (rows + 7) // 8
+    m = sum(shard_tiles) * 32
+    rate = min(32.0, 1024.0 / (nbt * 8))
+    out = min(max(rows * len(shard_tiles), 1), SMS)
+    best = None
+    for lq in range(0, (maxl if mode != "main" else 0) + 1):
+        tpu = W >> lq
+        groups = sum((t + tpu - 1) // tpu for t in shard_tiles)
+        uw = tpu * 32 * nblk * 32
+        ux = rows * nblk * 32 * 2
+        for s in range(1, max(1, nblk // (KSTAGES << lq)) + 1):
+            waves = (groups * s + SMS - 1) // SMS
+            if mode == "new" and lq > 0 and waves > 1:
+                break
+            fill = 2000 if mode == "kqwave" else 0
+            t = (
+                waves * ((uw / rate + ux / 20.0) / s + fill)
+                + s * rows * m * 8.0 / (SMS * 20.0)
+                + s * rows * m * 4.0 / (out * 60.0)
+            )
+            if best is None or t < best[0]:
+                best = (t, s, lq, groups)
+    return best
+
+
+layers = {
+    "1024x4096": ([32], 4096, 1),
+    "4096x4096": ([128], 4096, 1),
+    "4096x11008": ([128], 11008, 172),
+    "4096x14336": ([128], 14336, 28),
+    "11008x4096": ([344], 4096, 1),
+    "14336x4096": ([448], 4096, 1),
+    "L2 qkv": ([128] * 3, 4096, 1),
+    "L2 gate_up": ([344] * 2, 4096, 1),
+    "L3 qkv": ([128, 32, 32], 4096, 1),
+    "L3 gate_up": ([448] * 2, 4096, 1),
+    "L3 o/L2 o": ([128], 4096, 1),
+}
+for name, (tiles, n, hk) in layers.items():
+    for rows in (1, 2, 16, 32, 64, 127):
+        nb, cb = config((rows + 7) // 8)
+        own = rows == 1
+        maxl = (4 if hk == 1 else 0) if own else max_chunk_l(nb, cb)
+        r = [plan(tiles, n // 32, rows, maxl, mo) for mo in ("main", "kqwave", "new")]
+        tag = lambda p: f"s{p[1]} kq{1 << p[2]} u{p[3] * p[1]}"
+        mark = (
+            ""
+            if (r[2][1], r[2][2]) == (r[0][1], r[0][2])
+            else "  <-- new differs from main"
+        )
+        print(
+            f"{name:<12} b{rows:<4} main {tag(r[0]):<16} kq-wave {tag(r[1]):<16} "
+            f"new {tag(r[2]):<16}{mark}"
+        )
