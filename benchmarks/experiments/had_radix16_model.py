@@ -116,3 +116,62 @@ for t in range(T):
     for i in range(16):
         assert base2[i & 1] + 256 * i == S(e_of(2, t, i))
 print("folded bases ok")
+
+
+# Blocks of P = 2^8 .. 2^12 columns (qtip_sylvester16_kernel): a CTA holds
+# cols = k * P <= 4096 columns; passes 0 and 1 as above for the threads with
+# 16 t < cols, pass 2 radix-2^(log2P - 8) groups of consecutive i < cols / 256.
+def fwht_groups(v, r):
+    v = v.copy()
+    h = 1
+    while h < r:
+        for i in range(16):
+            if not i & h:
+                v[i], v[i + h] = v[i] + v[i + h], v[i] - v[i + h]
+        h <<= 1
+    return v
+
+
+def sylvester(n):
+    h = np.array([[1.0]])
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+cases = 0
+for log2p in range(8, 13):
+    blk = 1 << log2p
+    for cols in range(blk, P + 1, blk):
+        x = rng.standard_normal(cols)
+        smem = np.full(P, np.nan)
+        for t in range(T):
+            if 16 * t >= cols:
+                continue
+            v = fwht16(np.array([x[16 * t + i] for i in range(16)]))
+            for i in range(16):
+                smem[S(16 * t + i)] = v[i]
+        for t in range(T):
+            if 16 * t >= cols:
+                continue
+            es = [e_of(1, t, i) for i in range(16)]
+            assert all(e < cols for e in es)  # the guard is exact
+            v = fwht16(np.array([smem[S(e)] for e in es]))
+            for e, val in zip(es, v):
+                smem[S(e)] = val
+        y = np.full(cols, np.nan)
+        i_end = cols >> 8
+        for t in range(T):
+            v = np.zeros(16)
+            for i in range(i_end):
+                v[i] = smem[S(e_of(2, t, i))]
+            assert not np.isnan(v[:i_end]).any()  # only written slots read
+            v = fwht_groups(v, 1 << (log2p - 8))
+            for i in range(i_end):
+                y[256 * i + t] = v[i]
+        ref = np.concatenate(
+            [sylvester(blk) @ x[b : b + blk] for b in range(0, cols, blk)]
+        )
+        assert np.allclose(y, ref), (log2p, cols)
+        cases += 1
+print(f"block sizes 2^8 .. 2^12, partial CTAs: {cases} cases ok")
