@@ -59,9 +59,13 @@ step_build() {
   echo "_qtip_C built in $((SECONDS - t0)) s"
 }
 
+# TESTS_K narrows the kernel tests (pytest -k, always without bad_inputs) and
+# TESTS_TIMEOUT bounds them, e.g. a quick first run of a new kernel that could
+# hang: TESTS_K=gemm_vs_decoded TESTS_TIMEOUT=90.
 step_tests() {
-  timeout 300 python3 -m pytest -p no:cacheprovider -q -rfEs -x \
-    vllm_overlay/tests/kernels/quantization/test_qtip.py -k "not bad_inputs" 2>&1 \
+  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -p no:cacheprovider -q -rfEs -x \
+    vllm_overlay/tests/kernels/quantization/test_qtip.py \
+    -k "not bad_inputs${TESTS_K:+ and ($TESTS_K)}" 2>&1 \
     | tee "$OUT/tests_kernels.log" | tail -30
   timeout 60 python3 -m pytest -p no:cacheprovider -q -rfE \
     vllm_overlay/tests/kernels/quantization/test_qtip.py -k bad_inputs 2>&1 | tail -3
