@@ -88,12 +88,12 @@ def producer_store_A(mem_bytes, a_base, rt, kb, fr):
                 )
 
 
-def producer_stage_B(mem_bytes, b_addr, x_rows, rows, col0, k1, xrow_fn):
-    """Lines 203-218 for all 256 producer threads."""
+def producer_stage_B(mem_bytes, b_addr, x_rows, rows, col0, k1, xrow_fn, N=64):
+    """stage_x for all 256 producer threads (N = 32 or 64 batch rows)."""
     for ptid in range(256):
-        for i in range(2):
+        for i in range(N * 8 // 256):
             idx = ptid + i * 8 * 32
-            b, c = idx & (kWsN - 1), idx // kWsN
+            b, c = idx & (N - 1), idx // N
             dst = b_addr + ((b >> 3) * 8 + c) * 128 + (b & 7) * 16
             if b < rows and col0 + 8 * c < 32 * k1:
                 src = xrow_fn(b, col0 + 8 * c)  # 8 halfs
@@ -102,7 +102,7 @@ def producer_stage_B(mem_bytes, b_addr, x_rows, rows, col0, k1, xrow_fn):
                 mem_bytes[dst : dst + 16] = 0
 
 
-def consumer_step(mem_bytes, stage_base, acc, first):
+def consumer_step(mem_bytes, stage_base, acc, first, N=64):
     """Lines 238-245: 2 x 4 wgmma m64n64k16, D[r][b] (+)= sum_k A[r][k] B[b][k]."""
     mem_u16 = mem_bytes.view(np.uint16)
     a_addr = stage_base
@@ -110,7 +110,7 @@ def consumer_step(mem_bytes, stage_base, acc, first):
     for mt in range(2):
         for kk in range(4):
             A = read_operand(mem_u16, ws_desc(a_addr + (64 * mt + 2 * kk) * 128), 64)
-            B = read_operand(mem_u16, ws_desc(b_addr + 2 * kk * 128), 64)
+            B = read_operand(mem_u16, ws_desc(b_addr + 2 * kk * 128), N)
             with np.errstate(invalid="ignore", over="ignore"):
                 D = A.astype(np.float64) @ B.astype(np.float64).T
             if first and kk == 0:
@@ -119,14 +119,14 @@ def consumer_step(mem_bytes, stage_base, acc, first):
                 acc[mt] += D
 
 
-def to_fragments(acc):
-    """CuTe CLayout_64x64 ((4,8,4),(2,2,8)):((128,1,16),(64,8,512)) over a
-    column-major 64x64 tile: d[thread][v] for each 64-row half."""
-    d = np.empty((2, 128, 32))
+def to_fragments(acc, N=64):
+    """CuTe CLayout_64xN ((4,8,4),(2,2,N/8)):((128,1,16),(64,8,512)) over a
+    column-major 64xN tile: d[thread][v] for each 64-row half."""
+    d = np.empty((2, 128, N // 2))
     for mt in range(2):
         for t in range(128):
             t0, t1, t2 = t % 4, (t // 4) % 8, t // 32
-            for v in range(32):
+            for v in range(N // 2):
                 v0, v1, v2 = v % 2, (v // 2) % 2, v // 4
                 off = t0 * 128 + t1 * 1 + t2 * 16 + v0 * 64 + v1 * 8 + v2 * 512
                 m, n = off % 64, off // 64
@@ -134,13 +134,13 @@ def to_fragments(acc):
     return d
 
 
-def epilogue(d, out_fn, tiles, rows):
+def epilogue(d, out_fn, tiles, rows, N=64):
     """Lines 255-267 for all 128 consumer threads."""
     for tid in range(128):
         warp, lane = tid >> 5, tid & 31
         g, q = lane >> 2, lane & 3
         for mt in range(2):
-            for jn in range(kWsN // 8):
+            for jn in range(N // 8):
                 for i in range(4):
                     r = 64 * mt + 16 * warp + g + (i >> 1) * 8
                     b = 8 * jn + 2 * q + (i & 1)
@@ -188,6 +188,7 @@ def part1():
 
 
 def part2(shard_tiles, nblk, rows, sms):
+    N = 32 if rows <= 32 else 64  # qtip_ws_partials' choice
     shards = len(shard_tiles)
     rb0 = np.concatenate([[0], np.cumsum(shard_tiles)]).astype(int)
     m = rb0[-1] * 32
@@ -246,8 +247,9 @@ def part2(shard_tiles, nblk, rows, sms):
                 col0,
                 k1,
                 lambda b, c: xt[shard, b, c : c + 8],
+                N,
             )
-            consumer_step(mem, base, acc, j == 0)
+            consumer_step(mem, base, acc, j == 0, N)
         if steps == 0:
             continue
 
@@ -255,7 +257,7 @@ def part2(shard_tiles, nblk, rows, sms):
             part[split, b, tile0 * 32 + r] = v
             cnt[split, b, tile0 * 32 + r] += 1
 
-        epilogue(to_fragments(acc), put, tiles, rows)
+        epilogue(to_fragments(acc, N), put, tiles, rows, N)
     ref = np.zeros((rows, m))
     for s in range(shards):
         r0, r1 = rb0[s] * 32, rb0[s + 1] * 32
@@ -282,6 +284,9 @@ if __name__ == "__main__":
         ([6], 17, 50, 132),
         ([9, 1, 2], 3, 37, 2),
         ([4, 4], 16, 64, 8),
+        ([4], 8, 17, 132),
+        ([5, 2], 9, 32, 6),
+        ([3], 5, 20, 1),
     ]:
         ok &= part2(*cfg)
     print("ALL OK" if ok else "FAIL")
