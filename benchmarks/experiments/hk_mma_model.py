@@ -26,15 +26,18 @@ def mma(acc, a, b):
         acc[lane] = [D[g][2 * t], D[g][2 * t + 1], D[g + 8][2 * t], D[g + 8][2 * t + 1]]
 
 
-def block(K, P, rchunk, r0, p_lo, plen, H, Xfull, transpose):
+def block(K, P, rchunk, r0, p_lo, plen, H, Xfull, transpose, xpad=0):
     k8 = (K + 7) // 8 * 8
     ms = stride(rchunk)
     M = np.full(K * ms, np.nan)  # unwritten entries must never be read
     for i in range(K * rchunk):
         k, r = i // rchunk, r0 + i % rchunk
         M[k * ms + r - r0] = (H[k][r] if transpose else H[r][k]) if r < K else 0.0
-    X = np.full(K * P + 64, np.nan)
-    X[: K * P] = Xfull.reshape(-1)
+    # X's rows P + xpad floats apart (the kernel's padded copy / presummed load)
+    xs = P + xpad
+    X = np.full(K * xs + 64, np.nan)
+    for k in range(K):
+        X[k * xs : k * xs + P] = Xfull[k]
     Y = {}
     ptiles = plen // 8
     items = (rchunk // 16) * ptiles
@@ -44,6 +47,7 @@ def block(K, P, rchunk, r0, p_lo, plen, H, Xfull, transpose):
         for ks in range(0, k8, 8):
             a = []
             b = []
+            banks0 = []
             for lane in range(32):
                 g, t = lane >> 2, lane & 3
                 k = ks + t
@@ -56,9 +60,12 @@ def block(K, P, rchunk, r0, p_lo, plen, H, Xfull, transpose):
                         M[(k + 4) * ms + m + 8] if k + 4 < K else 0.0,
                     ]
                 )
-                x0 = X[k * P + pc + g] if k < K else 0.0
-                x1 = X[(k + 4) * P + pc + g] if k + 4 < K else 0.0
+                x0 = X[k * xs + pc + g] if k < K else 0.0
+                x1 = X[(k + 4) * xs + pc + g] if k + 4 < K else 0.0
                 b.append([x0, x1])
+                banks0.append((k * xs + pc + g) % 32)
+            if xpad and P % 32 == 0:  # the padding's point: no bank conflicts
+                assert len(set(banks0)) == 32, (K, P, ks)
             assert not np.isnan(np.array(a)).any() and not np.isnan(np.array(b)).any()
             mma(acc, a, b)
         for lane in range(32):
@@ -83,7 +90,7 @@ for K, P in ((172, 64), (28, 512), (12, 16), (20, 8), (52, 32)):
         for rchunk in sorted(
             {min(32, (K + 15) // 16 * 16), 16, 48, 96, (K + 15) // 16 * 16}
         ):
-            for p_splits in (1, 2, P // 8):
+            for p_splits, xpad in ((1, 0), (2, 0), (P // 8, 0), (1, 8), (2, 8)):
                 if P % p_splits or (P // p_splits) % 8:
                     continue
                 Yall = {}
@@ -91,7 +98,7 @@ for K, P in ((172, 64), (28, 512), (12, 16), (20, 8), (52, 32)):
                     for ps in range(p_splits):
                         p_lo = ps * P // p_splits
                         plen = (ps + 1) * P // p_splits - p_lo
-                        Y = block(K, P, rchunk, r0, p_lo, plen, H, Xf, transpose)
+                        Y = block(K, P, rchunk, r0, p_lo, plen, H, Xf, transpose, xpad)
                         assert not (Y.keys() & Yall.keys()), "output written twice"
                         Yall.update(Y)
                 assert len(Yall) == K * P, (K, P, rchunk, p_splits, len(Yall))
