@@ -3,8 +3,9 @@
 memory per block), as main's `mma_plan` (kq = 1), the twelfth session's
 `kq-wave` (a ring-fill term per wave) and `exp/kq-wave` now (warp shares only
 in one-wave plans), for the benchmark's layers at 1-127 rows: a Python copy of
-`mma_config`, `max_chunk_log2kq` and `mma_plan` in qtip_gemm.cu. Own input
-(one row) ignores the staging fit check."""
+`mma_config`, `max_chunk_log2kq`, `mma_plan` and (one row, own input, K = 1)
+`run_mma`'s re-planning until the staging fits (the twelfth session's kq-wave
+went straight to kq = 1 there; the column shows the current branch's steps)."""
 
 SMS = 132
 LIMIT = 232448
@@ -95,12 +96,37 @@ layers = {
     "L3 gate_up": ([448] * 2, 4096, 1),
     "L3 o/L2 o": ([128], 4096, 1),
 }
+
+
+def own_input_need(n, splits, lq):
+    """own_input_staging (K = 1): X, the widest unit's x~ row, the sums."""
+    nblk, kq = n // 32, 1 << lq
+    widest = (nblk + splits - 1) // splits
+    floats = n + (widest + kq - 1) // kq * kq * (sbb(1) // 4)
+    if lq:
+        floats += red_bytes(lq, 1) // 4
+    return floats * 4
+
+
+def fitted(tiles, n, rows, maxl, mode, nb, cb):
+    """run_mma: one row with its own input re-plans with one warp-share level
+    fewer at a time until the staging fits."""
+    p = plan(tiles, n // 32, rows, maxl, mode)
+    while (
+        rows == 1 and p[2] > 0 and own_input_need(n, p[1], p[2]) > stage_bytes(nb, cb)
+    ):
+        p = plan(tiles, n // 32, rows, p[2] - 1, mode)
+    return p
+
+
 for name, (tiles, n, hk) in layers.items():
     for rows in (1, 2, 16, 32, 64, 127):
         nb, cb = config((rows + 7) // 8)
         own = rows == 1
         maxl = (4 if hk == 1 else 0) if own else max_chunk_l(nb, cb)
-        r = [plan(tiles, n // 32, rows, maxl, mo) for mo in ("main", "kqwave", "new")]
+        r = [
+            fitted(tiles, n, rows, maxl, mo, nb, cb) for mo in ("main", "kqwave", "new")
+        ]
         tag = lambda p: f"s{p[1]} kq{1 << p[2]} u{p[3] * p[1]}"
         mark = (
             ""
