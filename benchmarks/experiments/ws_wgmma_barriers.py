@@ -9,7 +9,7 @@ resets) when the count is reached, sync waits for completion, arrive does not.
 
 Checks:
   * no deadlock (some warp runnable until all finished);
-  * every completed generation got exactly its count of arrivals (384 / 256)
+  * every completed generation got exactly its count of arrivals (ALL / the producers')
     and every arrival lands in the generation its role intends (a warp never
     arrives twice at one generation: the PTX 'care must be taken' rule);
   * no barrier is left with a partial count at the end;
@@ -20,13 +20,15 @@ Checks:
     must be step j's.
 """
 
+import os
 import random
 import sys
 
-S = 4  # kWsStages
-FULL, EMPTY, LUT = 1, 5, 9
-NPROD, NCONS = 8, 4
-ALL = 384
+# WS_PRODUCERS=8: exp/ws-wgmma (4 stages); 16 (default): exp/ws-wgmma16 (3).
+NPROD, NCONS = int(os.environ.get("WS_PRODUCERS", "16")), 4  # warps
+S = 4 if NPROD == 8 else 3  # kWsStages
+FULL, EMPTY, LUT = 1, 1 + S, 1 + 2 * S
+ALL = 32 * (NPROD + NCONS)
 
 
 class Bar:
@@ -39,7 +41,7 @@ class Bar:
 
 
 def producer(w, steps):
-    yield ("sync", LUT, 256, None)
+    yield ("sync", LUT, 32 * NPROD, None)
     # wait_for_producer / allow_dependents: no barrier effect
     for j in range(steps):
         s = j % S

@@ -14,7 +14,7 @@ S, FULL, EMPTY, LUT, ALL = bs.S, bs.FULL, bs.EMPTY, bs.LUT, bs.ALL
 
 
 def producer_v2(w, steps):
-    yield ("sync", LUT, 256, None)
+    yield ("sync", LUT, 32 * bs.NPROD, None)
     if steps > 0:
         yield ("writeB", 0, 0)
         yield ("commit",)
@@ -36,17 +36,17 @@ def producer_v2(w, steps):
 def run(steps, seed):
     rng = random.Random(seed)
     bars = {i: bs.Bar() for i in range(16)}
-    warps = {w: bs.consumer(w, steps) for w in range(4)}
-    for w in range(4, 12):
+    warps = {w: bs.consumer(w, steps) for w in range(bs.NCONS)}
+    for w in range(bs.NCONS, bs.NCONS + bs.NPROD):
         warps[w] = producer_v2(w, steps)
     blocked, done, errors = set(), set(), []
     tagA = {}
     tagB = {}
-    pend_wg = {w: [] for w in range(4)}
+    pend_wg = {w: [] for w in range(bs.NCONS)}
     cp_groups = {
-        w: [] for w in range(4, 12)
+        w: [] for w in range(bs.NCONS, bs.NCONS + bs.NPROD)
     }  # committed groups: list of lists of (stage, step)
-    cp_open = {w: [] for w in range(4, 12)}
+    cp_open = {w: [] for w in range(bs.NCONS, bs.NCONS + bs.NPROD)}
 
     def unretired(s):
         return [(w, g) for w in pend_wg for g in pend_wg[w] if g[1] == s]
@@ -110,8 +110,8 @@ def run(steps, seed):
                     tagB[(s, w)] = j
         elif k == "issue":
             _, s, j = op
-            ta = [tagA.get((s, p)) for p in range(4, 12)]
-            tb = [tagB.get((s, p)) for p in range(4, 12)]
+            ta = [tagA.get((s, p)) for p in range(bs.NCONS, bs.NCONS + bs.NPROD)]
+            tb = [tagB.get((s, p)) for p in range(bs.NCONS, bs.NCONS + bs.NPROD)]
             if any(t != j for t in ta + tb):
                 errors.append(
                     f"STALE steps={steps} seed={seed} step {j}: A {ta} B {tb}"

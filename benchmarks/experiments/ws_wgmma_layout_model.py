@@ -20,17 +20,26 @@ sum over splits must equal x~[shard] @ W_hat[shard rows]^T and every (split,
 b < rows, R) must be written exactly once.
 """
 
+import os
+
 import numpy as np
 
 rng = np.random.default_rng(1)
-kWsStages, kWsN, kWsUnitTiles = 4, 64, 4
-kWsABytes = kWsUnitTiles * 32 * 64 * 2
-kWsBBytes = kWsN * 64 * 2
+# WS_PRODUCERS=8: exp/ws-wgmma (4 stages of 64 columns); 16 (default):
+# exp/ws-wgmma16 (3 stages of 128 columns).
+kWsProducerWarps = int(os.environ.get("WS_PRODUCERS", "16"))
+kWsStages, kWsN, kWsUnitTiles = (4 if kWsProducerWarps == 8 else 3), 64, 4
+kWsStepBlocks = kWsProducerWarps // kWsUnitTiles  # 32-column blocks per stage
+kWsStepCols = 32 * kWsStepBlocks
+kWsCoreCols = kWsStepCols // 8
+kWsSbo = kWsCoreCols * 128
+kWsABytes = kWsUnitTiles * 32 * kWsStepCols * 2
+kWsBBytes = kWsN * kWsStepCols * 2
 kWsStageBytes = kWsABytes + kWsBBytes
 
 
 def ws_desc(addr):
-    return ((addr >> 4) & 0x3FFF) | ((128 >> 4) << 16) | ((1024 >> 4) << 32)
+    return ((addr >> 4) & 0x3FFF) | ((128 >> 4) << 16) | ((kWsSbo >> 4) << 32)
 
 
 def unpack(desc):
@@ -82,7 +91,9 @@ def producer_store_A(mem_bytes, a_base, rt, kb, fr):
             for i in range(4):
                 r = rt * 32 + mr * 16 + (i & 1) * 8
                 c = kb * 32 + kc * 16 + (i >> 1) * 8
-                off = a_base + ((r >> 3) * 8 + (c >> 3)) * 128 + g * 16 + q * 4
+                off = (
+                    a_base + ((r >> 3) * kWsCoreCols + (c >> 3)) * 128 + g * 16 + q * 4
+                )
                 mem_bytes[off : off + 4] = np.frombuffer(
                     np.uint32(fr[lane, t, i]).tobytes(), np.uint8
                 )
@@ -90,11 +101,12 @@ def producer_store_A(mem_bytes, a_base, rt, kb, fr):
 
 def producer_stage_B(mem_bytes, b_addr, x_rows, rows, col0, k1, xrow_fn, N=64):
     """stage_x for all 256 producer threads (N = 32 or 64 batch rows)."""
-    for ptid in range(256):
-        for i in range(N * 8 // 256):
-            idx = ptid + i * 8 * 32
+    threads = kWsProducerWarps * 32
+    for ptid in range(threads):
+        for i in range(N * kWsCoreCols // threads):
+            idx = ptid + i * threads
             b, c = idx & (N - 1), idx // N
-            dst = b_addr + ((b >> 3) * 8 + c) * 128 + (b & 7) * 16
+            dst = b_addr + ((b >> 3) * kWsCoreCols + c) * 128 + (b & 7) * 16
             if b < rows and col0 + 8 * c < 32 * k1:
                 src = xrow_fn(b, col0 + 8 * c)  # 8 halfs
                 mem_bytes[dst : dst + 16] = np.frombuffer(src.tobytes(), np.uint8)
@@ -108,8 +120,10 @@ def consumer_step(mem_bytes, stage_base, acc, first, N=64):
     a_addr = stage_base
     b_addr = a_addr + kWsABytes
     for mt in range(2):
-        for kk in range(4):
-            A = read_operand(mem_u16, ws_desc(a_addr + (64 * mt + 2 * kk) * 128), 64)
+        for kk in range(kWsStepCols // 16):
+            A = read_operand(
+                mem_u16, ws_desc(a_addr + (8 * mt * kWsCoreCols + 2 * kk) * 128), 64
+            )
             B = read_operand(mem_u16, ws_desc(b_addr + 2 * kk * 128), N)
             with np.errstate(invalid="ignore", over="ignore"):
                 D = A.astype(np.float64) @ B.astype(np.float64).T
@@ -149,14 +163,16 @@ def epilogue(d, out_fn, tiles, rows, N=64):
 
 
 def part1():
-    W = rng.standard_normal((128, 64)).astype(np.float16)
-    X = rng.standard_normal((64, 64)).astype(np.float16)
+    W = rng.standard_normal((128, kWsStepCols)).astype(np.float16)
+    X = rng.standard_normal((64, kWsStepCols)).astype(np.float16)
     mem = np.full(kWsStageBytes, 0xFF, np.uint8)  # NaN everywhere first
-    for p in range(8):
-        rt, kb = p & 3, p >> 2
+    for p in range(kWsProducerWarps):
+        rt, kb = p % kWsUnitTiles, p // kWsUnitTiles
         blk = np.ascontiguousarray(W[rt * 32 : (rt + 1) * 32, kb * 32 : (kb + 1) * 32])
         producer_store_A(mem, 0, rt, kb, frag_words(blk))
-    producer_stage_B(mem, kWsABytes, X, 64, 0, 2, lambda b, c: X[b, c : c + 8])
+    producer_stage_B(
+        mem, kWsABytes, X, 64, 0, kWsStepBlocks, lambda b, c: X[b, c : c + 8]
+    )
     assert not np.isnan(mem.view(np.float16)).any(), "stage not fully written"
     acc = [None, None]
     consumer_step(mem, 0, acc, True)
@@ -179,7 +195,7 @@ def part1():
     )
     # Swapped LBO/SBO must fail (sanity of the read model).
     mem_u16 = mem.view(np.uint16)
-    bad = (0 >> 4) | ((1024 >> 4) << 16) | ((128 >> 4) << 32)
+    bad = (0 >> 4) | ((kWsSbo >> 4) << 16) | ((128 >> 4) << 32)
     A = read_operand(mem_u16, bad, 64)
     print(
         "part 1: swapped LBO/SBO reproduces W[0:64,0:16]?",
@@ -195,9 +211,16 @@ def part2(shard_tiles, nblk, rows, sms):
     n = nblk * 32
     What = rng.standard_normal((m, n)).astype(np.float16)
     xt = rng.standard_normal((shards, rows, n)).astype(np.float16)
-    # host plan, lines 307-329
+    # host plan (qtip_ws_partials): waves x unit clocks / splits + partials
     groups = sum((rb0[s + 1] - rb0[s] + 3) // 4 for s in range(shards))
-    splits = int(np.clip(sms // max(groups, 1), 1, max(1, nblk // 8)))
+    max_splits = max(1, nblk // (4 * kWsStepBlocks))
+    unit_clocks = kWsUnitTiles * 32.0 * n / 32.0
+    best, splits = None, 1
+    for sp in range(1, max_splits + 1):
+        waves = (groups * sp + sms - 1) // sms
+        t = waves * unit_clocks / sp + sp * rows * m * 8.0 / (sms * 20.0)
+        if best is None or t < best:
+            best, splits = t, sp
     unit0 = []
     units = 0
     for s in range(shards):
@@ -216,16 +239,16 @@ def part2(shard_tiles, nblk, rows, sms):
         tiles = min(4, rb0[shard + 1] - tile0)
         k0 = nblk * split // splits
         k1 = nblk * (split + 1) // splits
-        steps = (k1 - k0 + 1) // 2
+        steps = (k1 - k0 + kWsStepBlocks - 1) // kWsStepBlocks
         mem = np.full(kWsStages * kWsStageBytes, 0xFF, np.uint8)  # stale = NaN
         acc = [None, None]
         for j in range(steps):
             s = j % kWsStages
             base = s * kWsStageBytes
-            for p in range(8):
-                rt, kb = p & 3, p >> 2
+            for p in range(kWsProducerWarps):
+                rt, kb = p % kWsUnitTiles, p // kWsUnitTiles
                 has_rows = rt < tiles
-                blk = k0 + 2 * j + kb
+                blk = k0 + kWsStepBlocks * j + kb
                 mine = has_rows and blk < k1
                 if mine:
                     R = (tile0 + rt) * 32
@@ -238,7 +261,7 @@ def part2(shard_tiles, nblk, rows, sms):
                     fr = np.zeros((32, 4, 4), np.uint32)
                 if has_rows:
                     producer_store_A(mem, base, rt, kb, fr)
-            col0 = 32 * (k0 + 2 * j)
+            col0 = 32 * (k0 + kWsStepBlocks * j)
             producer_stage_B(
                 mem,
                 base + kWsABytes,
@@ -287,6 +310,8 @@ if __name__ == "__main__":
         ([4], 8, 17, 132),
         ([5, 2], 9, 32, 6),
         ([3], 5, 20, 1),
+        ([4], 37, 40, 3),
+        ([8, 3], 22, 64, 5),
     ]:
         ok &= part2(*cfg)
     print("ALL OK" if ok else "FAIL")
