@@ -62,6 +62,59 @@ def consumer(w, steps):
     yield ("wait", 0)
 
 
+def barrier_op(bars, blocked, errors, w, op, steps, seed):
+    """bar.sync / bar.arrive by one warp (32 threads): counts, generations,
+    waiters; records count mismatches, wrong generations and over-arrivals."""
+    kind, bid, cnt, intended = op
+    b = bars[bid]
+    if b.count == 0:
+        b.expected = cnt
+    elif b.expected != cnt:
+        errors.append(f"count mismatch bar {bid}")
+    if intended is not None and intended != b.gen:
+        errors.append(
+            f"steps={steps} seed={seed}: warp {w} {kind} bar {bid} "
+            f"intended gen {intended}, hardware gen {b.gen}"
+        )
+    b.count += 32
+    if kind == "sync":
+        b.waiting.append(w)
+        blocked.add(w)
+    if b.count == b.expected:
+        b.log.append(b.count)
+        for x in b.waiting:
+            blocked.discard(x)
+        b.waiting = []
+        b.count = 0
+        b.gen += 1
+    elif b.count > b.expected:
+        errors.append(f"over-arrival bar {bid}")
+
+
+def ops(warps, bars, rng, errors, steps, seed):
+    """Runs random runnable warps until all finish or none can run (a
+    deadlock, recorded): applies their bar.sync / bar.arrive and yields every
+    other operation as (warp, op)."""
+    blocked, done = set(), set()
+    while len(done) < len(warps):
+        runnable = [w for w in warps if w not in blocked and w not in done]
+        if not runnable:
+            errors.append(
+                f"DEADLOCK steps={steps} seed={seed}: blocked={sorted(blocked)}"
+            )
+            return
+        w = rng.choice(runnable)
+        try:
+            op = next(warps[w])
+        except StopIteration:
+            done.add(w)
+            continue
+        if op[0] in ("sync", "arrive"):
+            barrier_op(bars, blocked, errors, w, op, steps, seed)
+        else:
+            yield w, op
+
+
 def run(steps, seed):
     rng = random.Random(seed)
     bars = {i: Bar() for i in range(16)}
@@ -70,8 +123,6 @@ def run(steps, seed):
         warps[w] = consumer(w, steps)
     for w in range(NCONS, NCONS + NPROD):
         warps[w] = producer(w, steps)
-    blocked = set()
-    done = set()
     stage_tag = {(s, w): None for s in range(S) for w in range(NCONS, NCONS + NPROD)}
     # per consumer warp: pending (unretired) groups as list of (step, stage)
     pending = {w: [] for w in range(NCONS)}
@@ -84,46 +135,9 @@ def run(steps, seed):
     def unretired_reading(s):
         return [(w, g) for w in pending for g in pending[w] if g[1] == s]
 
-    while len(done) < len(warps):
-        runnable = [w for w in warps if w not in blocked and w not in done]
-        if not runnable:
-            errors.append(
-                f"DEADLOCK steps={steps} seed={seed}: blocked={sorted(blocked)}"
-            )
-            break
-        w = rng.choice(runnable)
-        try:
-            op = next(warps[w])
-        except StopIteration:
-            done.add(w)
-            continue
+    for w, op in ops(warps, bars, rng, errors, steps, seed):
         kind = op[0]
-        if kind in ("sync", "arrive"):
-            _, bid, cnt, intended = op
-            b = bars[bid]
-            if b.count == 0:
-                b.expected = cnt
-            elif b.expected != cnt:
-                errors.append(f"count mismatch bar {bid}")
-            if intended is not None and intended != b.gen:
-                errors.append(
-                    f"steps={steps} seed={seed}: warp {w} {kind} bar {bid} "
-                    f"intended gen {intended}, hardware gen {b.gen}"
-                )
-            b.count += 32
-            if kind == "sync":
-                b.waiting.append(w)
-                blocked.add(w)
-            if b.count == b.expected:
-                b.log.append(b.count)
-                for x in b.waiting:
-                    blocked.discard(x)
-                b.waiting = []
-                b.count = 0
-                b.gen += 1
-            elif b.count > b.expected:
-                errors.append(f"over-arrival bar {bid}")
-        elif kind == "write":
+        if kind == "write":
             _, s, j = op
             rd = unretired_reading(s)
             if rd:

@@ -39,7 +39,7 @@ def run(steps, seed):
     warps = {w: bs.consumer(w, steps) for w in range(bs.NCONS)}
     for w in range(bs.NCONS, bs.NCONS + bs.NPROD):
         warps[w] = producer_v2(w, steps)
-    blocked, done, errors = set(), set(), []
+    errors = []
     tagA = {}
     tagB = {}
     pend_wg = {w: [] for w in range(bs.NCONS)}
@@ -51,41 +51,9 @@ def run(steps, seed):
     def unretired(s):
         return [(w, g) for w in pend_wg for g in pend_wg[w] if g[1] == s]
 
-    while len(done) < len(warps):
-        run_ = [w for w in warps if w not in blocked and w not in done]
-        if not run_:
-            errors.append(f"DEADLOCK steps={steps} seed={seed}")
-            break
-        w = rng.choice(run_)
-        try:
-            op = next(warps[w])
-        except StopIteration:
-            done.add(w)
-            continue
+    for w, op in bs.ops(warps, bars, rng, errors, steps, seed):
         k = op[0]
-        if k in ("sync", "arrive"):
-            _, bid, cnt, intended = op
-            b = bars[bid]
-            if b.count == 0:
-                b.expected = cnt
-            elif b.expected != cnt:
-                errors.append("count mismatch")
-            if intended is not None and intended != b.gen:
-                errors.append(
-                    f"steps={steps} seed={seed}: warp {w} {k} bar {bid} gen {b.gen} != {intended}"
-                )
-            b.count += 32
-            if k == "sync":
-                b.waiting.append(w)
-                blocked.add(w)
-            if b.count == b.expected:
-                b.log.append(b.count)
-                for x in b.waiting:
-                    blocked.discard(x)
-                b.waiting = []
-                b.count = 0
-                b.gen += 1
-        elif k == "writeA":
+        if k == "writeA":
             _, s, j = op
             if unretired(s):
                 errors.append(
