@@ -336,6 +336,17 @@ __global__ void __launch_bounds__(kSyl16Threads)
 
 namespace {
 
+// Thread blocks of segment s (its len set): whole Hadamard blocks of b
+// columns, up to about `target` columns each (at least one block). Sets its
+// cta_cols and where the next segment's thread blocks start.
+void set_cta_cols(kernels::HadSegments& segs, int s, int64_t b,
+                  int64_t target) {
+  const int64_t len = segs.len[s];
+  const int64_t cta_cols = std::min(len / b, (target + b - 1) / b) * b;
+  segs.cta_cols[s] = (int)cta_cols;
+  segs.blk0[s + 1] = segs.blk0[s] + (int)((len + cta_cols - 1) / cta_cols);
+}
+
 // A per-column scale (n,); in_scale may also be (copies, n).
 void check_scale(const std::optional<Tensor>& s, const char* name,
                  const Tensor& x, bool allow_copies) {
@@ -497,19 +508,16 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
                     " must be a power of two >= 8");
     int log2P = 0;
     while ((int64_t{1} << log2P) < P) ++log2P;
-    // Powers of two: whole blocks up to kHadMinCtaCols columns per thread
-    // block (a 64-column block alone would leave 56 of 64 threads idle).
-    const int64_t per_cta =
-        K > 1 ? 1 : std::min(len / b, (kernels::kHadMinCtaCols + b - 1) / b);
-    const int64_t cta_cols = per_cta * b;
     segs.col[s] = (int)col;
     segs.len[s] = (int)len;
-    segs.cta_cols[s] = (int)cta_cols;
+    // With H_K one block per thread block; powers of two: whole blocks up to
+    // kHadMinCtaCols columns (a 64-column block alone would leave 56 of 64
+    // threads idle).
+    set_cta_cols(segs, s, b, K > 1 ? b : kernels::kHadMinCtaCols);
     segs.log2P[s] = log2P;
-    segs.blk0[s + 1] = segs.blk0[s] + (int)((len + cta_cols - 1) / cta_cols);
     segs.mult[s] = (float)(factor / std::sqrt((double)b));
     col += len;
-    max_cols = std::max(max_cols, cta_cols);
+    max_cols = std::max<int64_t>(max_cols, segs.cta_cols[s]);
     min_P = std::min(min_P, P);
   }
   STD_TORCH_CHECK(col == n, "qtip_hadamard: segment_sizes ",
@@ -594,19 +602,14 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
     first.out_scale = nullptr;
     int64_t cols = 0;
     for (int s = 0; s < segs.count; ++s) {
-      const int64_t P = int64_t{1} << segs.log2P[s], len = segs.len[s];
-      const int64_t cta_cols =
-          std::min(len / P, (kernels::kHadSylvesterCtaCols + P - 1) / P) * P;
-      first.segs.cta_cols[s] = (int)cta_cols;
-      first.segs.blk0[s + 1] =
-          first.segs.blk0[s] + (int)((len + cta_cols - 1) / cta_cols);
+      set_cta_cols(first.segs, s, int64_t{1} << segs.log2P[s],
+                   kernels::kHadSylvesterCtaCols);
       first.segs.mult[s] = 1.f;
-      cols = std::max(cols, cta_cols);
+      cols = std::max<int64_t>(cols, first.segs.cta_cols[s]);
     }
     sylvester = new_tensor({copies, rows, n}, ScalarType::Float, x);
     first.y = sylvester->data_ptr();
-    first.rchunk = 8;
-    first.p_splits = first.ksplit = 1;
+    first.p_splits = 1;  // (rchunk and ksplit: K = 1 reads neither)
     first.threads = (int)std::clamp<int64_t>((cols / 8 + 31) / 32 * 32, 64,
                                              kernels::kHadMaxThreads);
     first.smem = (int)(cols * 4);
