@@ -12,13 +12,16 @@
 //  * Persistent grid: one CTA per SM, which builds its 32-copy sign-folded
 //    LUT (128 KiB, one bank per lane: no conflicts) once, and again only
 //    when its work moves to another shard of a fused layer.
-//  * Work unit = (shard, group of up to kMmaWarps 32-row tiles, k-split).
-//    Each warp owns one 32-row tile and walks the unit's k range in 32x32
-//    trellis blocks: it decodes a block into four mma A fragments (W_hat
-//    rows = mma M) and multiplies them with every batch n8 tile of the
-//    pass (batch = mma N, up to 64 rows per pass), so a decoded weight
-//    serves all rows. Trellis words stream into a register ring kStages
-//    blocks deep (ld.global.cs).
+//  * Work unit = (shard, group of 32-row tiles, k-split). kq warps share a
+//    tile (kq = 1..16, so a unit has 16 / kq tiles): warp share j takes
+//    the unit's 32x32 trellis blocks j, j + kq, ... It decodes a block into
+//    four mma A fragments (W_hat rows = mma M) and multiplies them with
+//    every batch n8 tile of the pass (batch = mma N, up to 64 rows per
+//    pass), so a decoded weight serves all rows. The kq sums of a tile are
+//    added in shared memory, in share order, before one store: a unit then
+//    spans kq times the k range, and the same grid needs kq times fewer
+//    split-K partials for the output transform to read. Trellis words
+//    stream into a register ring kStages blocks deep (ld.global.cs).
 //  * Activations: the input transform writes x~ row-major (coalesced 16-byte
 //    stores); cp.async stages each batch row's k range of a chunk,
 //    double-buffered, in shared memory for the whole CTA (per 32-column
@@ -55,10 +58,23 @@ constexpr int kDecodeThreads = 256;
 // stack, outside the main loop); against 8 warps it took the GEMM at 64
 // rows from 50.6 to 40.6 us (4096x11008, H200).
 constexpr int kMmaWarps = 16;
+constexpr int kLog2MmaWarps = 4;
+static_assert(kMmaWarps == 1 << kLog2MmaWarps);
 // x~ staging in shared memory, per 32-column block: its 8 * nb batch rows of
 // 64 bytes, then 16 bytes of padding (one row's consecutive blocks then
 // start 4 banks apart, so cp.async's stores of a row use every bank).
 constexpr int stage_block_bytes(int nb) { return nb * 512 + 16; }
+// Staging slot of block i of a staged k range whose blocks are shared by
+// kq = 2^log2kq warps (warp share j takes blocks j, j + kq, ...): slot
+// (i % kq) * per_share + i / kq, so every share's blocks are consecutive
+// (its ring addresses stay constant offsets). kq = 1: slot i.
+struct BlockSlots {
+  int log2kq, per_share;
+  __device__ __forceinline__ int operator()(int i) const {
+    return (i & ((1 << log2kq) - 1)) * per_share + (i >> log2kq);
+  }
+};
+
 // Byte offset of row r, 16-byte piece p (columns 8p..8p+7) within a block:
 // the pieces of a row are XOR-swizzled by bits 1-2 of r, so the 8 row
 // addresses of an ldmatrix phase (rows r0..r0+7, one p) hit distinct banks.
@@ -82,7 +98,9 @@ struct MmaPlan {
   int unit0[kMaxShards + 1];  // first unit of shard s
   int rt0[kMaxShards];        // first 32-row tile of shard s (global)
   int row_tiles[kMaxShards];  // 32-row tiles of shard s
-  int groups[kMaxShards];     // row groups of shard s (kMmaWarps tiles each)
+  int groups[kMaxShards];     // row groups of shard s (16 / kq tiles each)
+  int log2kq;                 // kq = 2^log2kq warps share a tile's k range
+  int red_offset;  // kq > 1: byte offset in the staging area of the sums
 };
 
 // The input transform done by the GEMM itself, for one row whose Hadamard
@@ -123,24 +141,25 @@ __device__ void transform_row(const InputTransform& in, int s, int n,
 }
 
 // Group g (columns 8g..8g+7) of a staged k range of x~, as row 0 of its block
-// of a one-n8-tile staging buffer at xs.
-__device__ __forceinline__ void store_slice8(char* xs, int g,
+// (in slot(g / 4)) of a one-n8-tile staging buffer at xs.
+__device__ __forceinline__ void store_slice8(char* xs, BlockSlots slot, int g,
                                              const float (&v)[8]) {
-  store8(reinterpret_cast<__half*>(xs + (g >> 2) * stage_block_bytes(1) +
+  store8(reinterpret_cast<__half*>(xs + slot(g >> 2) * stage_block_bytes(1) +
                                    stage_offset(0, g & 3)),
          v);
 }
 
 // x~ = fp16(mult * X) of the columns [32 k0, 32 k1) as row 0 of the blocks
-// of a one-n8-tile staging buffer at xs (the other rows are never stored:
-// they only feed discarded batch columns). Ends with a barrier.
+// of a one-n8-tile staging buffer at xs, block k0 + i in slot(i) (the other
+// rows are never stored: they only feed discarded batch columns). Ends with
+// a barrier.
 __device__ void stage_row_slice(const float* X, float mult, int k0, int k1,
-                                char* xs) {
+                                char* xs, BlockSlots slot) {
   for (int g = threadIdx.x; g < (k1 - k0) * 4; g += blockDim.x) {
     float v[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = X[k0 * 32 + g * 8 + i] * mult;
-    store_slice8(xs, g, v);
+    store_slice8(xs, slot, g, v);
   }
   __syncthreads();
 }
@@ -178,7 +197,7 @@ __device__ void load_had_rows(const InputTransform& in, int k0, int k1,
 // bits every run). Ends with a barrier.
 __device__ void stage_row_slice_had(const InputTransform& in, const float* X,
                                     const float* Hs, float* partial, int k0,
-                                    int k1, char* xs) {
+                                    int k1, char* xs, BlockSlots slot) {
   const int P = 1 << in.log2P, K = in.hk;
   const HadRows rows = had_rows(k0, k1, in.log2P);
   const int cols = (k1 - k0) * 32, quads = cols / 4;
@@ -214,7 +233,7 @@ __device__ void stage_row_slice_had(const InputTransform& in, const float* X,
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] *= in.mult;
-    store_slice8(xs, g, v);
+    store_slice8(xs, slot, g, v);
   }
   __syncthreads();
 }
@@ -248,8 +267,10 @@ __device__ __forceinline__ void cp_async_wait_one() {
 // transform X (fp32), behind it the unit's k range of x~ as row 0 of a
 // staging tile and, with H_K, the unit's rows of H_K and the H_K step's
 // partial sums (the host checks that they fit; for H_K it may give the
-// launch more shared memory).
-template <int K, int NB, int kCopies, typename InT>
+// launch more shared memory). kShares: plan.log2kq > 0 (warp shares); the
+// kq = 1 kernels are instantiated apart, so none of the shares' index math
+// or reduction is in their code.
+template <int K, int NB, int kCopies, typename InT, bool kShares>
 __global__ void __launch_bounds__(kMmaWarps * 32, 1)
     qtip_mma_kernel(const uint8_t* __restrict__ trellis,
                     const __half* __restrict__ tlut,
@@ -275,6 +296,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
   // warp-uniform: the per-warp branches below then need no divergence
   // guards and the LUT base stays in a uniform register.
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  // Warp share kj of the tile tile_in_unit (see the file comment).
+  static_assert(!kShares || NB < 8, "NB = 8 takes kq = 1 (max_chunk_log2kq)");
+  const int log2kq = kShares ? plan.log2kq : 0, kq = 1 << log2kq;
+  const int log2tpu = kLog2MmaWarps - log2kq;
+  const int kj = (warp & (kMmaWarps - 1)) >> log2tpu;  // 0 when kq = 1
+  const int tile_in_unit = warp & ((1 << log2tpu) - 1);
   const int g = lane >> 2, q = lane & 3;
   const uint32_t lane_term = Lut::lane_term(lane);
   const uint32_t stage_addr =
@@ -300,14 +327,27 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
     const int local = u - plan.unit0[s];
     const int split = local / plan.groups[s];
     const int group = local % plan.groups[s];
-    const int tile = group * kMmaWarps + warp;  // this warp's row tile in s
+    const int tile = (group << log2tpu) + tile_in_unit;  // row tile in s
     const bool active = tile < plan.row_tiles[s];
     const int grt = plan.rt0[s] + tile;
     const int k0 = nblk * split / plan.splits;
     const int k1 = nblk * (split + 1) / plan.splits;
     const int nchunks = (k1 - k0 + chunk_blocks - 1) / chunk_blocks;
-    const uint8_t* wptr =
+    // This warp's blocks: k0 + kj + i * kq, i < nw.
+    const int nw = (k1 - k0 - kj + kq - 1) >> log2kq;
+    const uint8_t* wrow =
         trellis + ((size_t)grt * nblk) * Blk::kBytes + lane * Blk::kLaneBytes;
+    const uint8_t* wptr = wrow + (k0 + kj) * Blk::kBytes;
+    const int wstride = Blk::kBytes << log2kq;
+    auto block_ptr = [&](int i) {
+      // kq = 1: the address form of the kernel before warp shares (at
+      // NB = 8, on the 128-register cap, it keeps the main loop free of
+      // spills; nvcc 13.0).
+      if constexpr (!kShares)
+        return wrow + (size_t)(k0 + i) * Blk::kBytes;
+      else
+        return wptr + i * wstride;
+    };
     for (int pass = 0; pass < passes; ++pass) {
       const int nb0 = pass * NB;
       const int nbp = min(NB, nbt - nb0);
@@ -316,7 +356,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
       const int pass_rows = min(8 * NB, rows - nb0 * 8);
       const uint4* xs = xt + ((size_t)s * rows + nb0 * 8) * row_vecs;
       // Stages chunk c of this pass into buffer c & 1 (all threads): each
-      // row's 16-byte vectors of the chunk, consecutive in x~ (coalesced).
+      // row's 16-byte vectors of the chunk, consecutive in x~ (coalesced),
+      // block i of the chunk in slot(i).
+      const int chunk_share = chunk_blocks >> log2kq;  // blocks per share
+      const BlockSlots chunk_slot{log2kq, chunk_share};
       auto stage_chunk = [&](int c) {
         const int cb0 = k0 + c * chunk_blocks;
         const int ncb = min(chunk_blocks, k1 - cb0);
@@ -328,8 +371,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         const int drow = kThreads / vecs, dv = kThreads % vecs;
         int row = tid / vecs, v = tid % vecs;
         while (row < pass_rows) {
-          cp_async16(base + (v >> 2) * kBlockBytes + stage_offset(row, v),
-                     xs + (size_t)row * row_vecs + cb0 * 4 + v);
+          cp_async16(
+              base + chunk_slot(v >> 2) * kBlockBytes + stage_offset(row, v),
+              xs + (size_t)row * row_vecs + cb0 * 4 + v);
           row += drow;
           v += dv;
           if (v >= vecs) {
@@ -339,14 +383,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         }
       };
 
-      // Trellis ring: blocks k0 .. k0 + kStagesNB - 1.
+      // Trellis ring: this warp's blocks 0 .. kStagesNB - 1.
       constexpr int kStagesNB = ring_depth(NB);
       uint32_t w[kStagesNB][K];
       if (active) {
 #pragma unroll
         for (int st = 0; st < kStagesNB; ++st)
-          if (k0 + st < k1)
-            load_lane<K>(wptr + (size_t)(k0 + st) * Blk::kBytes, w[st]);
+          if (st < nw) load_lane<K>(block_ptr(st), w[st]);
       }
       if constexpr (kOwnInput) {
         // This unit's rows of H_K, into free staging space (as below).
@@ -376,20 +419,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[mr][nb][i] = 0.f;
 
-      // Multiplies blocks [cs, ce) with the staged x~ blocks from shared
-      // address xb (block cs) on.
-      auto run_range = [&](const int cs, const int ce, const uint32_t xb) {
+      // Multiplies this warp's blocks [i0, i1) with the staged x~ blocks
+      // from shared address xb (block i0) on.
+      auto run_range = [&](const int i0, const int i1, const uint32_t xb) {
         // Block cb (ring slot st): decode, refill the slot, multiply with
         // all NB tiles. Tiles past nbp and rows past the batch read stale
         // staging data: they only feed batch columns never stored, and
         // with no per-tile branch the MMAs of a block (and the decode of
         // the next) form one basic block the compiler can interleave.
         // bp: this lane's ldmatrix address in the block's n8 tile 0.
-        auto step = [&](const int st, const int cb, const uint32_t bp) {
+        auto step = [&](const int st, const int i, const uint32_t bp) {
           uint32_t frag[4][4];
           decode_block<K, kCopies>(w[st], lut, lane_term, lane, frag);
-          if (cb + kStagesNB < k1)
-            load_lane<K>(wptr + (size_t)(cb + kStagesNB) * Blk::kBytes, w[st]);
+          if (i + kStagesNB < nw) load_lane<K>(block_ptr(i + kStagesNB), w[st]);
           uint32_t b[NB][4];
 #pragma unroll
           for (int nb = 0; nb < NB; ++nb) ldmatrix_x4(bp + nb * 512, b[nb]);
@@ -408,22 +450,22 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
           }
         };
         if (!active) return;
-        // cs is a ring-slot-0 block (k0, or a chunk start: chunk_blocks is
-        // a multiple of the ring depth), so the ring index stays a constant.
+        // i0 is a ring-slot-0 block (0, or a chunk start: chunk_share is a
+        // multiple of the ring depth), so the ring index stays a constant.
         // Whole rings first (no per-block check), then the last partial one.
         // One address per ring, constant offsets within it.
-        int base = cs;
+        int base = i0;
         uint32_t ring = xb + lane_offset;
-        for (; base + kStagesNB <= ce;
+        for (; base + kStagesNB <= i1;
              base += kStagesNB, ring += kStagesNB * kBlockBytes) {
 #pragma unroll
           for (int st = 0; st < kStagesNB; ++st)
             step(st, base + st, ring + st * kBlockBytes);
         }
-        if (base < ce) {
+        if (base < i1) {
 #pragma unroll
           for (int st = 0; st < kStagesNB; ++st)
-            if (base + st < ce)  // warp-uniform
+            if (base + st < i1)  // warp-uniform
               step(st, base + st, ring + st * kBlockBytes);
         }
       };
@@ -433,6 +475,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
         float* X = reinterpret_cast<float*>(stage);
         const int n = nblk * 32;
         const int slice = n * 4;  // behind X: k1 - k0 staged blocks
+        const BlockSlots slot{log2kq, (k1 - k0 + kq - 1) >> log2kq};
         if (s * plan.splits + split != x_unit) {
           if (s != x_shard) {
             transform_row<InT>(in, s, n, X);  // its barriers publish Hs too
@@ -442,12 +485,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
           }
           if (in.hk > 1)
             stage_row_slice_had(in, X, X + in.had_offset, X + in.partial_offset,
-                                k0, k1, stage + slice);
+                                k0, k1, stage + slice, slot);
           else
-            stage_row_slice(X, in.mult, k0, k1, stage + slice);
+            stage_row_slice(X, in.mult, k0, k1, stage + slice, slot);
           x_unit = s * plan.splits + split;
         }
-        run_range(k0, k1, stage_addr + slice);
+        run_range(0, nw,
+                  stage_addr + slice + kj * slot.per_share * kBlockBytes);
         __syncthreads();  // the next unit may rewrite the slice and X
       } else {
         stage_chunk(0);
@@ -457,16 +501,50 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
           cp_async_commit();
           cp_async_wait_one();
           __syncthreads();
-          const int cs = k0 + c * chunk_blocks;
-          run_range(cs, min(k1, cs + chunk_blocks),
-                    stage_addr + (c & 1) * buf_bytes);
+          const int i0 = c * chunk_share;
+          run_range(i0, min(nw, i0 + chunk_share),
+                    stage_addr + (c & 1) * buf_bytes +
+                        kj * chunk_share * kBlockBytes);
           __syncthreads();
+        }
+      }
+
+      if (kq > 1) {
+        // The tile's kq partial sums meet in shared memory (lane-minor: no
+        // bank conflicts) behind the staging data, which every warp is done
+        // with (the barrier above); share 0 adds them in share order, so
+        // the same input gives the same bits on every run.
+        constexpr int kAcc = 2 * NB * 4;
+        float* red = reinterpret_cast<float*>(stage + plan.red_offset) + lane;
+        auto red_at = [&](int share, int e) -> float& {
+          const int slot = ((share - 1) << log2tpu) | tile_in_unit;
+          return red[(slot * kAcc + e) * 32];
+        };
+        if (active && kj > 0) {
+#pragma unroll
+          for (int mr = 0; mr < 2; ++mr)
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+              for (int i = 0; i < 4; ++i)
+                red_at(kj, (mr * NB + nb) * 4 + i) = acc[mr][nb][i];
+        }
+        __syncthreads();
+        if (active && kj == 0) {
+          for (int share = 1; share < kq; ++share)
+#pragma unroll
+            for (int mr = 0; mr < 2; ++mr)
+#pragma unroll
+              for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                  acc[mr][nb][i] += red_at(share, (mr * NB + nb) * 4 + i);
         }
       }
 
       // C fragment: c0 (row g, col 2q), c1 (g, 2q+1), c2 (g+8, 2q),
       // c3 (g+8, 2q+1); rows are W_hat rows, columns batch rows.
-      if (active) {
+      if (active && kj == 0) {
         float* dst = part + (size_t)split * rows * m + (size_t)grt * 32 +
                      (size_t)(nb0 * 8 + 2 * q) * m + g;
         // A pass whose NB tiles hold only real batch rows stores without
@@ -484,6 +562,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
                     acc[mr][nb][i];
             }
       }
+      // The sums lie in the staging buffers, which the next pass or unit
+      // refills at once (own input keeps them apart: see own_input_staging).
+      if (!kOwnInput && kq > 1) __syncthreads();
     }
   }
 }
@@ -675,55 +756,94 @@ MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
   return c;
 }
 
-// Splits of the k dimension: enough units to fill the SMs, weighed against
-// what each split adds. A cost model in SM clocks: decode ~32 weights/clk/SM
-// or the tensor cores' ~1024 FMA/clk (mma.sync), whichever bounds; per unit
-// its x~ staging at ~20 bytes/clk; the partial sums written and re-read at
-// ~20 bytes/clk/SM; and their reads by the output transform, which at a few
-// rows has one CTA per row and shard reading all of that row's splits at
-// ~60 bytes/clk (H200, 4096 columns: ~0.14 us per split).
+// Bytes of the kq > 1 partial sums in shared memory: every warp share but
+// the first, 2 * nb * 4 floats per lane.
+int red_bytes(int log2kq, int nb) {
+  const int shares = (1 << log2kq) - 1;
+  return shares * (kMmaWarps >> log2kq) * 32 * 2 * nb * 4 * 4;
+}
+
+// The largest log2(kq) the chunked staging allows: each share's part of a
+// chunk is whole rings, and the sums fit the staging buffers they reuse.
+// NB = 8 takes kq = 1 (its chunks are too short for two shares on every
+// GPU; the kernel relies on it).
+int max_chunk_log2kq(const MmaConfig& c) {
+  int log2kq = 0;
+  while (c.nb < 8 && log2kq < kLog2MmaWarps &&
+         c.chunk_blocks % ((2 << log2kq) * ring_depth(c.nb)) == 0 &&
+         red_bytes(log2kq + 1, c.nb) <= stage_bytes(c.nb, c.chunk_blocks))
+    ++log2kq;
+  return log2kq;
+}
+
+// Warp shares per tile (kq) and splits of the k dimension: enough units to
+// fill the SMs, weighed against what each split adds. A cost model in SM
+// clocks: decode ~32 weights/clk/SM or the tensor cores' ~1024 FMA/clk
+// (mma.sync), whichever bounds; per unit its x~ staging at ~20 bytes/clk;
+// the partial sums written and re-read at ~20 bytes/clk/SM; and their reads
+// by the output transform, which at a few rows has one CTA per row and
+// shard reading all of that row's splits at ~60 bytes/clk (H200, 4096
+// columns: ~0.14 us per split). Warp shares (kq > 1) only in plans of one
+// wave: every unit first fills its trellis ring (~1 us of HBM latency), and
+// kq = 8 or 16 plans of several waves of small units measured 20-55% slower
+// than kq = 1 on the H200; and only with a split of k: a unit of the whole
+// row (kq = 2 or 4, Llama-3.1 gate_up and 14336x4096 at 2 rows) measured
+// 3-9% slower than kq = 1 though the model prices it lower. Ties go to the
+// smaller kq.
+
 MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
-                 int64_t nbt, int sms) {
+                 int64_t nbt, int sms, int max_log2kq) {
   MmaPlan p{};
   p.shards = shards.count;
-  int64_t groups = 0;
+  const int64_t m = (int64_t)shards.rb0[shards.count] * 32;
+  const double rate = std::min(32.0, 1024.0 / (double)(nbt * 8));
+  const double out_ctas =
+      (double)std::clamp<int64_t>(rows * shards.count, 1, sms);
+  double best = 0;
+  int best_splits = 1, best_log2kq = 0;
+  int64_t best_groups = 0;
+  for (int log2kq = 0; log2kq <= max_log2kq; ++log2kq) {
+    const int64_t tpu = kMmaWarps >> log2kq;  // tiles per unit
+    int64_t groups = 0;
+    for (int s = 0; s < shards.count; ++s)
+      groups += (shards.rb0[s + 1] - shards.rb0[s] + tpu - 1) / tpu;
+    const double unit_weights = (double)tpu * 32 * nblk * 32;
+    const double unit_x_bytes = (double)rows * nblk * 32 * 2;
+    const int64_t max_splits =
+        std::max<int64_t>(1, nblk / ((int64_t)kStages << log2kq));
+    for (int64_t s = log2kq > 0 ? 2 : 1; s <= max_splits; ++s) {
+      const int64_t waves = (groups * s + sms - 1) / sms;
+      if (log2kq > 0 && waves > 1) break;
+      const double t = (double)waves *
+                           (unit_weights / rate + unit_x_bytes / 20.0) /
+                           (double)s +
+                       (double)s * rows * m * 8.0 / ((double)sms * 20.0) +
+                       (double)s * rows * m * 4.0 / (out_ctas * 60.0);
+      if (best_groups == 0 || t < best) {
+        best = t;
+        best_splits = (int)s;
+        best_log2kq = log2kq;
+        best_groups = groups;
+      }
+    }
+  }
+  // The kernel resolves units and splits, and a warp's trellis offsets
+  // within a row (up to nblk + 8 * kMmaWarps blocks of <= 512 bytes), in
+  // 32-bit arithmetic.
+  STD_TORCH_CHECK(best_groups * best_splits * sms < INT32_MAX &&
+                      nblk * best_splits < INT32_MAX &&
+                      (nblk + 8 * kMmaWarps) * 512 < INT32_MAX,
+                  "qtip_gemm: ", m, " x ", nblk * 32,
+                  " is too large for the fused GEMM's 32-bit work units");
+  const int64_t tpu = kMmaWarps >> best_log2kq;
+  p.log2kq = best_log2kq;
+  p.splits = best_splits;
+  p.units = (int)(best_groups * best_splits);
+  int u = 0;
   for (int s = 0; s < shards.count; ++s) {
     p.rt0[s] = shards.rb0[s];
     p.row_tiles[s] = shards.rb0[s + 1] - shards.rb0[s];
-    p.groups[s] = (p.row_tiles[s] + kMmaWarps - 1) / kMmaWarps;
-    groups += p.groups[s];
-  }
-  const int64_t m = (int64_t)shards.rb0[shards.count] * 32;
-  const double rate = std::min(32.0, 1024.0 / (double)(nbt * 8));
-  const double unit_weights = (double)kMmaWarps * 32 * nblk * 32;
-  const double unit_x_bytes = (double)rows * nblk * 32 * 2;
-  const double out_ctas =
-      (double)std::clamp<int64_t>(rows * shards.count, 1, sms);
-  const int64_t max_splits = std::max<int64_t>(1, nblk / kStages);
-  double best = 0;
-  int best_splits = 1;
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    const int64_t units = groups * s;
-    const int64_t waves = (units + sms - 1) / sms;
-    const double t = (double)waves *
-                         (unit_weights / rate + unit_x_bytes / 20.0) /
-                         (double)s +
-                     (double)s * rows * m * 8.0 / ((double)sms * 20.0) +
-                     (double)s * rows * m * 4.0 / (out_ctas * 60.0);
-    if (s == 1 || t < best) {
-      best = t;
-      best_splits = (int)s;
-    }
-  }
-  // The kernel resolves units and splits in 32-bit arithmetic.
-  STD_TORCH_CHECK(
-      groups * best_splits * sms < INT32_MAX && nblk * best_splits < INT32_MAX,
-      "qtip_gemm: ", m, " x ", nblk * 32,
-      " is too large for the fused GEMM's 32-bit work units");
-  p.splits = best_splits;
-  p.units = (int)(groups * best_splits);
-  int u = 0;
-  for (int s = 0; s < shards.count; ++s) {
+    p.groups[s] = (int)((p.row_tiles[s] + tpu - 1) / tpu);
     p.unit0[s] = u;
     u += p.groups[s] * best_splits;
   }
@@ -744,9 +864,9 @@ struct MmaArgs {
   InputTransform in;  // in.x == nullptr: x~ is already in xt
 };
 
-template <int K, int NB, int kCopies, typename InT>
+template <int K, int NB, int kCopies, typename InT, bool kShares>
 void launch_mma(const MmaArgs& a, cudaStream_t stream) {
-  auto kernel = qtip_mma_kernel<K, NB, kCopies, InT>;
+  auto kernel = qtip_mma_kernel<K, NB, kCopies, InT, kShares>;
   static DeviceFlags smem_set;
   ensure_max_dynamic_smem(kernel, smem_set);
   launch_dependent(kernel, dim3(a.grid), dim3(kMmaWarps * 32), a.config.smem,
@@ -755,22 +875,31 @@ void launch_mma(const MmaArgs& a, cudaStream_t stream) {
 }
 
 // in_dtype: the activation dtype when the kernel transforms x itself.
+template <int K, int kCopies, int NB, typename InT>
+void dispatch_shares(const MmaArgs& a, cudaStream_t stream) {
+  if constexpr (NB < 8) {
+    if (a.plan.log2kq > 0)
+      return launch_mma<K, NB, kCopies, InT, true>(a, stream);
+  }
+  launch_mma<K, NB, kCopies, InT, false>(a, stream);
+}
+
 template <int K, int kCopies>
 void dispatch_nb(const MmaArgs& a, std::optional<ScalarType> in_dtype,
                  cudaStream_t stream) {
   if (in_dtype == ScalarType::Half)
-    return launch_mma<K, 1, kCopies, __half>(a, stream);
+    return dispatch_shares<K, kCopies, 1, __half>(a, stream);
   if (in_dtype == ScalarType::BFloat16)
-    return launch_mma<K, 1, kCopies, __nv_bfloat16>(a, stream);
+    return dispatch_shares<K, kCopies, 1, __nv_bfloat16>(a, stream);
   switch (a.config.nb) {
     case 1:
-      return launch_mma<K, 1, kCopies, void>(a, stream);
+      return dispatch_shares<K, kCopies, 1, void>(a, stream);
     case 2:
-      return launch_mma<K, 2, kCopies, void>(a, stream);
+      return dispatch_shares<K, kCopies, 2, void>(a, stream);
     case 4:
-      return launch_mma<K, 4, kCopies, void>(a, stream);
+      return dispatch_shares<K, kCopies, 4, void>(a, stream);
     default:
-      return launch_mma<K, 8, kCopies, void>(a, stream);
+      return dispatch_shares<K, kCopies, 8, void>(a, stream);
   }
 }
 
@@ -802,15 +931,18 @@ namespace {
 
 // Bytes of the staging buffers that the kernel's own input transform uses:
 // X (n fp32), behind it the widest unit's x~ tile (row 0 of its blocks of
-// stage_block_bytes(1), padding included) and, with H_K, the unit's rows of
-// H_K (for the unit that needs the most) and the H_K step's partial sums
-// (ksplit * quads <= threads, or one per column with ksplit = 1). Sets in's
-// offsets.
-int64_t own_input_staging(InputTransform& in, int64_t n, int64_t splits) {
-  const int64_t nblk = n / 32;
+// stage_block_bytes(1), padding included, each warp share's blocks rounded
+// up to the same count) and, with H_K, the unit's rows of H_K (for the unit
+// that needs the most) and the H_K step's partial sums (ksplit * quads <=
+// threads, or one per column with ksplit = 1); with kq > 1 last the warp
+// shares' sums (apart from the rest: X and the slice outlive the unit).
+// Sets in's and plan's offsets.
+int64_t own_input_staging(InputTransform& in, MmaPlan& plan, int64_t n) {
+  const int64_t nblk = n / 32, splits = plan.splits;
+  const int64_t kq = int64_t{1} << plan.log2kq;
   const int64_t widest = (nblk + splits - 1) / splits;
   static_assert(stage_block_bytes(1) % 16 == 0, "H_K rows 16-byte aligned");
-  int64_t floats = n + widest * (stage_block_bytes(1) / 4);
+  int64_t floats = n + (widest + kq - 1) / kq * kq * (stage_block_bytes(1) / 4);
   if (in.hk > 1) {
     int64_t rows = 0;
     for (int64_t sp = 0; sp < splits; ++sp) {
@@ -823,6 +955,8 @@ int64_t own_input_staging(InputTransform& in, int64_t n, int64_t splits) {
     in.partial_offset = (int)floats;
     floats += std::max<int64_t>(4 * kMmaWarps * 32, widest * 32);
   }
+  plan.red_offset = (int)(floats * 4);
+  if (plan.log2kq > 0) floats += red_bytes(plan.log2kq, 1) / 4;
   return floats * 4;
 }
 
@@ -843,11 +977,21 @@ std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
   MmaArgs a{};
   a.config = mma_config(*prop, nbt);
   const int sms = prop->multiProcessorCount;
-  a.plan = mma_plan(shards, s.n / 32, rows, nbt, sms);
+  // Own input with H_K: the H_K step of a unit's columns is the CTA's own
+  // work, so warp shares (kq times the columns per unit) would multiply it.
+  const int max_log2kq = in == nullptr ? max_chunk_log2kq(a.config)
+                         : in->hk > 1  ? 0
+                                       : kLog2MmaWarps;
+  a.plan = mma_plan(shards, s.n / 32, rows, nbt, sms, max_log2kq);
   if (in != nullptr) {
     a.in = *in;
     const int64_t staging = stage_bytes(a.config.nb, a.config.chunk_blocks);
-    const int64_t need = own_input_staging(a.in, s.n, a.plan.splits);
+    int64_t need = own_input_staging(a.in, a.plan, s.n);
+    while (need > staging && a.plan.log2kq > 0) {
+      // With fewer warp shares the unit's x~ and the sums may fit.
+      a.plan = mma_plan(shards, s.n / 32, rows, nbt, sms, a.plan.log2kq - 1);
+      need = own_input_staging(a.in, a.plan, s.n);
+    }
     if (need > staging) {
       // With H_K (e.g. n = 14336) the launch may take more shared memory.
       if (a.in.hk == 1 || a.config.smem + need - staging >

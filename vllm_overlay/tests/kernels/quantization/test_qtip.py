@@ -210,12 +210,14 @@ def test_block_diagonal_linear():
     "shard_rows, n, out_blocks",
     [
         ([4096, 1024, 1024], 4096, None),  # Llama-3 q/k/v (GQA)
+        # Llama-2 q/k/v: at one row 8 warps share each row tile's k range.
+        ([4096, 4096, 4096], 4096, None),
         ([11008, 11008], 4096, None),  # Llama-2 gate/up (K=172 output)
         ([512, 128, 128], 576, [64, 16, 16]),  # TP-split blocks per shard
         # 15 row tiles per shard (H_60 output): partial work units.
         ([480, 480], 576, None),
     ],
-    ids=["qkv-gqa", "gate-up", "blocks", "odd-tiles"],
+    ids=["qkv-gqa", "qkv", "gate-up", "blocks", "odd-tiles"],
 )
 @pytest.mark.parametrize("batch", [1, 16, QTIP_DENSE_MIN_ROWS])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
