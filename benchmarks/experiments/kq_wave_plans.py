@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """The fused GEMM's (splits, kq) plans on an H200 (132 SMs, 227 KiB of shared
-memory per block), as main's `mma_plan` (kq = 1), the twelfth session's
-`kq-wave` (a ring-fill term per wave) and `exp/kq-wave` now (warp shares only
-in one-wave plans), for the benchmark's layers at 1-127 rows: a Python copy of
-`mma_config`, `max_chunk_log2kq`, `mma_plan` and (one row, own input, K = 1)
-`run_mma`'s re-planning until the staging fits (the twelfth session's kq-wave
-went straight to kq = 1 there; the column shows the current branch's steps)."""
+memory per block): "kq1" is `mma_plan` before warp shares, "kq-wave" the
+twelfth session's (a ring-fill term per wave), "main" the one landed in
+0e0978a (warp shares only in one-wave plans with a split of k); for the
+benchmark's layers at 1-127 rows. A Python copy of `mma_config`,
+`max_chunk_log2kq`, `mma_plan` and (one row, own input, K = 1) `run_mma`'s
+re-planning, one warp-share level at a time, until the staging fits."""
 
 SMS = 132
 LIMIT = 232448
@@ -72,6 +72,8 @@ def plan(shard_tiles, nblk, rows, maxl, mode):
             waves = (groups * s + SMS - 1) // SMS
             if mode == "new" and lq > 0 and waves > 1:
                 break
+            if mode == "new" and lq > 0 and s < 2:
+                continue  # a warp share only with a split of k
             fill = 2000 if mode == "kqwave" else 0
             t = (
                 waves * ((uw / rate + ux / 20.0) / s + fill)
@@ -131,9 +133,9 @@ for name, (tiles, n, hk) in layers.items():
         mark = (
             ""
             if (r[2][1], r[2][2]) == (r[0][1], r[0][2])
-            else "  <-- new differs from main"
+            else "  <-- main differs from kq1"
         )
         print(
-            f"{name:<12} b{rows:<4} main {tag(r[0]):<16} kq-wave {tag(r[1]):<16} "
-            f"new {tag(r[2]):<16}{mark}"
+            f"{name:<12} b{rows:<4} kq1 {tag(r[0]):<16} kq-wave {tag(r[1]):<16} "
+            f"main {tag(r[2]):<16}{mark}"
         )
