@@ -25,7 +25,10 @@ import random
 import sys
 
 # WS_PRODUCERS=8: exp/ws-wgmma (4 stages); 16 (default): exp/ws-wgmma16 (3).
+# WS_RELEASE=now: exp/ws-wgmma16-early (the consumer waits for its own
+# wgmmas, wait_group 0, and hands the stage back in the same step).
 NPROD, NCONS = int(os.environ.get("WS_PRODUCERS", "16")), 4  # warps
+RELEASE_NOW = os.environ.get("WS_RELEASE") == "now"
 S = 4 if NPROD == 8 else 3  # kWsStages
 FULL, EMPTY, LUT = 1, 1 + S, 1 + 2 * S
 ALL = 32 * (NPROD + NCONS)
@@ -56,6 +59,11 @@ def consumer(w, steps):
         s = j % S
         yield ("sync", FULL + s, ALL, j // S)
         yield ("issue", s, j)  # wgmma.fence, 8 wgmma, commit_group
+        if RELEASE_NOW:
+            yield ("wait", 0)  # wgmma.wait_group 0
+            if j + S < steps:
+                yield ("arrive", EMPTY + s, ALL, j // S)
+            continue
         yield ("wait", 1)  # wgmma.wait_group 1
         if j >= 1 and j - 1 + S < steps:
             yield ("arrive", EMPTY + (j - 1) % S, ALL, (j - 1) // S)
