@@ -520,25 +520,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
           const int slot = ((share - 1) << log2tpu) | tile_in_unit;
           return red[(slot * kAcc + e) * 32];
         };
+        float* sums = &acc[0][0][0];  // e = (mr * NB + nb) * 4 + i
         if (active && kj > 0) {
 #pragma unroll
-          for (int mr = 0; mr < 2; ++mr)
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-              for (int i = 0; i < 4; ++i)
-                red_at(kj, (mr * NB + nb) * 4 + i) = acc[mr][nb][i];
+          for (int e = 0; e < kAcc; ++e) red_at(kj, e) = sums[e];
         }
         __syncthreads();
         if (active && kj == 0) {
           for (int share = 1; share < kq; ++share)
 #pragma unroll
-            for (int mr = 0; mr < 2; ++mr)
-#pragma unroll
-              for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-                  acc[mr][nb][i] += red_at(share, (mr * NB + nb) * 4 + i);
+            for (int e = 0; e < kAcc; ++e) sums[e] += red_at(share, e);
         }
       }
 
