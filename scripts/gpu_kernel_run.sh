@@ -8,9 +8,10 @@
 # hyb_decode_bench.cu): scripts/gpu_prepare.sh --kernels puts them there.
 #   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [variants] [quantize]
 # variants: for each patch in VARIANTS (default .gpu/exp/*.patch, e.g. the
-# ones of benchmarks/experiments/): apply, build, kernel tests, bench, then
-# revert; each variant's logs in $OUT/variants.tgz. Run it after build/bench
-# so the tree's own kernels are the baseline.
+# ones of benchmarks/experiments/): apply, build, kernel tests, bench, the
+# comparison with the baseline (scripts/compare_kernels.py), then revert;
+# each variant's logs in $OUT/variants.tgz. Run it after build/bench so the
+# tree's own kernels are the baseline.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/qtip-out}
@@ -162,6 +163,10 @@ step_variants() {
     OUT=$base/$name step_tests
     cp "$base/decode_ceiling.log" "$base/$name/" 2>/dev/null
     OUT=$base/$name step_bench | grep "^|" | head -60
+    # Against the baseline of this call, raw and against the fp16 GEMM
+    # timed next to each layer (the GPU drifts within a call).
+    [ -f "$base/kernels_h200.json" ] && python3 scripts/compare_kernels.py \
+      "$base/kernels_h200.json" "$base/$name/kernels_h200.json" | tee "$base/$name/compare.log"
     patch -p1 -R < "$patch" > /dev/null
   done
   [ ${#names[@]} -gt 0 ] && tar czf "$base/variants.tgz" -C "$base" "${names[@]}" &&
