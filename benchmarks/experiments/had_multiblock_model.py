@@ -1,9 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Numpy model of `exp/had-multiblock`: `qtip_hadamard`'s host plan for H_K
-transforms (K > 1) with narrow blocks grouped per thread block
-(kHadHkMinCols), and the kernel's H_K step index math (`col_base`, both the
-8 x 2 register-tile path and the k-split path, and the presummed load of the
-two-launch path), on an H200 (132 SMs, 227 KiB of shared memory per block).
+transforms (K > 1) with narrow blocks grouped per thread block (kHadHkMinCols,
+from kHadHkGroupMinRows rows on), and the kernel's H_K step index math
+(`col_base`, both the 8 x 2 register-tile path and the k-split path, and the
+presummed load of the two-launch path), on an H200 (132 SMs, 227 KiB of
+shared memory per block). An independent thread-level emulator (fourteenth
+session's review, 39,672 layouts incl. splits, copies, transpose and the first
+launch, shared memory filled with NaN) agreed.
 
 For every layout it checks, per row: each output written exactly once, equal
 to H_K applied to its block's (K, P) values (as float64 sums, so only the
@@ -16,11 +19,13 @@ import numpy as np
 SMS, SMEM = 132, 232448
 MAX_THREADS, MIN_CTA_COLS, MAX_ROW_CHUNKS = 1024, 2048, 4
 TWO_MAX_ROWS, TWO_MAX_K, SYL_CTA_COLS, HK_MIN_COLS = 32, 32, 512, 64
+GROUP_MIN_ROWS = 8
 
 
 def plan(segments, K, rows, copies=1):
     """segments: [(len, block)]; the host code of qtip_hadamard (K > 1)."""
-    hk_target = K * HK_MIN_COLS if (K * HK_MIN_COLS + 8 * K) * 4 <= SMEM else 0
+    fits = (K * HK_MIN_COLS + 8 * K) * 4 <= SMEM
+    hk_target = K * HK_MIN_COLS if copies * rows >= GROUP_MIN_ROWS and fits else 0
     segs, max_cols, min_P = [], 0, 1 << 30
     for length, b in segments:
         target = max(b, hk_target)
@@ -144,13 +149,13 @@ layouts = [
 for name, segments, K in layouts:
     H = rng.standard_normal((K, K))
     n = sum(length for length, _ in segments)
-    for rows in (1, 2, 16, 32, 64, 300):
+    for rows in (1, 2, 8, 16, 32, 64, 300):
         p = plan(segments, K, rows)
         xrow = rng.standard_normal(n)
         y, written = run_row(p, K, H, xrow)
         assert (written == 1).all(), (name, rows, np.unique(written))
         assert np.allclose(y, reference(segments, K, H, xrow)), (name, rows)
-        if rows in (1, 64):
+        if rows in (1, 16, 64):
             groups = [f"{seg[3] // seg[1]}" for seg in p["segs"]]
             print(
                 f"{name:<42} rows {rows:<4} blocks/CTA {','.join(groups):<6} "
