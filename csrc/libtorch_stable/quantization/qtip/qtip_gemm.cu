@@ -790,6 +790,7 @@ MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
   const double rate = std::min(32.0, 1024.0 / (double)(nbt * 8));
   const double out_ctas =
       (double)std::clamp<int64_t>(rows * shards.count, 1, sms);
+  const double unit_x_bytes = (double)rows * nblk * 32 * 2;
   double best = 0;
   int best_splits = 1, best_log2kq = 0;
   int64_t best_groups = 0;
@@ -799,7 +800,6 @@ MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
     for (int s = 0; s < shards.count; ++s)
       groups += (shards.rb0[s + 1] - shards.rb0[s] + tpu - 1) / tpu;
     const double unit_weights = (double)tpu * 32 * nblk * 32;
-    const double unit_x_bytes = (double)rows * nblk * 32 * 2;
     const int64_t max_splits =
         std::max<int64_t>(1, nblk / ((int64_t)kStages << log2kq));
     for (int64_t s = log2kq > 0 ? 2 : 1; s <= max_splits; ++s) {
