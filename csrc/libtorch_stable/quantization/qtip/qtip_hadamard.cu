@@ -73,11 +73,17 @@ constexpr int64_t kHadTwoLaunchMaxRows = 32;
 constexpr int64_t kHadTwoLaunchMaxK = 32;
 // Columns per thread block of the first of the two launches (64 threads).
 constexpr int64_t kHadSylvesterCtaCols = 512;
+// With H_K, the columns a thread block's rows of H_K serve at least: blocks of
+// fewer than 64 columns per H_K row (K x 2^a with 2^a < 64, e.g. the 1376 =
+// 172 x 8 blocks of a split_for_tp Llama-2-7B at TP = 1) are grouped, so every
+// slice of H_K loaded serves as many values as a whole-matrix block's.
+constexpr int64_t kHadHkMinCols = 64;
 
 // Column segments of a row: segment s starts at column col[s], has len[s]
 // columns and is made of Hadamard blocks of K * 2^log2P[s] columns. Thread
-// blocks blk0[s].. each take cta_cols[s] of its columns (one Hadamard block
-// when K > 1, whole blocks in any case; the last one may take fewer).
+// blocks blk0[s].. each take cta_cols[s] of its columns (whole blocks: one
+// when K > 1 unless they are narrow, see kHadHkMinCols; the last one may take
+// fewer).
 struct HadSegments {
   int count;
   int col[kMaxShards];
@@ -128,19 +134,26 @@ __global__ void __launch_bounds__(kHadMaxThreads)
     M[i] = r < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
   }
   // K > 1: y[r][p] = sum_k M[k][r - r0] * X[k][p] for this block's rows
-  // r0.. of H_K and its columns p_lo..p_hi.
+  // r0.. of H_K and its columns p_lo..p_hi of each Hadamard block.
   const int P = 1 << log2P;
   const int ps = blockIdx.y % p_splits;
   const int p_lo = (int)((int64_t)ps * P / p_splits);
   const int plen = (int)((int64_t)(ps + 1) * P / p_splits) - p_lo;
+  // The H_K step's columns: plen (a power of two) of each of the thread
+  // block's Hadamard blocks (several when they are narrow), numbered c =
+  // 0 .. clen - 1 across them; value k of column c is at col_base(c) + k * P.
+  const int clen = plen * (b / (K << log2P));
+  auto col_base = [&](int c) {
+    return (c / plen) * (K << log2P) + p_lo + c % plen;
+  };
   wait_for_producer();
 
   if (presummed) {
     // The Sylvester part is done: only columns p_lo.. of each k (plen a
     // multiple of 4, 16-byte aligned).
-    const int quads = plen / 4;
+    const int quads = clen / 4;
     for (int i = threadIdx.x; i < K * quads; i += blockDim.x) {
-      const int off = (i / quads) * P + p_lo + (i % quads) * 4;
+      const int off = (i / quads) * P + col_base((i % quads) * 4);
       *reinterpret_cast<float4*>(X + off) =
           *reinterpret_cast<const float4*>(x + off);
     }
@@ -157,10 +170,10 @@ __global__ void __launch_bounds__(kHadMaxThreads)
     return;
   }
 
-  const int items = (rchunk / 8) * plen;
-  // Output (r, p) of this block, scaled.
-  auto put = [&](int r, int p, float acc) {
-    const int idx = r * P + p;
+  const int items = (rchunk / 8) * clen;
+  // Output (r, c) of this block, scaled.
+  auto put = [&](int r, int c, float acc) {
+    const int idx = col_base(c) + r * P;
     float val = acc * mult;
     if (out_scale != nullptr) val *= out_scale[col0 + idx];
     y[col0 + idx] = from_float<OutT>(val);
@@ -169,14 +182,14 @@ __global__ void __launch_bounds__(kHadMaxThreads)
     // Many rows: each thread takes 8 rows x 2 columns, so every k costs
     // three shared loads (2 values of X, 8 of H_K) for 16 FMAs (4 columns
     // would need more than the 64 registers of a 1024-thread block).
-    const int pairs = plen / 2;
+    const int pairs = clen / 2;
     for (int it = threadIdx.x; it < (rchunk / 8) * pairs; it += blockDim.x) {
-      const int sub = it / pairs, p = p_lo + (it % pairs) * 2;
+      const int sub = it / pairs, c = (it % pairs) * 2;
       const int rs = r0 + sub * 8;
       if (rs >= K) continue;
       float acc[8][2] = {};
       const float4* m4 = reinterpret_cast<const float4*>(M + sub * 8);
-      const float2* x2 = reinterpret_cast<const float2*>(X + p);
+      const float2* x2 = reinterpret_cast<const float2*>(X + col_base(c));
 #pragma unroll 2
       for (int k = 0; k < K; ++k) {
         const float2 v = x2[k * (P / 2)];
@@ -191,8 +204,8 @@ __global__ void __launch_bounds__(kHadMaxThreads)
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         if (rs + j >= K) break;
-        put(rs + j, p, acc[j][0]);
-        put(rs + j, p + 1, acc[j][1]);
+        put(rs + j, c, acc[j][0]);
+        put(rs + j, c + 1, acc[j][1]);
       }
     }
     return;
@@ -203,15 +216,16 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   // memory and are added in k-range order (deterministic).
   float* partial = M + K * rchunk;
   const int ks = threadIdx.x / items, it = threadIdx.x % items;
-  const int sub = it / plen, p = p_lo + it % plen, rs = r0 + sub * 8;
+  const int sub = it / clen, c = it % clen, rs = r0 + sub * 8;
   const bool mine = ks < ksplit && rs < K;
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (mine) {
-    // y[rs..rs+7][p] over this thread's k-range.
+    // y[rs..rs+7][c] over this thread's k-range.
     const float4* m4 = reinterpret_cast<const float4*>(M + sub * 8);
+    const float* xc = X + col_base(c);
 #pragma unroll 4
     for (int k = K * ks / ksplit; k < K * (ks + 1) / ksplit; ++k) {
-      const float v = X[k * P + p];
+      const float v = xc[k * P];
       const float4 h0 = m4[k * (rchunk / 4)], h1 = m4[k * (rchunk / 4) + 1];
       acc[0] += h0.x * v, acc[1] += h0.y * v, acc[2] += h0.z * v;
       acc[3] += h0.w * v, acc[4] += h1.x * v, acc[5] += h1.y * v;
@@ -231,7 +245,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
         acc[j] += partial[((other - 1) * items + it) * 8 + j];
 #pragma unroll
     for (int j = 0; j < 8; ++j)
-      if (rs + j < K) put(rs + j, p, acc[j]);
+      if (rs + j < K) put(rs + j, c, acc[j]);
   }
 }
 
@@ -491,6 +505,15 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
           block_sizes.size() == segment_sizes.size(),
       "qtip_hadamard: block_sizes ", join(block_sizes), " and segment_sizes ",
       join(segment_sizes), " must have the same length, 1 to ", kMaxShards);
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const cudaDeviceProp* prop = get_device_prop();
+  const int64_t smem_limit = (int64_t)prop->sharedMemPerBlockOptin;
+  // With H_K, narrow blocks are grouped up to kHadHkMinCols columns per row of
+  // H_K where the group and 8 rows of H_K fit in shared memory.
+  const int64_t hk_target =
+      (K * kernels::kHadHkMinCols + 8 * K) * 4 <= smem_limit
+          ? K * kernels::kHadHkMinCols
+          : 0;
   kernels::HadSegments segs{};
   segs.count = (int)segment_sizes.size();
   int64_t col = 0, max_cols = 0, min_P = std::numeric_limits<int64_t>::max();
@@ -510,10 +533,11 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
     while ((int64_t{1} << log2P) < P) ++log2P;
     segs.col[s] = (int)col;
     segs.len[s] = (int)len;
-    // With H_K one block per thread block; powers of two: whole blocks up to
-    // kHadMinCtaCols columns (a 64-column block alone would leave 56 of 64
-    // threads idle).
-    set_cta_cols(segs, s, b, K > 1 ? b : kernels::kHadMinCtaCols);
+    // With H_K one block per thread block, or narrow ones grouped (see
+    // kHadHkMinCols); powers of two: whole blocks up to kHadMinCtaCols
+    // columns (a 64-column block alone would leave 56 of 64 threads idle).
+    set_cta_cols(segs, s, b,
+                 K > 1 ? std::max(b, hk_target) : kernels::kHadMinCtaCols);
     segs.log2P[s] = log2P;
     segs.mult[s] = (float)(factor / std::sqrt((double)b));
     col += len;
@@ -529,9 +553,6 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   const bool copies_out = in_scale.has_value() && in_scale->dim() == 2;
   const int64_t copies = copies_out ? in_scale->size(0) : 1;
 
-  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  const cudaDeviceProp* prop = get_device_prop();
-  const int64_t smem_limit = (int64_t)prop->sharedMemPerBlockOptin;
   const int64_t rows = x.size(-2);
   const int sms = prop->multiProcessorCount;
   // Two launches where they measured faster (H200): K = 28 at 1-32 rows

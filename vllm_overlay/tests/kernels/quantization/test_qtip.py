@@ -351,13 +351,30 @@ def test_hadamard_partials_and_copies(n: int, rows: int):
     assert rel_err(y.float(), ref / 32) < 1e-3
 
 
-@pytest.mark.parametrize("n,block", ((8 * 6656, 6656), (4096, 512), (8 * 1536, 1536)))
+@pytest.mark.parametrize(
+    "n,block",
+    (
+        (8 * 6656, 6656),
+        (4096, 512),
+        (8 * 1536, 1536),
+        # Narrow H_K blocks (172 x 8, 28 x 8): eight per thread block.
+        (8 * 1376, 1376),
+        (8 * 224, 224),
+    ),
+)
 @pytest.mark.parametrize("rows", (1, 300))
 def test_hadamard_blocks(n: int, block: int, rows: int):
     x = torch.randn(rows, n, device=DEVICE)
     had = factor(block)
     ref = hadamard_transform(x, transpose=True, block_size=block, had_k=had)
     y = qtip_hadamard(x, had, transpose=True, block_size=block)
+    assert rel_err(y, ref) < 1e-5
+    # Split-K partial sums (the output side), two segments.
+    parts = torch.randn(3, rows, 2 * n, device=DEVICE)
+    y = torch.ops._qtip_C.qtip_hadamard(
+        parts, None, None, had, False, [block, block], [n, n], 1.0, torch.float32
+    )
+    ref = hadamard_transform(parts.sum(0), block_size=block, had_k=had)
     assert rel_err(y, ref) < 1e-5
 
 
