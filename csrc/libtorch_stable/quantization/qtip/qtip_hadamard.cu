@@ -78,6 +78,9 @@ constexpr int64_t kHadSylvesterCtaCols = 512;
 // 172 x 8 blocks of a split_for_tp Llama-2-7B at TP = 1) are grouped, so every
 // slice of H_K loaded serves as many values as a whole-matrix block's.
 constexpr int64_t kHadHkMinCols = 64;
+// From this many rows (times copies) on: where a row takes at most
+// kHadMaxRowChunks thread blocks, the grouped plan equals the whole-matrix one.
+constexpr int64_t kHadHkGroupMinRows = 8;
 
 // Column segments of a row: segment s starts at column col[s], has len[s]
 // columns and is made of Hadamard blocks of K * 2^log2P[s] columns. Thread
@@ -508,10 +511,17 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const cudaDeviceProp* prop = get_device_prop();
   const int64_t smem_limit = (int64_t)prop->sharedMemPerBlockOptin;
+  // One transformed copy of x per row of a 2-D in_scale (per shard).
+  const bool copies_out = in_scale.has_value() && in_scale->dim() == 2;
+  const int64_t copies = copies_out ? in_scale->size(0) : 1;
+  const int64_t rows = x.size(-2);
   // With H_K, narrow blocks are grouped up to kHadHkMinCols columns per row of
-  // H_K where the group and 8 rows of H_K fit in shared memory.
+  // H_K where the group and 8 rows of H_K fit in shared memory, from
+  // kHadHkGroupMinRows rows on; below, one block per thread block keeps
+  // enough thread blocks per row (K = 172 x 8 at one row: 32 against 6).
   const int64_t hk_target =
-      (K * kernels::kHadHkMinCols + 8 * K) * 4 <= smem_limit
+      copies * rows >= kernels::kHadHkGroupMinRows &&
+              (K * kernels::kHadHkMinCols + 8 * K) * 4 <= smem_limit
           ? K * kernels::kHadHkMinCols
           : 0;
   kernels::HadSegments segs{};
@@ -549,11 +559,7 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
                   " columns");
   check_scale(in_scale, "in_scale", x, true);
   check_scale(out_scale, "out_scale", x, false);
-  // One transformed copy of x per row of a 2-D in_scale (per shard).
-  const bool copies_out = in_scale.has_value() && in_scale->dim() == 2;
-  const int64_t copies = copies_out ? in_scale->size(0) : 1;
 
-  const int64_t rows = x.size(-2);
   const int sms = prop->multiProcessorCount;
   // Two launches where they measured faster (H200): K = 28 at 1-32 rows
   // (14336 columns, 16 rows: 14-26% faster layers). With K > 32 the one

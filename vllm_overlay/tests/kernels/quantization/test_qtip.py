@@ -357,7 +357,8 @@ def test_hadamard_partials_and_copies(n: int, rows: int):
         (8 * 6656, 6656),
         (4096, 512),
         (8 * 1536, 1536),
-        # Narrow H_K blocks (172 x 8, 28 x 8): eight per thread block.
+        # Narrow H_K blocks (172 x 8, 28 x 8): eight per thread block from
+        # 8 rows on, one below.
         (8 * 1376, 1376),
         (8 * 224, 224),
     ),
@@ -376,6 +377,36 @@ def test_hadamard_blocks(n: int, block: int, rows: int):
     )
     ref = hadamard_transform(parts.sum(0), block_size=block, had_k=had)
     assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "blocks,block,rows",
+    (
+        # Grouped narrow H_K blocks with a shorter last thread block: the
+        # 8-row x 2-column register tiles, all 172 rows of H_K per block;
+        (9, 1376, 64),
+        # the two-launch path with two column splits of each block, register
+        # tiles (K = 12) and k-split sums (K = 28).
+        (9, 192, 16),
+        (9, 448, 16),
+    ),
+)
+def test_hadamard_grouped_blocks(blocks: int, block: int, rows: int):
+    n = blocks * block
+    had = factor(block)
+
+    def ref(v: torch.Tensor, transpose: bool) -> torch.Tensor:
+        out = hadamard_transform(v.reshape(-1, block), transpose, had_k=had)
+        return out.reshape(v.shape)
+
+    x = torch.randn(rows, n, device=DEVICE)
+    y = qtip_hadamard(x, had, transpose=True, block_size=block)
+    assert rel_err(y, ref(x, True)) < 1e-5
+    parts = torch.randn(3, rows, n, device=DEVICE)
+    y = torch.ops._qtip_C.qtip_hadamard(
+        parts, None, None, had, False, [block], [n], 1.0, torch.float32
+    )
+    assert rel_err(y, ref(parts.sum(0), False)) < 1e-5
 
 
 @pytest.mark.parametrize("rows", (64, 300))
