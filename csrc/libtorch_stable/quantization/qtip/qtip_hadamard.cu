@@ -349,6 +349,192 @@ __global__ void __launch_bounds__(kSyl16Threads)
   }
 }
 
+// Hadamard blocks of K x 512 columns with 1 < K <= 32 (14336 = 28 x 512,
+// Llama-3's MLP) at many rows take a kernel of their own: one CTA per (row,
+// block, copy) does the whole transform in one pass over shared memory,
+// X[k][p] = x[k * 512 + p] (32 rows; K.. stay zero):
+//  1. the Sylvester part over p for every k: radix-16 register passes on 16
+//     consecutive columns (bits 0-3), then radix-32 on 32 columns 16 apart
+//     (bits 4-8);
+//  2. H_K on the tensor cores, each warp for its two 16-column tiles:
+//     Y^T (16 x 32) = X^T (16 x 32) * Hm^T (32 x 32), mma.sync m16n8k8 in
+//     tf32, H_K's +-1 entries exact and X in two tf32 pieces (hi + lo, ~23
+//     bits: fp32's accuracy; both pieces sum into one accumulator);
+//  3. the scales, 8 consecutive columns per thread.
+// The dense path otherwise runs a Sylvester kernel and a batched cuBLAS GEMM
+// (~200 us per 14336 x 2048, H200), and qtip_hadamard_kernel's own H_K step
+// ~116 instructions per element (ncu, 2048 rows).
+constexpr int kHk512P = 512;
+constexpr int kHk512MaxK = 32;
+constexpr int kHk512Threads = 512;
+// Row stride of X: 8 mod 32 banks, so the A fragments' rows q and columns g
+// hit 32 distinct banks.
+constexpr int kHk512Stride = kHk512P + 8;
+// Hm^T as tf32 B operands, rows of 40: 8 mod 32 again.
+constexpr int kHk512HStride = kHk512MaxK + 8;
+constexpr int kHk512Smem =
+    (kHk512MaxK * kHk512Stride + kHk512MaxK * kHk512HStride) * 4;
+
+// X's slot of column p: its 16-byte granule (bits 2-3) XORed with bits 5-6,
+// so the first pass's 16-byte stores are free of bank conflicts.
+__device__ __forceinline__ int hk512_slot(int p) {
+  return p ^ (((p >> 5) & 3) << 2);
+}
+
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
+
+// acc += A (16 x 8) * B (8 x 8), tf32 in, fp32 sums.
+__device__ __forceinline__ void mma_tf32(float (&acc)[4],
+                                         const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One CTA per (row, block, copy) = (blockIdx.x, .y, .z); scales as
+// qtip_hadamard_kernel (in_scale row `copy`, then mult and out_scale).
+template <typename InT, typename OutT>
+__global__ void __launch_bounds__(kHk512Threads, 2)
+    qtip_hk512_kernel(const InT* __restrict__ x,
+                      const float* __restrict__ in_scale,
+                      const float* __restrict__ out_scale,
+                      const float* __restrict__ had, OutT* __restrict__ y,
+                      int rows, int n, int K, bool transpose, float mult) {
+  extern __shared__ __align__(16) float X[];
+  uint32_t* Hs = reinterpret_cast<uint32_t*>(X + kHk512MaxK * kHk512Stride);
+  const int row = blockIdx.x, col0 = blockIdx.y * K * kHk512P;
+  const int copy = blockIdx.z;
+  const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+  x += (int64_t)row * n + col0;
+  y += ((int64_t)copy * rows + row) * n + col0;
+  allow_dependents();
+  // Hs[k][r] = Hm[r][k] (Hm = H_K, or H_K^T when transpose), zero past K,
+  // and X's rows K.. zero: weights and constants, so before the wait.
+  for (int i = t; i < kHk512MaxK * kHk512MaxK; i += kHk512Threads) {
+    const int k = i / kHk512MaxK, r = i % kHk512MaxK;
+    const float h =
+        k < K && r < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
+    Hs[k * kHk512HStride + r] = to_tf32(h);
+  }
+  for (int i = K * kHk512Stride + t; i < kHk512MaxK * kHk512Stride;
+       i += kHk512Threads)
+    X[i] = 0.f;
+  wait_for_producer();
+
+  // 1a. Columns 16j .. 16j + 15 of row k, contiguous (coalesced loads).
+  for (int item = t; item < K * 32; item += kHk512Threads) {
+    const int k = item >> 5, j = item & 31;
+    const int col = k * kHk512P + 16 * j;
+    float v[16];
+    load8(x + col, *reinterpret_cast<float (*)[8]>(v));
+    load8(x + col + 8, *reinterpret_cast<float (*)[8]>(v + 8));
+    if (in_scale != nullptr) {
+      float sc[16];
+      const float* s = in_scale + (int64_t)copy * n + col0 + col;
+      load8(s, *reinterpret_cast<float (*)[8]>(sc));
+      load8(s + 8, *reinterpret_cast<float (*)[8]>(sc + 8));
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] *= sc[i];
+    }
+    butterflies<16>(v);
+    float* dst = X + k * kHk512Stride + 16 * j;
+    const int sw = (j >> 1) & 3;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      *reinterpret_cast<float4*>(dst + 4 * (q ^ sw)) =
+          make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  }
+  __syncthreads();
+
+  // 1b. Columns 16i + jj, i < 32, of row k; a warp's two half-warps take
+  // rows two apart (16 banks apart: no conflicts).
+  {
+    const int k = 4 * (warp >> 1) + (warp & 1) + 2 * (lane >> 4);
+    const int jj = lane & 15;
+    if (k < K) {
+      float* src = X + k * kHk512Stride;
+      float v[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i)
+        v[i] = src[16 * i + (jj ^ (((i >> 1) & 3) << 2))];
+      butterflies<32>(v);
+#pragma unroll
+      for (int i = 0; i < 32; ++i)
+        src[16 * i + (jj ^ (((i >> 1) & 3) << 2))] = v[i];
+    }
+  }
+  __syncthreads();
+
+  // 2. H_K: this warp's 16-column tiles p0 = 16 * warp and 256 + 16 * warp.
+  // Lane (g, q) holds A rows (columns p) g, g + 8 and k q, q + 4 of each k8
+  // step; C rows g, g + 8 and n (outputs r) 2q, 2q + 1 of each n8 tile.
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll 1
+  for (int tile = 0; tile < 2; ++tile) {
+    const int p0 = 16 * warp + 256 * tile;
+    const int s0 = hk512_slot(p0 + g), s1 = hk512_slot(p0 + g + 8);
+    float acc[4][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const float* r0 = X + (8 * kk + q) * kHk512Stride;
+      const float* r4 = r0 + 4 * kHk512Stride;
+      const float a[4] = {r0[s0], r0[s1], r4[s0], r4[s1]};
+      // hi: the value rounded to tf32; lo: the exact rest, rounded to tf32
+      // (0 for infinities, which hi carries).
+      uint32_t hi[4], lo[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        hi[i] = to_tf32(a[i]);
+        lo[i] = to_tf32(isinf(a[i]) ? 0.f : a[i] - __uint_as_float(hi[i]));
+      }
+      const uint32_t* h0 = Hs + (8 * kk + q) * kHk512HStride + g;
+      const uint32_t* h4 = h0 + 4 * kHk512HStride;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        mma_tf32(acc[nt], hi, h0[8 * nt], h4[8 * nt]);
+        mma_tf32(acc[nt], lo, h0[8 * nt], h4[8 * nt]);
+      }
+    }
+    __syncwarp();  // every lane has read the tile before it is rewritten
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      float* r0 = X + (8 * nt + 2 * q) * kHk512Stride;
+      r0[s0] = acc[nt][0];
+      r0[kHk512Stride + s0] = acc[nt][1];
+      r0[s1] = acc[nt][2];
+      r0[kHk512Stride + s1] = acc[nt][3];
+    }
+  }
+  __syncthreads();
+
+  // 3. Output r * 512 + p .. + 7: two 16-byte granules of X's row r.
+  for (int i = t; i < K * (kHk512P / 8); i += kHk512Threads) {
+    const int r = i / (kHk512P / 8), p = (i % (kHk512P / 8)) * 8;
+    const float* src = X + r * kHk512Stride;
+    const float4 lo4 = *reinterpret_cast<const float4*>(src + hk512_slot(p));
+    const float4 hi4 =
+        *reinterpret_cast<const float4*>(src + hk512_slot(p + 4));
+    float v[8] = {lo4.x, lo4.y, lo4.z, lo4.w, hi4.x, hi4.y, hi4.z, hi4.w};
+    const int e = r * kHk512P + p;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] *= mult;
+    if (out_scale != nullptr) {
+      float sc[8];
+      load8(out_scale + col0 + e, sc);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] *= sc[j];
+    }
+    store8(y + e, v);
+  }
+}
+
 }  // namespace kernels
 
 namespace {
@@ -402,6 +588,7 @@ struct HadArgs {
   int in_splits;
   bool presummed;
   bool sylvester4096;  // qtip_sylvester4096_kernel (see there)
+  bool hk512;          // qtip_hk512_kernel (see there)
 };
 
 template <typename InT, typename OutT>
@@ -414,6 +601,20 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
         dim3(kernels::kSyl16Threads), 0, stream,
         reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale,
         reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.segs.mult[0]);
+    return;
+  }
+  if (a.hk512) {
+    auto kernel = kernels::qtip_hk512_kernel<InT, OutT>;
+    static DeviceFlags smem_set;
+    ensure_max_dynamic_smem(kernel, smem_set);
+    launch_dependent(
+        kernel,
+        dim3((unsigned)a.rows, (unsigned)(a.n / (a.K * kernels::kHk512P)),
+             (unsigned)a.copies),
+        dim3(kernels::kHk512Threads), kernels::kHk512Smem, stream,
+        reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale, a.had,
+        reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.K, a.transpose,
+        a.segs.mult[0]);
     return;
   }
   auto kernel = kernels::qtip_hadamard_kernel<InT, OutT>;
@@ -454,6 +655,10 @@ void dispatch(ScalarType in_dtype, ScalarType out_dtype, const HadArgs& a,
 }
 
 }  // namespace
+
+bool hadamard_one_pass(int64_t K, int64_t block) {
+  return K > 1 && K <= kernels::kHk512MaxK && block == K * kernels::kHk512P;
+}
 
 int64_t check_had_factor(const std::optional<Tensor>& had_k, const Tensor& x,
                          const char* op) {
@@ -616,6 +821,16 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
     all_4096 &= (1 << segs.log2P[s]) == kernels::kSyl16Cols;
   if (all_4096) {
     a.sylvester4096 = true;
+    dispatch(in_dtype, out_dtype, a, stream);
+    return y;
+  }
+  // Many rows in blocks of K x 512 with K <= 32 (every block of one size,
+  // so one mult): the one-pass kernel with H_K on the tensor cores.
+  bool all_hk512 = in_splits == 1 && copies * rows >= kernels::kSyl16MinRows;
+  for (int s = 0; s < segs.count; ++s)
+    all_hk512 &= hadamard_one_pass(K, K << segs.log2P[s]);
+  if (all_hk512) {
+    a.hk512 = true;
     dispatch(in_dtype, out_dtype, a, stream);
     return y;
   }

@@ -15,13 +15,15 @@
 //    the fused trellis-decode GEMM (qtip_mma) writes split-K partial sums,
 //    and the output transform adds them in order;
 //  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
-//    fp16 output is the reference's fallback-GEMM numerics. An H_K factor
-//    (K > 1, e.g. K = 172 for 11008) is applied there by cuBLAS as well,
-//    as one batched (K, K) x (K, P) product over the Hadamard blocks on the
-//    tensor cores, and the transform kernel does only the Sylvester part and
-//    the scales: its own H_K step costs K FMAs per value on the CUDA cores,
-//    which at prefill sizes is most of the layer. On the input side this
-//    rounds x~ to fp16 once more (after the Sylvester part), at x~'s scale.
+//    fp16 output is the reference's fallback-GEMM numerics. Blocks of
+//    K x 512 columns with K <= 32 (Llama-3's 14336) are transformed in one
+//    pass with H_K on the tensor cores (hadamard_one_pass). Any other H_K
+//    factor (e.g. K = 172 for 11008) is applied by cuBLAS, as one batched
+//    (K, K) x (K, P) product over the Hadamard blocks, and the transform
+//    kernel does only the Sylvester part and the scales: its own H_K step
+//    costs K FMAs per value on the CUDA cores, which at prefill sizes is
+//    most of the layer. On the input side this rounds x~ to fp16 once more
+//    (after the Sylvester part), at x~'s scale.
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
 
@@ -86,9 +88,9 @@ Tensor dense_input_transform(const Tensor& x, const Tensor& su,
                              const std::optional<Tensor>& had_in,
                              int64_t in_block) {
   const int64_t n = su.size(1);
-  if (!had_in.has_value())
-    return qtip_hadamard(x, su, std::nullopt, std::nullopt, true, {in_block},
-                         {n}, 1.0 / 32.0, ScalarType::Half);
+  if (!had_in.has_value() || hadamard_one_pass(had_in->size(0), in_block))
+    return qtip_hadamard(x, su, std::nullopt, had_in, true, {in_block}, {n},
+                         1.0 / 32.0, ScalarType::Half);
   // Sylvester part with SU, / 32 and its 1/sqrt(P) in the kernel, rounded
   // to fp16 for the tensor cores at x~'s own magnitude (so no subnormals
   // beyond the reference's); then H_K^T / sqrt(K) per block, accumulated in
@@ -114,7 +116,8 @@ Tensor dense_output_transform(const Tensor& acc, const Tensor& sv,
                               ScalarType out_dtype) {
   bool one_block_size = true;
   for (int64_t b : out_blocks) one_block_size &= b == out_blocks[0];
-  if (!had_out.has_value() || !one_block_size)
+  if (!had_out.has_value() || !one_block_size ||
+      hadamard_one_pass(had_out->size(0), out_blocks[0]))
     return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
                          shard_rows, 32.0, out_dtype);
   // H_K per block on the fp16 products (exact inputs, fp32 sums), then the

@@ -167,6 +167,13 @@ def test_linear_own_input_wide_factor(dtype: torch.dtype):
     _check_linear(4096, 14336, 2, dtype, (1, 2))
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_linear_dense_wide_factor(dtype: torch.dtype):
+    # Llama-3 down_proj on the dense path: its K = 28 x 512 input transform
+    # takes the one-pass kernel (H_K on the tensor cores).
+    _check_linear(4096, 14336, 2, dtype, (QTIP_DENSE_MIN_ROWS, 300))
+
+
 @pytest.mark.parametrize("K", (2, 3, 4))
 @pytest.mark.parametrize("batch", (1, 5, 8, 9, 16, 17, 32, 40, 64, 65, 130))
 # 1056 rows = 33 row tiles: the last work unit is partial.
@@ -437,6 +444,36 @@ def test_hadamard_4096_blocks(rows: int, in_dtype: torch.dtype, out_dtype: torch
     parts = torch.stack([xf, torch.zeros_like(xf)])
     args = (SU, SV, None, False, [4096], [n], 0.5, out_dtype)
     assert torch.equal(op(xf, *args), op(parts, *args))
+
+
+@pytest.mark.parametrize("K", (12, 20, 28))
+@pytest.mark.parametrize("rows", (64, 300))
+@pytest.mark.parametrize("in_dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("out_dtype", (torch.float16, torch.float32))
+def test_hadamard_k512_blocks(
+    K: int, rows: int, in_dtype: torch.dtype, out_dtype: torch.dtype
+):
+    # Blocks of K x 512 columns with K <= 32, no split-K partials and from
+    # 128 rows (copies x rows) on take the one-pass kernel with H_K on the
+    # tensor cores: both directions, two blocks per row, with and without
+    # scales, one copy per row of SU (64 rows: only these 128 copies reach
+    # it), two segments (a fused gate/up output).
+    block = K * 512
+    n = 2 * block
+    had = factor(block)
+    op = torch.ops._qtip_C.qtip_hadamard
+    x = torch.randn(rows, n, device=DEVICE).to(in_dtype)
+    SU = torch.randn(2, n, device=DEVICE).sign()
+    SV = torch.rand(n, device=DEVICE)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3}[out_dtype]
+
+    def ref(v: torch.Tensor, transpose: bool) -> torch.Tensor:
+        return hadamard_transform(v, transpose, block_size=block, had_k=had)
+
+    y = op(x, SU, SV, had, True, [block], [n], 0.5, out_dtype)
+    assert rel_err(y.float(), ref(x.float() * SU[:, None], True) * SV * 0.5) < tol
+    y = op(x, None, None, had, False, [block] * 2, [block] * 2, 0.5, out_dtype)
+    assert rel_err(y.float(), ref(x.float(), False) * 0.5) < tol
 
 
 @pytest.mark.parametrize("rows", (1, 300))
