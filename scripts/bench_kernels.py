@@ -99,7 +99,10 @@ def copy_bandwidth() -> float:
 # Kernel kinds of one QTIP linear, by a substring of the kernel's name (the
 # first that matches); cuBLAS's kernels are named gemm, xmma or nvjet.
 KERNEL_KINDS = (
-    ("hadamard", ("qtip_hadamard_kernel",)),
+    (
+        "hadamard",
+        ("qtip_hadamard_kernel", "qtip_sylvester4096_kernel", "qtip_hk512_kernel"),
+    ),
     ("mma", ("qtip_mma_kernel",)),
     ("decode", ("qtip_decode_kernel",)),
     ("cublas", ("gemm", "xmma", "nvjet")),
