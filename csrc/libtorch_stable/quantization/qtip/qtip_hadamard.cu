@@ -143,9 +143,9 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   const int p_lo = (int)((int64_t)ps * P / p_splits);
   const int plen = (int)((int64_t)(ps + 1) * P / p_splits) - p_lo;
   // The H_K step's columns: plen (a power of two) of each of the thread
-  // block's Hadamard blocks (several when they are narrow), numbered c =
-  // 0 .. clen - 1 across them; value k of column c is at col_base(c) + k * P.
-  const int clen = plen * (b / (K << log2P));
+  // block's Hadamard blocks (several when they are narrow), numbered c = 0 ..
+  // step_cols - 1 across them; value k of column c is at col_base(c) + k * P.
+  const int step_cols = plen * (b / (K << log2P));
   auto col_base = [&](int c) {
     return (c / plen) * (K << log2P) + p_lo + c % plen;
   };
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   if (presummed) {
     // The Sylvester part is done: only columns p_lo.. of each k (plen a
     // multiple of 4, 16-byte aligned).
-    const int quads = clen / 4;
+    const int quads = step_cols / 4;
     for (int i = threadIdx.x; i < K * quads; i += blockDim.x) {
       const int off = (i / quads) * P + col_base((i % quads) * 4);
       *reinterpret_cast<float4*>(X + off) =
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
     return;
   }
 
-  const int items = (rchunk / 8) * clen;
+  const int items = (rchunk / 8) * step_cols;
   // Output (r, c) of this block, scaled.
   auto put = [&](int r, int c, float acc) {
     const int idx = col_base(c) + r * P;
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
     // Many rows: each thread takes 8 rows x 2 columns, so every k costs
     // three shared loads (2 values of X, 8 of H_K) for 16 FMAs (4 columns
     // would need more than the 64 registers of a 1024-thread block).
-    const int pairs = clen / 2;
+    const int pairs = step_cols / 2;
     for (int it = threadIdx.x; it < (rchunk / 8) * pairs; it += blockDim.x) {
       const int sub = it / pairs, c = (it % pairs) * 2;
       const int rs = r0 + sub * 8;
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   // memory and are added in k-range order (deterministic).
   float* partial = M + K * rchunk;
   const int ks = threadIdx.x / items, it = threadIdx.x % items;
-  const int sub = it / clen, c = it % clen, rs = r0 + sub * 8;
+  const int sub = it / step_cols, c = it % step_cols, rs = r0 + sub * 8;
   const bool mine = ks < ksplit && rs < K;
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (mine) {
