@@ -656,8 +656,9 @@ void dispatch(ScalarType in_dtype, ScalarType out_dtype, const HadArgs& a,
 
 }  // namespace
 
-bool hadamard_one_pass(int64_t K, int64_t block) {
-  return K > 1 && K <= kernels::kHk512MaxK && block == K * kernels::kHk512P;
+bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows) {
+  return K > 1 && K <= kernels::kHk512MaxK && block == K * kernels::kHk512P &&
+         rows >= kernels::kSyl16MinRows;
 }
 
 int64_t check_had_factor(const std::optional<Tensor>& had_k, const Tensor& x,
@@ -826,9 +827,9 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   }
   // Many rows in blocks of K x 512 with K <= 32 (every block of one size,
   // so one mult): the one-pass kernel with H_K on the tensor cores.
-  bool all_hk512 = in_splits == 1 && copies * rows >= kernels::kSyl16MinRows;
+  bool all_hk512 = in_splits == 1;
   for (int s = 0; s < segs.count; ++s)
-    all_hk512 &= hadamard_one_pass(K, K << segs.log2P[s]);
+    all_hk512 &= hadamard_one_pass(K, K << segs.log2P[s], copies * rows);
   if (all_hk512) {
     a.hk512 = true;
     dispatch(in_dtype, out_dtype, a, stream);

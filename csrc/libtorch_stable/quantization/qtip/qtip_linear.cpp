@@ -88,7 +88,8 @@ Tensor dense_input_transform(const Tensor& x, const Tensor& su,
                              const std::optional<Tensor>& had_in,
                              int64_t in_block) {
   const int64_t n = su.size(1);
-  if (!had_in.has_value() || hadamard_one_pass(had_in->size(0), in_block))
+  if (!had_in.has_value() ||
+      hadamard_one_pass(had_in->size(0), in_block, su.size(0) * x.size(0)))
     return qtip_hadamard(x, su, std::nullopt, had_in, true, {in_block}, {n},
                          1.0 / 32.0, ScalarType::Half);
   // Sylvester part with SU, / 32 and its 1/sqrt(P) in the kernel, rounded
@@ -117,7 +118,7 @@ Tensor dense_output_transform(const Tensor& acc, const Tensor& sv,
   bool one_block_size = true;
   for (int64_t b : out_blocks) one_block_size &= b == out_blocks[0];
   if (!had_out.has_value() || !one_block_size ||
-      hadamard_one_pass(had_out->size(0), out_blocks[0]))
+      hadamard_one_pass(had_out->size(0), out_blocks[0], acc.size(0)))
     return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
                          shard_rows, 32.0, out_dtype);
   // H_K per block on the fp16 products (exact inputs, fp32 sums), then the

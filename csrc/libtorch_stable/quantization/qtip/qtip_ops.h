@@ -110,10 +110,11 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
                      const std::vector<int64_t>& segment_sizes, double factor,
                      ScalarType out_dtype);
 
-// Whether qtip_hadamard transforms blocks of `block` columns with an H_K of
-// size K in one pass on the tensor cores at many rows (qtip_hk512_kernel):
-// then the dense path leaves H_K to it rather than to cuBLAS.
-bool hadamard_one_pass(int64_t K, int64_t block);
+// Whether qtip_hadamard transforms `rows` rows (times copies) in blocks of
+// `block` columns with an H_K of size K in one pass on the tensor cores
+// (qtip_hk512_kernel): then the dense path leaves H_K to it rather than to
+// cuBLAS.
+bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows);
 
 // One QTIP linear layer with all its shards (see qtip_linear.cpp): fused
 // GEMM below dense_min_rows rows, decode-to-dense + cuBLAS from there on.
