@@ -3,7 +3,8 @@
 row block, the ldmatrix.x4.trans addresses and B fragments, the A fragments of
 Hm, the m16n8k16 C layout, the in-place Sylvester stages and the output
 columns, for K = 36 and 172 in both directions, against (Hm kron S_64) in
-float64. Prints the largest relative error (~1e-15 when the indexing is right)."""
+float64; and the input side's Sylvester tasks (input_kernel, exp/dense-hk64-in).
+Prints the largest relative errors (~1e-15 when the indexing is right)."""
 
 import numpy as np
 
@@ -134,3 +135,41 @@ for K in (36, 172):
         ref = (np.kron(Hm, sylv(P)) @ x) * 0.3 * outsc
         y = kernel(x, had, K, transpose, outsc, 0.3)
         print(K, transpose, np.abs(y - ref).max() / np.abs(ref).max())
+
+
+def input_kernel(x, su, had, K, mult_pre, mult_post):
+    """qtip_hk64_in_kernel (exp/dense-hk64-in) without its fp16 rounding: the
+    Sylvester part per (k, s) task with lanes 8m .. 8m + 7 of a row, then
+    H_K^T through the same fragments as kernel()."""
+    kp = (K + 15) // 16 * 16
+    X = np.zeros((kp, P))
+    v = {}
+    for i in range(K * 8):
+        k, s = i >> 3, i & 7
+        v[i] = sylv(8) @ (
+            x[k * P + 8 * s : k * P + 8 * s + 8] * su[k * P + 8 * s : k * P + 8 * s + 8]
+        )
+    for m in (1, 2, 4):
+        new = {}
+        for i in v:
+            s = i & 7
+            other = v[i ^ m]
+            new[i] = (other - v[i]) if (s & m) else (v[i] + other)
+        v = new
+    for i in v:
+        k, s = i >> 3, i & 7
+        X[k, 8 * s : 8 * s + 8] = v[i] * mult_pre
+    # The MMA part as in kernel(), with Hm = H_K^T and no Sylvester after it.
+    Hm = np.zeros((kp, kp))
+    Hm[:K, :K] = had.T
+    Y = Hm @ X
+    return (Y[:K] * mult_post).reshape(-1)
+
+
+for K in (36, 172):
+    had = rng.choice([-1.0, 1.0], size=(K, K))
+    x = rng.standard_normal(K * P)
+    su = rng.standard_normal(K * P)
+    ref = (np.kron(had.T, sylv(P)) @ (x * su)) / 32 / np.sqrt(P * K)
+    y = input_kernel(x, su, had, K, 1 / 32 / np.sqrt(P), 1 / np.sqrt(K))
+    print("input", K, np.abs(y - ref).max() / np.abs(ref).max())
