@@ -393,9 +393,7 @@ def main() -> None:
     for model, layer, shard_rows, n in FUSED_LAYERS:
         if model not in args.models or args.tp_split > 1:
             continue
-        for r in bench_fused_layer(
-            model, layer, shard_rows, n, 2, [b for b in args.batches if b <= 64], dtype
-        ):
+        for r in bench_fused_layer(model, layer, shard_rows, n, 2, args.batches, dtype):
             fused.append(r)
             print(
                 f"| {model} | {layer} | {'+'.join(map(str, shard_rows))} x {n} | "
