@@ -9,8 +9,9 @@
 #   tests   the kernel, codec and detection tests
 #   models  the end-to-end model tests (LLM.generate vs the HF reference)
 #   bench   scripts/bench_kernels.py -> $OUT/kernels_h200.json
-#   profile scripts/profile_decode.py: one decode step of Llama-2-7B, QTIP
-#           2-bit and FP16, batch 1 -> $OUT/profile_*.json
+#   profile scripts/profile_decode.py: one decode step, QTIP 2-bit and FP16
+#           (PROFILE_MODEL, default llama-2-7b; PROFILE_BATCH, default 1)
+#           -> $OUT/profile_<weights>_<model>_b<batch>.json
 #   e2e     scripts/bench_e2e.py -> /tmp/e2e_h200.json, copied to $OUT
 #           (resumes: rerun the step on the same machine to finish the table;
 #           E2E_ARGS narrows it, E2E_JSON names another file, e.g. one per GPU)
@@ -117,10 +118,12 @@ step_bench() {
 }
 
 step_profile() {
+  local model=${PROFILE_MODEL:-llama-2-7b} batch=${PROFILE_BATCH:-1}
   for weights in qtip2 fp16; do
+    local name="profile_${weights}_${model}_b${batch}"
     timeout "${PROFILE_TIMEOUT:-150}" python3 scripts/profile_decode.py \
-      --model llama-2-7b --weights $weights --batch 1 \
-      --out "$OUT/profile_$weights.json" 2>&1 | tee "$OUT/profile_$weights.log" | tail -25
+      --model "$model" --weights $weights --batch "$batch" \
+      --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" | tail -25
   done
 }
 
