@@ -49,7 +49,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
+#include "qtip_codebook.cuh"
 #include "qtip_hadamard.cuh"
 #include "qtip_launch.cuh"
 #include "qtip_ops.h"
@@ -535,6 +537,327 @@ __global__ void __launch_bounds__(kHk512Threads, 2)
   }
 }
 
+// Hadamard blocks of K x 64 columns with 32 < K <= 176 (11008 = 172 x 64,
+// Llama-2-7B's MLP) in fp16 without an input scale (the dense path's output
+// side: cuBLAS's fp16 products, exact in fp16) at many rows take a kernel of
+// their own: H_K first, on fp16 tensor cores with no rounding (H_K's +-1
+// entries, as every QTIP H_K has, times fp16, fp32 sums), then the 64-point
+// Sylvester part in registers.
+// Y (KP x 64) = Hm (KP x KP) * X (KP x 64), KP = K rounded up to 16: warp w
+// owns rows 16w .. 16w + 15 of Y, keeps its A fragments (its rows of Hm) in
+// registers for the whole launch and reads X's B fragments with
+// ldmatrix.trans. The CTAs (one per SM) are persistent over (row, block)
+// items, each row block staged by cp.async one item ahead (two buffers).
+constexpr int kHk64P = 64;
+constexpr int kHk64MaxKTiles = 11;  // K <= 176
+constexpr int kHk64MinK = 33;
+// X row stride in halves: 144 bytes, so ldmatrix's 8 rows of 16 bytes hit
+// 32 distinct banks.
+constexpr int kHk64Stride = kHk64P + 8;
+constexpr int kHk64BufBytes = kHk64MaxKTiles * 16 * kHk64Stride * 2;
+constexpr int kHk64Smem = 2 * kHk64BufBytes;
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t smem_addr,
+                                                  uint32_t (&r)[4]) {
+  asm volatile(
+      "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, "
+      "[%4];"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+      : "r"(smem_addr));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// This warp's rows 16w .. 16w + 15 of Hm (H_K, or H_K^T when transpose),
+// zero past K, as m16n8k16 A fragments: a[kt] = rows g, g + 8 x columns 2q,
+// 2q + 1, 2q + 8, 2q + 9 of k-tile kt.
+__device__ __forceinline__ void hk64_load_a(uint32_t (&a)[kHk64MaxKTiles][4],
+                                            const float* __restrict__ had,
+                                            int K, bool transpose, int warp,
+                                            int lane) {
+  const int g = lane >> 2, q = lane & 3;
+  auto hm = [&](int r, int k) {
+    return r < K && k < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
+  };
+#pragma unroll
+  for (int kt = 0; kt < kHk64MaxKTiles; ++kt) {
+    const int r = 16 * warp + g, k = 16 * kt + 2 * q;
+    a[kt][0] = pack_half2(hm(r, k), hm(r, k + 1));
+    a[kt][1] = pack_half2(hm(r + 8, k), hm(r + 8, k + 1));
+    a[kt][2] = pack_half2(hm(r, k + 8), hm(r, k + 9));
+    a[kt][3] = pack_half2(hm(r + 8, k + 8), hm(r + 8, k + 9));
+  }
+}
+
+// acc[nt] += this warp's rows of Hm times n-tile nt of the X buffer at
+// shared address xb (this lane's ldmatrix.trans address of k-tile 0, n-tiles
+// 0 and 1: lane l gives row l & 7 of matrix l >> 3, k + 8 for matrices 1
+// and 3, p + 8 for 2 and 3).
+__device__ __forceinline__ void hk64_mma(float (&acc)[8][4],
+                                         const uint32_t (&a)[kHk64MaxKTiles][4],
+                                         uint32_t xb, int ktiles) {
+#pragma unroll
+  for (int kt = 0; kt < kHk64MaxKTiles; ++kt) {
+    if (kt < ktiles) {  // warp-uniform
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(xb + kt * 16 * (kHk64Stride * 2) + j * 32, b);
+        mma_16816(acc[2 * j], a[kt], b[0], b[1]);
+        mma_16816(acc[2 * j + 1], a[kt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// This lane's ldmatrix.trans offset within an X buffer (see hk64_mma).
+__device__ __forceinline__ uint32_t hk64_lane_offset(int lane) {
+  return ((lane & 7) + 8 * ((lane >> 3) & 1)) * (kHk64Stride * 2) +
+         8 * (lane >> 4) * 2;
+}
+
+// Zeroes rows K .. 16 * ceil(K / 16) - 1 of an X buffer (0 times the padded
+// columns of Hm: no stale NaN).
+__device__ __forceinline__ void hk64_zero_pad(char* buf, int K) {
+  const int kp = (K + 15) / 16 * 16;
+  for (int i = threadIdx.x; i < (kp - K) * kHk64Stride / 2; i += blockDim.x)
+    *reinterpret_cast<uint32_t*>(buf + K * kHk64Stride * 2 + i * 4) = 0u;
+}
+
+// y (rows, n) = the blocks of x (rows, n) fp16 transformed, times mult and
+// out_scale; items = rows * (n / (K * 64)).
+template <typename OutT>
+__global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
+    qtip_hk64_kernel(const __half* __restrict__ x,
+                     const float* __restrict__ out_scale,
+                     const float* __restrict__ had, OutT* __restrict__ y,
+                     int rows, int n, int K, bool transpose, float mult) {
+  extern __shared__ __align__(16) char smem[];
+  const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+  const int g = lane >> 2, q = lane & 3;
+  const int ktiles = (K + 15) / 16;  // = the warps
+  const int block = K * kHk64P, per_row = n / block;
+  const int items = rows * per_row;
+  allow_dependents();
+  // This warp's rows of Hm, a weight: loaded before the wait.
+  uint32_t a[kHk64MaxKTiles][4];
+  hk64_load_a(a, had, K, transpose, warp, lane);
+  // X's padded rows stay zero in both buffers.
+  hk64_zero_pad(smem, K);
+  hk64_zero_pad(smem + kHk64BufBytes, K);
+  const uint32_t smem_addr =
+      static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  // Item i's row block into buffer b: K rows of 8 16-byte pieces.
+  auto stage = [&](int i, int b) {
+    const __half* src =
+        x + (int64_t)(i / per_row) * n + (int64_t)(i % per_row) * block;
+    for (int c = t; c < K * 8; c += blockDim.x) {
+      const uint32_t dst = smem_addr + b * kHk64BufBytes +
+                           (c >> 3) * (kHk64Stride * 2) + (c & 7) * 16;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst),
+                   "l"(src + (c >> 3) * kHk64P + (c & 7) * 8));
+    }
+    asm volatile("cp.async.commit_group;");
+  };
+  const uint32_t lane_off = hk64_lane_offset(lane);
+  wait_for_producer();
+
+  int buf = 0;
+  if ((int)blockIdx.x < items) stage(blockIdx.x, 0);
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    if (item + (int)gridDim.x < items)
+      stage(item + gridDim.x, buf ^ 1);
+    else
+      asm volatile("cp.async.commit_group;");  // keeps the count
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    __syncthreads();
+
+    float acc[8][4] = {};
+    hk64_mma(acc, a, smem_addr + buf * kHk64BufBytes + lane_off, ktiles);
+    __syncthreads();  // buf is refilled next iteration
+    buf ^= 1;
+
+    // Sylvester over p = 8 nt + 2q + e, in place, for rows g (acc[nt][e])
+    // and g + 8 (acc[nt][2 + e]): bits 0 (e) and 3-5 (nt) in registers, bits
+    // 1-2 (q) across lanes.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // bit 0: e = i & 1
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        if (i & 1) continue;
+        const float a0 = acc[nt][i], a1 = acc[nt][i + 1];
+        acc[nt][i] = a0 + a1;
+        acc[nt][i + 1] = a0 - a1;
+      }
+    }
+#pragma unroll
+    for (int hb = 1; hb < 8; hb <<= 1)  // bits 3-5: nt
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        if (nt & hb) continue;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float a0 = acc[nt][i], a1 = acc[nt + hb][i];
+          acc[nt][i] = a0 + a1;
+          acc[nt + hb][i] = a0 - a1;
+        }
+      }
+#pragma unroll
+    for (int m = 1; m <= 2; m <<= 1) {  // bits 1-2: q
+      const bool upper = (q & m) != 0;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float other = __shfl_xor_sync(0xffffffffu, acc[nt][i], m);
+          acc[nt][i] = upper ? other - acc[nt][i] : acc[nt][i] + other;
+        }
+    }
+    const int64_t row = item / per_row;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 16 * warp + g + 8 * h;
+      if (r >= K) continue;
+      const int col = (item % per_row) * block + r * kHk64P + 2 * q;
+      OutT* dst = y + row * n + col;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        float v0 = acc[nt][2 * h] * mult, v1 = acc[nt][2 * h + 1] * mult;
+        if (out_scale != nullptr) {
+          const float2 sc =
+              *reinterpret_cast<const float2*>(out_scale + col + 8 * nt);
+          v0 *= sc.x;
+          v1 *= sc.y;
+        }
+        if constexpr (sizeof(OutT) == 2) {
+          const OutT pair[2] = {from_float<OutT>(v0), from_float<OutT>(v1)};
+          *reinterpret_cast<uint32_t*>(dst + 8 * nt) =
+              *reinterpret_cast<const uint32_t*>(pair);
+        } else {
+          *reinterpret_cast<float2*>(dst + 8 * nt) = make_float2(v0, v1);
+        }
+      }
+    }
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+}
+
+// The dense path's input side of the same blocks: x (rows, n) bf16 or fp16
+// times SU (copies, n), the Sylvester part in fp32, scaled by mult_pre and
+// rounded to fp16 (at x~'s own scale, as the cuBLAS route it replaces), then
+// Hm on the fp16 tensor cores as above, times mult_post, fp16 out (copies,
+// rows, n). Each item's raw row block is staged by cp.async one item ahead;
+// the Sylvester part goes from there into the one X buffer.
+constexpr int kHk64RawBytes = kHk64MaxKTiles * 16 * kHk64P * 2;
+constexpr int kHk64InSmem = 2 * kHk64RawBytes + kHk64BufBytes;
+
+template <typename InT>
+__global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
+    qtip_hk64_in_kernel(const InT* __restrict__ x,
+                        const float* __restrict__ in_scale,
+                        const float* __restrict__ had, __half* __restrict__ y,
+                        int rows, int n, int K, int copies, bool transpose,
+                        float mult_pre, float mult_post) {
+  static_assert(sizeof(InT) == 2);
+  extern __shared__ __align__(16) char smem[];
+  char* X = smem + 2 * kHk64RawBytes;
+  const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+  const int g = lane >> 2, q = lane & 3;
+  const int ktiles = (K + 15) / 16;  // = the warps
+  const int block = K * kHk64P, per_row = n / block;
+  const int per_copy = rows * per_row, items = copies * per_copy;
+  allow_dependents();
+  uint32_t a[kHk64MaxKTiles][4];
+  hk64_load_a(a, had, K, transpose, warp, lane);
+  hk64_zero_pad(X, K);
+  const uint32_t smem_addr =
+      static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  // Item i = (copy, row, block)'s raw values into raw buffer b, as they lie
+  // in x (K rows of 128 bytes).
+  auto stage = [&](int i, int b) {
+    const int rem = i % per_copy;
+    const InT* src = x + (int64_t)(rem / per_row) * n + (rem % per_row) * block;
+    for (int c = t; c < K * 8; c += blockDim.x)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                       smem_addr + b * kHk64RawBytes + c * 16),
+                   "l"(src + c * 8));
+    asm volatile("cp.async.commit_group;");
+  };
+  const uint32_t xb = smem_addr + 2 * kHk64RawBytes + hk64_lane_offset(lane);
+  wait_for_producer();
+
+  int buf = 0;
+  if ((int)blockIdx.x < items) stage(blockIdx.x, 0);
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    if (item + (int)gridDim.x < items)
+      stage(item + gridDim.x, buf ^ 1);
+    else
+      asm volatile("cp.async.commit_group;");  // keeps the count
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    __syncthreads();
+    const int copy = item / per_copy, rem = item % per_copy;
+    const int row = rem / per_row, col0 = (rem % per_row) * block;
+
+    // Sylvester over p = 8s + j of row k: task (k, s) holds j = 0..7 (bits
+    // 0-2 in registers); the 8 tasks of a row are lanes 8m .. 8m + 7 of one
+    // warp (bits 3-5 by shuffles). Lanes past the tasks take part in the
+    // shuffles with zeros.
+    const char* raw = smem + buf * kHk64RawBytes;
+    const float* su = in_scale + (int64_t)copy * n + col0;
+    for (int base = 0; base < K * 8; base += blockDim.x) {
+      const int i = base + t, k = i >> 3, s = i & 7;
+      const bool active = i < K * 8;
+      float v[8] = {};
+      if (active) {
+        float sc[8];
+        load8(reinterpret_cast<const InT*>(raw + i * 16), v);  // 16 bytes
+        load8(su + i * 8, sc);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] *= sc[j];
+      }
+      butterflies<8>(v);
+#pragma unroll
+      for (int m = 1; m < 8; m <<= 1) {
+        const bool upper = (s & m) != 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float other = __shfl_xor_sync(0xffffffffu, v[j], m);
+          v[j] = upper ? other - v[j] : v[j] + other;
+        }
+      }
+      if (active) {
+        uint4 u;
+        uint32_t* w = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          w[j] = pack_half2(v[2 * j] * mult_pre, v[2 * j + 1] * mult_pre);
+        *reinterpret_cast<uint4*>(X + k * (kHk64Stride * 2) + s * 16) = u;
+      }
+    }
+    __syncthreads();
+
+    float acc[8][4] = {};
+    hk64_mma(acc, a, xb, ktiles);
+    __half* dst0 = y + ((int64_t)copy * rows + row) * n + col0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 16 * warp + g + 8 * h;
+      if (r >= K) continue;
+      __half* dst = dst0 + r * kHk64P + 2 * q;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+        *reinterpret_cast<uint32_t*>(dst + 8 * nt) = pack_half2(
+            acc[nt][2 * h] * mult_post, acc[nt][2 * h + 1] * mult_post);
+    }
+    __syncthreads();  // X and the raw buffer are refilled next
+    buf ^= 1;
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+}
+
 }  // namespace kernels
 
 namespace {
@@ -589,6 +912,7 @@ struct HadArgs {
   bool presummed;
   bool sylvester4096;  // qtip_sylvester4096_kernel (see there)
   bool hk512;          // qtip_hk512_kernel (see there)
+  bool hk64;           // qtip_hk64_kernel (see there)
 };
 
 template <typename InT, typename OutT>
@@ -616,6 +940,24 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
         reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.K, a.transpose,
         a.segs.mult[0]);
     return;
+  }
+  if constexpr (std::is_same_v<InT, __half>) {
+    if (a.hk64) {
+      auto kernel = kernels::qtip_hk64_kernel<OutT>;
+      static DeviceFlags smem_set;
+      ensure_max_dynamic_smem(kernel, smem_set);
+      const int64_t items = (int64_t)a.rows * (a.n / (a.K * kernels::kHk64P));
+      // One CTA per SM (its 116 registers per thread leave room for one).
+      const int64_t grid =
+          std::min<int64_t>(items, get_device_prop()->multiProcessorCount);
+      launch_dependent(kernel, dim3((unsigned)grid),
+                       dim3((unsigned)(32 * ((a.K + 15) / 16))),
+                       kernels::kHk64Smem, stream,
+                       reinterpret_cast<const __half*>(a.x), a.out_scale, a.had,
+                       reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.K,
+                       a.transpose, a.segs.mult[0]);
+      return;
+    }
   }
   auto kernel = kernels::qtip_hadamard_kernel<InT, OutT>;
   static DeviceFlags smem_set;
@@ -657,8 +999,10 @@ void dispatch(ScalarType in_dtype, ScalarType out_dtype, const HadArgs& a,
 }  // namespace
 
 bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows) {
-  return K > 1 && K <= kernels::kHk512MaxK && block == K * kernels::kHk512P &&
-         rows >= kernels::kSyl16MinRows;
+  if (rows < kernels::kSyl16MinRows) return false;
+  if (K > 1 && K <= kernels::kHk512MaxK) return block == K * kernels::kHk512P;
+  return K >= kernels::kHk64MinK && K <= 16 * kernels::kHk64MaxKTiles &&
+         block == K * kernels::kHk64P;
 }
 
 int64_t check_had_factor(const std::optional<Tensor>& had_k, const Tensor& x,
@@ -827,11 +1171,22 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   }
   // Many rows in blocks of K x 512 with K <= 32 (every block of one size,
   // so one mult): the one-pass kernel with H_K on the tensor cores.
-  bool all_hk512 = in_splits == 1;
+  bool all_hk512 = K <= kernels::kHk512MaxK && in_splits == 1;
   for (int s = 0; s < segs.count; ++s)
     all_hk512 &= hadamard_one_pass(K, K << segs.log2P[s], copies * rows);
   if (all_hk512) {
     a.hk512 = true;
+    dispatch(in_dtype, out_dtype, a, stream);
+    return y;
+  }
+  // Many rows of fp16 in blocks of K x 64 with 32 < K <= 176 and no input
+  // scale (the dense path's output side): qtip_hk64_kernel.
+  bool all_hk64 = K > kernels::kHk512MaxK && in_dtype == ScalarType::Half &&
+                  !in_scale.has_value() && in_splits == 1;
+  for (int s = 0; s < segs.count; ++s)
+    all_hk64 &= hadamard_one_pass(K, K << segs.log2P[s], rows);
+  if (all_hk64) {
+    a.hk64 = true;
     dispatch(in_dtype, out_dtype, a, stream);
     return y;
   }
@@ -897,6 +1252,63 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
                                        kernels::kHadMaxThreads);
   a.smem = (int)(smem + (ksplit - 1) * items * 8 * 4);
   dispatch(two_launches ? ScalarType::Float : in_dtype, out_dtype, a, stream);
+  return y;
+}
+
+Tensor dense_one_pass_input(const Tensor& x, const Tensor& su,
+                            const Tensor& had, int64_t block) {
+  const int64_t K = check_had_factor(had, x, "dense_one_pass_input");
+  STD_TORCH_CHECK(su.dim() == 2,
+                  "dense_one_pass_input: SU must be (shards, n), got ",
+                  shape(su));
+  const int64_t rows = x.size(0), n = su.size(1), copies = su.size(0);
+  STD_TORCH_CHECK(hadamard_one_pass(K, block, copies * rows),
+                  "dense_one_pass_input: no one-pass transform of ",
+                  copies * rows, " rows (times shards) in blocks of ", block,
+                  " with K=", K);
+  if (K <= kernels::kHk512MaxK)
+    return qtip_hadamard(x, su, std::nullopt, had, true, {block}, {n},
+                         1.0 / 32.0, ScalarType::Half);
+  STD_TORCH_CHECK(x.dim() == 2 && x.size(1) == n && x.is_contiguous() &&
+                      (x.scalar_type() == ScalarType::Half ||
+                       x.scalar_type() == ScalarType::BFloat16) &&
+                      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+                  "dense_one_pass_input: x must be a contiguous, 16-byte "
+                  "aligned (rows, ",
+                  n, ") fp16 or bf16 tensor, got ", shape(x), " ",
+                  x.scalar_type());
+  STD_TORCH_CHECK(n % block == 0, "dense_one_pass_input: block ", block,
+                  " must divide n = ", n);
+  check_scale(su, "SU", x, true);
+  auto y = new_tensor({copies, rows, n}, ScalarType::Half, x);
+  if (rows == 0) return y;
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  auto stream = get_current_cuda_stream();
+  const int64_t items = copies * rows * (n / block);
+  STD_TORCH_CHECK(items < INT32_MAX, "dense_one_pass_input: ", items,
+                  " row blocks are too many");
+  const int grid =
+      (int)std::min<int64_t>(items, get_device_prop()->multiProcessorCount);
+  // The cuBLAS route's scales: 1 / sqrt(P) / 32 before the fp16 rounding,
+  // 1 / sqrt(K) after H_K.
+  const float mult_pre =
+      (float)(1.0 / 32.0 / std::sqrt((double)kernels::kHk64P));
+  const float mult_post = (float)(1.0 / std::sqrt((double)K));
+  auto run = [&](auto* typed_x) {
+    using InT = std::remove_const_t<std::remove_pointer_t<decltype(typed_x)>>;
+    auto kernel = kernels::qtip_hk64_in_kernel<InT>;
+    static DeviceFlags smem_set;
+    ensure_max_dynamic_smem(kernel, smem_set);
+    launch_dependent(
+        kernel, dim3((unsigned)grid), dim3((unsigned)(32 * ((K + 15) / 16))),
+        kernels::kHk64InSmem, stream, typed_x, su.const_data_ptr<float>(),
+        had.const_data_ptr<float>(), reinterpret_cast<__half*>(y.data_ptr()),
+        (int)rows, (int)n, (int)K, (int)copies, true, mult_pre, mult_post);
+  };
+  if (x.scalar_type() == ScalarType::Half)
+    run(reinterpret_cast<const __half*>(x.const_data_ptr()));
+  else
+    run(reinterpret_cast<const __nv_bfloat16*>(x.const_data_ptr()));
   return y;
 }
 

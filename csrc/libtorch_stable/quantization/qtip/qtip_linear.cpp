@@ -16,14 +16,15 @@
 //    and the output transform adds them in order;
 //  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
 //    fp16 output is the reference's fallback-GEMM numerics. Blocks of
-//    K x 512 columns with K <= 32 (Llama-3's 14336) are transformed in one
-//    pass with H_K on the tensor cores (hadamard_one_pass). Any other H_K
-//    factor (e.g. K = 172 for 11008) is applied by cuBLAS, as one batched
-//    (K, K) x (K, P) product over the Hadamard blocks, and the transform
-//    kernel does only the Sylvester part and the scales: its own H_K step
-//    costs K FMAs per value on the CUDA cores, which at prefill sizes is
-//    most of the layer. On the input side this rounds x~ to fp16 once more
-//    (after the Sylvester part), at x~'s scale.
+//    K x 512 columns with K <= 32 (Llama-3's 14336) and K x 64 with
+//    32 < K <= 176 (Llama-2's 11008) are transformed in one pass with H_K on
+//    the tensor cores (hadamard_one_pass). Any other H_K factor is applied
+//    by cuBLAS, as one batched (K, K) x (K, P) product over the Hadamard
+//    blocks, and the transform kernel does only the Sylvester part and the
+//    scales: its own H_K step costs K FMAs per value on the CUDA cores,
+//    which at prefill sizes is most of the layer. On the input side both the
+//    K x 64 kernel and cuBLAS round x~ to fp16 once more (after the
+//    Sylvester part), at x~'s scale.
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
 
@@ -88,10 +89,11 @@ Tensor dense_input_transform(const Tensor& x, const Tensor& su,
                              const std::optional<Tensor>& had_in,
                              int64_t in_block) {
   const int64_t n = su.size(1);
-  if (!had_in.has_value() ||
-      hadamard_one_pass(had_in->size(0), in_block, su.size(0) * x.size(0)))
-    return qtip_hadamard(x, su, std::nullopt, had_in, true, {in_block}, {n},
-                         1.0 / 32.0, ScalarType::Half);
+  if (!had_in.has_value())
+    return qtip_hadamard(x, su, std::nullopt, std::nullopt, true, {in_block},
+                         {n}, 1.0 / 32.0, ScalarType::Half);
+  if (hadamard_one_pass(had_in->size(0), in_block, su.size(0) * x.size(0)))
+    return dense_one_pass_input(x, su, *had_in, in_block);
   // Sylvester part with SU, / 32 and its 1/sqrt(P) in the kernel, rounded
   // to fp16 for the tensor cores at x~'s own magnitude (so no subnormals
   // beyond the reference's); then H_K^T / sqrt(K) per block, accumulated in

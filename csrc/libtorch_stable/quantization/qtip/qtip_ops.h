@@ -110,11 +110,18 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
                      const std::vector<int64_t>& segment_sizes, double factor,
                      ScalarType out_dtype);
 
-// Whether qtip_hadamard transforms `rows` rows (times copies) in blocks of
-// `block` columns with an H_K of size K in one pass on the tensor cores
-// (qtip_hk512_kernel): then the dense path leaves H_K to it rather than to
-// cuBLAS.
+// Whether the dense path transforms `rows` rows (times copies) in blocks of
+// `block` columns with an H_K of size K in one pass on the tensor cores: K x
+// 512 with K <= 32 (qtip_hk512_kernel) or K x 64 with 32 < K <= 176
+// (qtip_hk64_kernel for fp16 input without an input scale, the output side;
+// dense_one_pass_input for the input side). Then it leaves H_K to them
+// rather than to cuBLAS.
 bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows);
+// The dense path's input transform of such blocks: x * SU_s, Hn^T, / 32,
+// fp16 (shards, rows, n). For K x 64 blocks the Sylvester part is rounded to
+// fp16 at x~'s scale before H_K, as on the cuBLAS route.
+Tensor dense_one_pass_input(const Tensor& x, const Tensor& su,
+                            const Tensor& had, int64_t block);
 
 // One QTIP linear layer with all its shards (see qtip_linear.cpp): fused
 // GEMM below dense_min_rows rows, decode-to-dense + cuBLAS from there on.

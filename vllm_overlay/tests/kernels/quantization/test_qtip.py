@@ -174,6 +174,14 @@ def test_linear_dense_wide_factor(dtype: torch.dtype):
     _check_linear(4096, 14336, 2, dtype, (QTIP_DENSE_MIN_ROWS, 300))
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("m,n", ((4096, 11008), (2304, 6912), (6912, 2304)))
+def test_linear_dense_k64_blocks(m: int, n: int, dtype: torch.dtype):
+    # Hadamard blocks of K x 64 (K = 172, 108, 36) on the dense path; 600
+    # rows give each persistent CTA of the one-pass kernels several row blocks.
+    _check_linear(m, n, 2, dtype, (QTIP_DENSE_MIN_ROWS, 600))
+
+
 @pytest.mark.parametrize("K", (2, 3, 4))
 @pytest.mark.parametrize("batch", (1, 5, 8, 9, 16, 17, 32, 40, 64, 65, 130))
 # 1056 rows = 33 row tiles: the last work unit is partial.
@@ -220,11 +228,12 @@ def test_block_diagonal_linear():
         # Llama-2 q/k/v: at one row 8 warps share each row tile's k range.
         ([4096, 4096, 4096], 4096, None),
         ([11008, 11008], 4096, None),  # Llama-2 gate/up (K=172 output)
+        ([1024, 1024], 11008, None),  # K=172 input, one x~ copy per shard
         ([512, 128, 128], 576, [64, 16, 16]),  # TP-split blocks per shard
         # 15 row tiles per shard (H_60 output): partial work units.
         ([480, 480], 576, None),
     ],
-    ids=["qkv-gqa", "qkv", "gate-up", "blocks", "odd-tiles"],
+    ids=["qkv-gqa", "qkv", "gate-up", "k172-input", "blocks", "odd-tiles"],
 )
 @pytest.mark.parametrize("batch", [1, 16, QTIP_DENSE_MIN_ROWS])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -474,6 +483,33 @@ def test_hadamard_k512_blocks(
     assert rel_err(y.float(), ref(x.float() * SU[:, None], True) * SV * 0.5) < tol
     y = op(x, None, None, had, False, [block] * 2, [block] * 2, 0.5, out_dtype)
     assert rel_err(y.float(), ref(x.float(), False) * 0.5) < tol
+
+
+@pytest.mark.parametrize("K", (36, 108, 172))
+@pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16, torch.float32))
+def test_hadamard_k64_blocks(K: int, out_dtype: torch.dtype):
+    # fp16 blocks of K x 64 columns with 32 < K <= 176, no input scale and
+    # from 128 rows on (the dense path's output side) take the one-pass kernel
+    # with H_K first on fp16 tensor cores: both directions, with and without
+    # SV, two segments of two blocks each, more row blocks than SMs
+    # (persistent CTAs); 127 rows take qtip_hadamard_kernel, 128 the kernel.
+    block = K * 64
+    n = 4 * block
+    had = factor(block)
+    op = torch.ops._qtip_C.qtip_hadamard
+    SV = torch.rand(n, device=DEVICE)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}[out_dtype]
+    segments = [2 * block, 2 * block]
+    for rows in (127, 128, 300):
+        x = torch.randn(rows, n, device=DEVICE).half()
+        for transpose in (False, True):
+            ref = hadamard_transform(x.float(), transpose, block_size=block, had_k=had)
+            y = op(x, None, SV, had, transpose, [block] * 2, segments, 0.5, out_dtype)
+            assert y.dtype == out_dtype
+            assert rel_err(y.float(), ref * SV * 0.5) < tol
+        y = op(x, None, None, had, False, [block] * 2, segments, 2.0, out_dtype)
+        ref = hadamard_transform(x.float(), False, block_size=block, had_k=had)
+        assert rel_err(y.float(), ref * 2.0) < tol
 
 
 @pytest.mark.parametrize("rows", (1, 300))
