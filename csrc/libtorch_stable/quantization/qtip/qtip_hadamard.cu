@@ -376,6 +376,11 @@ constexpr int kHk512Stride = kHk512P + 8;
 constexpr int kHk512HStride = kHk512MaxK + 8;
 constexpr int kHk512Smem =
     (kHk512MaxK * kHk512Stride + kHk512MaxK * kHk512HStride) * 4;
+// Rows (times copies) from which it is taken: above the two-launch range,
+// so also on the fused path's output side (split-K partials) at 33-127
+// rows, where qtip_hadamard_kernel gives a 14336-column row to 4 CTAs that
+// each re-read its partials and redo its Sylvester part.
+constexpr int64_t kHk512MinRows = kHadTwoLaunchMaxRows + 1;
 
 // X's slot of column p: its 16-byte granule (bits 2-3) XORed with bits 5-6,
 // so the first pass's 16-byte stores are free of bank conflicts.
@@ -408,9 +413,11 @@ __global__ void __launch_bounds__(kHk512Threads, 2)
                       const float* __restrict__ in_scale,
                       const float* __restrict__ out_scale,
                       const float* __restrict__ had, OutT* __restrict__ y,
-                      int rows, int n, int K, bool transpose, float mult) {
+                      int rows, int n, int K, bool transpose, float mult,
+                      int in_splits) {
   extern __shared__ __align__(16) float X[];
   uint32_t* Hs = reinterpret_cast<uint32_t*>(X + kHk512MaxK * kHk512Stride);
+  const int64_t split_stride = (int64_t)rows * n;
   const int row = blockIdx.x, col0 = blockIdx.y * K * kHk512P;
   const int copy = blockIdx.z;
   const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
@@ -437,6 +444,17 @@ __global__ void __launch_bounds__(kHk512Threads, 2)
     float v[16];
     load8(x + col, *reinterpret_cast<float (*)[8]>(v));
     load8(x + col + 8, *reinterpret_cast<float (*)[8]>(v + 8));
+    // Split-K partial sums (the fused GEMM's output, fp32), added in split
+    // order.
+#pragma unroll 1
+    for (int sp = 1; sizeof(InT) == 4 && sp < in_splits; ++sp) {
+      float w[16];
+      load8(x + sp * split_stride + col, *reinterpret_cast<float (*)[8]>(w));
+      load8(x + sp * split_stride + col + 8,
+            *reinterpret_cast<float (*)[8]>(w + 8));
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] += w[i];
+    }
     if (in_scale != nullptr) {
       float sc[16];
       const float* s = in_scale + (int64_t)copy * n + col0 + col;
@@ -938,7 +956,7 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
         dim3(kernels::kHk512Threads), kernels::kHk512Smem, stream,
         reinterpret_cast<const InT*>(a.x), a.in_scale, a.out_scale, a.had,
         reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.K, a.transpose,
-        a.segs.mult[0]);
+        a.segs.mult[0], a.in_splits);
     return;
   }
   if constexpr (std::is_same_v<InT, __half>) {
@@ -999,10 +1017,10 @@ void dispatch(ScalarType in_dtype, ScalarType out_dtype, const HadArgs& a,
 }  // namespace
 
 bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows) {
-  if (rows < kernels::kSyl16MinRows) return false;
-  if (K > 1 && K <= kernels::kHk512MaxK) return block == K * kernels::kHk512P;
+  if (K > 1 && K <= kernels::kHk512MaxK)
+    return block == K * kernels::kHk512P && rows >= kernels::kHk512MinRows;
   return K >= kernels::kHk64MinK && K <= 16 * kernels::kHk64MaxKTiles &&
-         block == K * kernels::kHk64P;
+         block == K * kernels::kHk64P && rows >= kernels::kSyl16MinRows;
 }
 
 int64_t check_had_factor(const std::optional<Tensor>& had_k, const Tensor& x,
@@ -1171,7 +1189,7 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   }
   // Many rows in blocks of K x 512 with K <= 32 (every block of one size,
   // so one mult): the one-pass kernel with H_K on the tensor cores.
-  bool all_hk512 = K <= kernels::kHk512MaxK && in_splits == 1;
+  bool all_hk512 = K <= kernels::kHk512MaxK;
   for (int s = 0; s < segs.count; ++s)
     all_hk512 &= hadamard_one_pass(K, K << segs.log2P[s], copies * rows);
   if (all_hk512) {

@@ -110,12 +110,12 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
                      const std::vector<int64_t>& segment_sizes, double factor,
                      ScalarType out_dtype);
 
-// Whether the dense path transforms `rows` rows (times copies) in blocks of
-// `block` columns with an H_K of size K in one pass on the tensor cores: K x
-// 512 with K <= 32 (qtip_hk512_kernel) or K x 64 with 32 < K <= 176
-// (qtip_hk64_kernel for fp16 input without an input scale, the output side;
-// dense_one_pass_input for the input side). Then it leaves H_K to them
-// rather than to cuBLAS.
+// Whether `rows` rows (times copies) in blocks of `block` columns with an H_K
+// of size K are transformed in one pass on the tensor cores: K x 512 with
+// K <= 32 from 33 rows (qtip_hk512_kernel, split-K partials included), K x 64
+// with 32 < K <= 176 from 128 rows (qtip_hk64_kernel for fp16 input without
+// an input scale, the dense path's output side; dense_one_pass_input for its
+// input side). Then the dense path leaves H_K to them rather than to cuBLAS.
 bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows);
 // The dense path's input transform of such blocks: x * SU_s, Hn^T, / 32,
 // fp16 (shards, rows, n). For K x 64 blocks the Sylvester part is rounded to

@@ -350,7 +350,9 @@ def test_hadamard_sums_splits(n: int):
 @pytest.mark.parametrize("rows", (5, 40))
 def test_hadamard_partials_and_copies(n: int, rows: int):
     # Up to 32 rows (times copies) an H_K transform with K <= 32 (14336: 28,
-    # 192: 12) takes two launches; more rows, or K = 172 (11008), one.
+    # 192: 12) takes two launches; more rows of K x 512 blocks (14336) the
+    # one-pass kernel, with split-K partials too; K = 172 (11008) and 192 at
+    # 40 rows qtip_hadamard_kernel.
     op = torch.ops._qtip_C.qtip_hadamard
     had = factor(n)
     # Output side: split-K partial sums.
@@ -462,11 +464,10 @@ def test_hadamard_4096_blocks(rows: int, in_dtype: torch.dtype, out_dtype: torch
 def test_hadamard_k512_blocks(
     K: int, rows: int, in_dtype: torch.dtype, out_dtype: torch.dtype
 ):
-    # Blocks of K x 512 columns with K <= 32, no split-K partials and from
-    # 128 rows (copies x rows) on take the one-pass kernel with H_K on the
-    # tensor cores: both directions, two blocks per row, with and without
-    # scales, one copy per row of SU (64 rows: only these 128 copies reach
-    # it), two segments (a fused gate/up output).
+    # Blocks of K x 512 columns with K <= 32 from 33 rows (copies x rows) on
+    # take the one-pass kernel with H_K on the tensor cores: both directions,
+    # two blocks per row, with and without scales, one copy per row of SU,
+    # two segments (a fused gate/up output), split-K partials.
     block = K * 512
     n = 2 * block
     had = factor(block)
@@ -483,6 +484,12 @@ def test_hadamard_k512_blocks(
     assert rel_err(y.float(), ref(x.float() * SU[:, None], True) * SV * 0.5) < tol
     y = op(x, None, None, had, False, [block] * 2, [block] * 2, 0.5, out_dtype)
     assert rel_err(y.float(), ref(x.float(), False) * 0.5) < tol
+    # Split-K partial sums over two segments, added in split order.
+    parts = torch.randn(3, rows, n, device=DEVICE)
+    args = (None, None, had, False, [block] * 2, [block] * 2, 0.5, out_dtype)
+    y = op(parts, *args)
+    assert rel_err(y.float(), ref(parts.sum(0), False) * 0.5) < tol
+    assert torch.equal(y, op((parts[0] + parts[1]) + parts[2], *args))
 
 
 @pytest.mark.parametrize("K", (36, 108, 172))
