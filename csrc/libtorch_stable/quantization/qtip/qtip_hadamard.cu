@@ -645,6 +645,27 @@ __device__ __forceinline__ void hk64_zero_pad(char* buf, int K) {
     *reinterpret_cast<uint32_t*>(buf + K * kHk64Stride * 2 + i * 4) = 0u;
 }
 
+// A persistent CTA's items blockIdx.x, + gridDim.x, ... with the next one's
+// loads in flight: stage(item, b) issues an item's cp.async loads into
+// buffer b (of two) and commits them; body(item, b) runs once they have
+// landed and leaves buffer b (a barrier) before the next item's loads go
+// there.
+template <typename Stage, typename Body>
+__device__ __forceinline__ void for_each_staged_item(int items, Stage& stage,
+                                                     Body&& body) {
+  if ((int)blockIdx.x < items) stage((int)blockIdx.x, 0);
+  int buf = 0;
+  for (int item = blockIdx.x; item < items; item += gridDim.x, buf ^= 1) {
+    if (item + (int)gridDim.x < items)
+      stage(item + (int)gridDim.x, buf ^ 1);
+    else
+      asm volatile("cp.async.commit_group;");  // keeps the count
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    __syncthreads();
+    body(item, buf);
+  }
+}
+
 // y (rows, n) = the blocks of x (rows, n) fp16 transformed, times mult and
 // out_scale; items = rows * (n / (K * 64)).
 template <typename OutT>
@@ -683,20 +704,10 @@ __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
   const uint32_t lane_off = hk64_lane_offset(lane);
   wait_for_producer();
 
-  int buf = 0;
-  if ((int)blockIdx.x < items) stage(blockIdx.x, 0);
-  for (int item = blockIdx.x; item < items; item += gridDim.x) {
-    if (item + (int)gridDim.x < items)
-      stage(item + gridDim.x, buf ^ 1);
-    else
-      asm volatile("cp.async.commit_group;");  // keeps the count
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-    __syncthreads();
-
+  for_each_staged_item(items, stage, [&](int item, int buf) {
     float acc[8][4] = {};
     hk64_mma(acc, a, smem_addr + buf * kHk64BufBytes + lane_off, ktiles);
-    __syncthreads();  // buf is refilled next iteration
-    buf ^= 1;
+    __syncthreads();  // buf is refilled next
 
     // Sylvester over p = 8 nt + 2q + e, in place, for rows g (acc[nt][e])
     // and g + 8 (acc[nt][2 + e]): bits 0 (e) and 3-5 (nt) in registers, bits
@@ -759,7 +770,7 @@ __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
         }
       }
     }
-  }
+  });
   asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
 
@@ -807,15 +818,7 @@ __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
   const uint32_t xb = smem_addr + 2 * kHk64RawBytes + hk64_lane_offset(lane);
   wait_for_producer();
 
-  int buf = 0;
-  if ((int)blockIdx.x < items) stage(blockIdx.x, 0);
-  for (int item = blockIdx.x; item < items; item += gridDim.x) {
-    if (item + (int)gridDim.x < items)
-      stage(item + gridDim.x, buf ^ 1);
-    else
-      asm volatile("cp.async.commit_group;");  // keeps the count
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-    __syncthreads();
+  for_each_staged_item(items, stage, [&](int item, int buf) {
     const int copy = item / per_copy, rem = item % per_copy;
     const int row = rem / per_row, col0 = (rem % per_row) * block;
 
@@ -871,8 +874,7 @@ __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
             acc[nt][2 * h] * mult_post, acc[nt][2 * h + 1] * mult_post);
     }
     __syncthreads();  // X and the raw buffer are refilled next
-    buf ^= 1;
-  }
+  });
   asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
 
