@@ -1145,7 +1145,7 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   // two blocks of 88 rows instead of six of 32; ~30% faster layers).
   const int64_t row_blocks = copies * rows * segs.blk0[segs.count];
   int rchunk = 32;
-  if (K > 32 && row_blocks <= sms && !two_launches) {
+  if (K > 32 && row_blocks > 0 && row_blocks <= sms && !two_launches) {
     // From 8 rows on, at most 4 blocks per row: each one re-reads the row
     // (all its split-K partials on the output side), which costs more than
     // the H_K FMAs it shares out.

@@ -159,6 +159,16 @@ def test_linear_k34(m: int, n: int, K: int, dtype: torch.dtype):
     _check_linear(m, n, K, dtype, (1, 3, 16, 33, QTIP_DENSE_MIN_ROWS + 1))
 
 
+@pytest.mark.parametrize("m,n", ((4096, 11008), (11008, 4096), (4096, 14336)))
+def test_linear_zero_rows(m: int, n: int):
+    # An empty batch gives an empty output (the K = 172 transform's planning
+    # divided by the row count).
+    trellis, tlut, SU, SV = random_layer(m, n, 2, seed=5)
+    x = torch.empty(0, n, device=DEVICE, dtype=torch.bfloat16)
+    y = qtip_matmul(x, trellis, tlut, SU, SV, factor(n), factor(m), 2)
+    assert y.shape == (0, m) and y.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_linear_own_input_wide_factor(dtype: torch.dtype):
     # Llama-3 down_proj (K=28 input factor, P=512): at one row the GEMM
