@@ -30,7 +30,11 @@ def lutb(c):
 
 
 def config(nbt):
-    nb = 1 if nbt <= 1 else 2 if nbt <= 2 else 4 if nbt <= 4 else 8
+    if nbt <= 4:
+        nb = 1 if nbt <= 1 else 2 if nbt <= 2 else 4
+    else:  # pass_tiles (nb6.patch): 6 where 8 would need no more than 6 per pass
+        passes = (nbt + 7) // 8
+        nb = 6 if (nbt + passes - 1) // passes <= 6 else 8
     r = ring(nb)
     copies = 32 if lutb(32) + stage_bytes(nb, r) <= LIMIT else 16
     lut = lutb(copies)
@@ -48,7 +52,7 @@ def red_bytes(lq, nb):
 def max_chunk_l(nb, cb):
     lq = 0
     while (
-        nb < 8
+        nb <= 4
         and lq < 4
         and cb % ((2 << lq) * ring(nb)) == 0
         and red_bytes(lq + 1, nb) <= stage_bytes(nb, cb)
