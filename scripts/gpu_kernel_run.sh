@@ -11,7 +11,8 @@
 # ones of benchmarks/experiments/): apply, build, kernel tests, bench, the
 # comparison with the baseline (scripts/compare_kernels.py), then revert;
 # each variant's logs in $OUT/variants.tgz. Run it after build/bench so the
-# tree's own kernels are the baseline.
+# tree's own kernels are the baseline; VARIANTS_RESTORE=0 skips rebuilding
+# them at the end (when nothing else follows in the call).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/qtip-out}
@@ -171,7 +172,9 @@ step_variants() {
   done
   [ ${#names[@]} -gt 0 ] && tar czf "$base/variants.tgz" -C "$base" "${names[@]}" &&
     (cd "$base" && rm -rf "${names[@]}")
-  OUT=$base step_build  # back to the tree's own kernels
+  # Back to the tree's own kernels, unless the call ends here
+  # (VARIANTS_RESTORE=0 saves that build's ~60 s of device time).
+  [ "${VARIANTS_RESTORE:-1}" = 0 ] || OUT=$base step_build
 }
 
 for step in "$@"; do
