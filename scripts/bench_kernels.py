@@ -101,7 +101,12 @@ def copy_bandwidth() -> float:
 KERNEL_KINDS = (
     (
         "hadamard",
-        ("qtip_hadamard_kernel", "qtip_sylvester4096_kernel", "qtip_hk512_kernel"),
+        (
+            "qtip_hadamard_kernel",
+            "qtip_sylvester4096_kernel",
+            "qtip_hk512_kernel",
+            "qtip_hk64_",  # qtip_hk64_kernel, qtip_hk64_in_kernel
+        ),
     ),
     ("mma", ("qtip_mma_kernel",)),
     ("decode", ("qtip_decode_kernel",)),

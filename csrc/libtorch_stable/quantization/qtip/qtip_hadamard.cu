@@ -1301,7 +1301,6 @@ Tensor dense_one_pass_input(const Tensor& x, const Tensor& su,
                   " must divide n = ", n);
   check_scale(su, "SU", x, true);
   auto y = new_tensor({copies, rows, n}, ScalarType::Half, x);
-  if (rows == 0) return y;
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   auto stream = get_current_cuda_stream();
   const int64_t items = copies * rows * (n / block);
