@@ -28,7 +28,8 @@
 #           benchmarks/experiments/): apply it, rerun setup (lays the series,
 #           rebuilds _qtip_C), run the SCALE_ARGS configurations into
 #           $OUT/scale_<patch>.json, revert; then setup again for the tree's
-#           own series. A `scale` step before it is the same call's baseline
+#           own series (VARIANTS_RESTORE=0: the last variant stays applied).
+#           A `scale` step before it is the same call's baseline
 #           ($OUT/scale_main.json).
 # Logs go to $OUT (or /tmp/qtip-out), packed into $OUT/results.tgz when
 # they are more than the 8 files a device call brings back.
@@ -165,6 +166,9 @@ step_scale_variants() {
     step_scale
     mv /tmp/scale_h200.json "$OUT/scale_$name.json" 2>/dev/null
     rm -f "$OUT/scale_h200.json"
+    # VARIANTS_RESTORE=0 keeps the last variant applied and built (its
+    # parallel tests can follow in the same call; ~60 s less device time).
+    [ "${VARIANTS_RESTORE:-1}" = 0 ] && [ "$patch" = "${VARIANTS##* }" ] && return
     patch -p1 -R < "$patch" > /dev/null
   done
   (step_setup) > "$OUT/setup_main.log" 2>&1 || echo "setup of the tree's own series failed"

@@ -16,7 +16,9 @@
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/qtip-out}
-QK=/tmp/qtip-kernels
+# QK: where _qtip_C and the stand-ins go; a second run at the same time (one
+# per GPU, from its own copy of the repository) needs its own.
+QK=${QK:-/tmp/qtip-kernels}
 mkdir -p "$OUT" "$QK/vllm"
 source "$(dirname "$0")/gpu_pack_out.sh"
 export PYTHONPATH=$QK:$REPO/vllm_overlay PYTHONUNBUFFERED=1
@@ -57,7 +59,7 @@ step_build() {
   # The same CMake build as the product's (vLLM's helpers from .gpu/vllm-src),
   # installed beside the stand-in vllm package.
   TORCH_CUDA_ARCH_LIST=9.0 bash scripts/build_qtip_ext.sh python3 "$REPO/.gpu/vllm-src" "$QK" \
-    /tmp/qtip-kernels-build > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; return 1; }
+    "$QK-build" > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; return 1; }
   echo "_qtip_C built in $((SECONDS - t0)) s"
 }
 
@@ -74,8 +76,8 @@ step_tests() {
 }
 
 step_ceiling() {
-  nvcc -O3 -arch=sm_90 -o /tmp/hyb_decode_bench .gpu/ref/hyb_decode_bench.cu &&
-    timeout 120 /tmp/hyb_decode_bench | tee "$OUT/decode_ceiling.log" | sort -t';' -k2 | tail -4
+  nvcc -O3 -arch=sm_90 -o "$QK/hyb_decode_bench" .gpu/ref/hyb_decode_bench.cu &&
+    timeout 120 "$QK/hyb_decode_bench" | tee "$OUT/decode_ceiling.log" | sort -t';' -k2 | tail -4
 }
 
 step_bench() {
