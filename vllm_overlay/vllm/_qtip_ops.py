@@ -105,6 +105,7 @@ if _has_op("qtip_linear"):
         out_blocks: list[int],
         shard_rows: list[int],
         dense_min_rows: int,
+        in_offset: int = 0,
     ) -> torch.Tensor:
         return x.new_empty((x.shape[0], SV.shape[0]))
 
@@ -297,6 +298,7 @@ def qtip_matmul(
     in_block: int | None = None,
     out_blocks: list[int] | None = None,
     shard_rows: list[int] | None = None,
+    gemm_cols: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """One QTIP linear: y = SV * (Hm @ W_hat @ Hn^T @ (SU * x)).
 
@@ -314,7 +316,10 @@ def qtip_matmul(
     (shards, n) and SV their concatenated output scales; the output is the
     shards' outputs side by side, as vLLM's fused layers return them.
     in_block / out_blocks (one per shard) make Hn / Hm block-diagonal
-    (TP-split checkpoints). Below QTIP_DENSE_MIN_ROWS rows the fused decode +
+    (TP-split checkpoints). gemm_cols = (offset, count) makes W_hat cover only
+    those columns of Hn^T (SU * x): the trellis is m x count, the transform
+    spans all n (a row-parallel rank's slice of a whole-matrix checkpoint;
+    offset a multiple of 32). Below QTIP_DENSE_MIN_ROWS rows the fused decode +
     GEMM kernel runs, from there on W_hat is decoded to fp16 and multiplied
     by cuBLAS; the choice happens inside one op, so torch.compile sees no
     branch.
@@ -355,7 +360,13 @@ def qtip_matmul(
     _check_factor(had_out, "had_out", x.device)
     if trellis.device != x.device:
         raise ValueError(f"trellis must be on {x.device}, got {trellis.device}")
-    trellis3 = _check_trellis(trellis, tlut, m, n, K, len(shard_rows))
+    in_offset, n_gemm = (0, n) if gemm_cols is None else gemm_cols
+    if in_offset < 0 or in_offset % 32 != 0 or n_gemm <= 0 or in_offset + n_gemm > n:
+        raise ValueError(
+            f"gemm_cols {gemm_cols} must be a 32-aligned column range within "
+            f"the {n} transformed input features"
+        )
+    trellis3 = _check_trellis(trellis, tlut, m, n_gemm, K, len(shard_rows))
     lead = x.shape[:-1]
     y = torch.ops._qtip_C.qtip_linear(
         x.reshape(-1, n).contiguous(),
@@ -369,5 +380,6 @@ def qtip_matmul(
         out_blocks,
         shard_rows,
         QTIP_DENSE_MIN_ROWS,
+        in_offset,
     )
     return y.reshape(*lead, m)

@@ -581,7 +581,39 @@ def test_gathered_kernel_path_shares_calls(tp1, monkeypatch):
         ]
         return torch.cat(products, dim=-1)
 
+    def matmul(
+        x,
+        trellis,
+        tlut,
+        SU,
+        SV,
+        had_in,
+        had_out,
+        K,
+        *,
+        in_block=None,
+        out_blocks=None,
+        shard_rows=None,
+        gemm_cols=None,
+    ):
+        # One whole layer (the row-parallel path): the reference steps, with
+        # the GEMM over the gemm_cols window of the transformed input.
+        calls.append(f"linear K={K}")
+        n, m = SU.shape[-1], SV.shape[0]
+        offset, cols = gemm_cols or (0, n)
+        params = params_by_bits[K]
+        su = SU.reshape(n)
+        xh = hadamard_transform(
+            x.float() * su, transpose=True, block_size=in_block or n, had_k=had_in
+        )
+        xh = (xh / 32).half()[:, offset : offset + cols]
+        w_hat = decode_weight(trellis, tlut.reshape(512, 2), m, cols, params)
+        acc = xh.float() @ w_hat.T
+        y = hadamard_transform(acc, block_size=out_blocks[0], had_k=had_out)
+        return (y * SV * 32).to(x.dtype)
+
     monkeypatch.setattr(qtip_ops, "qtip_hadamard", hadamard)
+    monkeypatch.setattr(qtip_ops, "qtip_matmul", matmul)
     monkeypatch.setattr(torch.ops.vllm, "qtip_hat_product", hat_product, raising=False)
     gen = torch.Generator().manual_seed(0)
     for module, gather, expected_calls in (
@@ -592,7 +624,8 @@ def test_gathered_kernel_path_shares_calls(tp1, monkeypatch):
             "output",
             ["transform", "product K=2 x2", "product K=4 x1", "transform", "transform"],
         ),
-        (block.self_attn.o_proj, "input", ["transform", "product K=2 x1", "transform"]),
+        # The row-parallel layer is one qtip_matmul over its column window.
+        (block.self_attn.o_proj, "input", ["linear K=2"]),
         # gate is skip-listed (dense): up alone.
         (
             block.mlp.gate_up_proj,

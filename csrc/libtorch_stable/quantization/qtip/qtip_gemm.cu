@@ -260,23 +260,26 @@ __device__ __forceinline__ void cp_async_wait_one() {
 }
 
 // y partials (splits, rows, m) fp32 = x~ @ W_hat^T for every shard, W_hat
-// decoded on the fly. xt: x~ row-major fp16, (shards, rows, n), in 16-byte
-// vectors; the batch is covered by nbt = ceil(rows / 8) n8 tiles. With InT
-// (the activation dtype; one row) the kernel makes x~ itself from in.x
-// instead, in shared memory (xt unused): the staging buffers hold the row's
-// transform X (fp32), behind it the unit's k range of x~ as row 0 of a
-// staging tile and, with H_K, the unit's rows of H_K and the H_K step's
-// partial sums (the host checks that they fit; for H_K it may give the
-// launch more shared memory). kShares: plan.log2kq > 0 (warp shares); the
-// kq = 1 kernels are instantiated apart, so none of the shares' index math
-// or reduction is in their code.
+// decoded on the fly. xt: x~ row-major fp16, (shards, rows, n + 8 x_extra),
+// in 16-byte vectors, already offset to the first of the n = 32 nblk
+// columns the trellis covers (x_extra = 0 for a whole layer; a column
+// window, a row-parallel rank's slice of a whole-matrix layer, has rows
+// x_extra vectors wider than the window); the batch is covered by
+// nbt = ceil(rows / 8) n8 tiles. With InT (the activation dtype; one row)
+// the kernel makes x~ itself from in.x instead, in shared memory (xt
+// unused): the staging buffers hold the row's transform X (fp32), behind it
+// the unit's k range of x~ as row 0 of a staging tile and, with H_K, the
+// unit's rows of H_K and the H_K step's partial sums (the host checks that
+// they fit; for H_K it may give the launch more shared memory). kShares:
+// plan.log2kq > 0 (warp shares); the kq = 1 kernels are instantiated apart,
+// so none of the shares' index math or reduction is in their code.
 template <int K, int NB, int kCopies, typename InT, bool kShares>
 __global__ void __launch_bounds__(kMmaWarps * 32, 1)
     qtip_mma_kernel(const uint8_t* __restrict__ trellis,
                     const __half* __restrict__ tlut,
                     const uint4* __restrict__ xt, float* __restrict__ part,
                     int m, int nblk, int rows, int nbt, int chunk_blocks,
-                    MmaPlan plan, InputTransform in) {
+                    MmaPlan plan, InputTransform in, int x_extra) {
   constexpr bool kOwnInput = !std::is_void_v<InT>;
   static_assert(!kOwnInput || NB == 1);
   using Lut = SignedLut<kCopies>;
@@ -289,7 +292,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
   // One staging buffer: chunk_blocks blocks of the pass's 8 * NB rows.
   constexpr int kBlockBytes = stage_block_bytes(NB);
   const int buf_bytes = chunk_blocks * kBlockBytes;
-  const int row_vecs = nblk * 4;  // 16-byte vectors per row of x~
+  // 16-byte vectors per row of x~. (This form, the window as an addend
+  // passed last, compiles to the same registers and main loop as the whole
+  // layer's nblk * 4 on sm_90; a row stride parameter of its own made the
+  // compiler spill in the NB = 8 main loops.)
+  const int row_vecs = nblk * 4 + x_extra;
 
   const int tid = threadIdx.x, lane = tid & 31;
   // Read through a shuffle from lane 0 so the compiler knows it is
@@ -297,7 +304,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1)
   // guards and the LUT base stays in a uniform register.
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   // Warp share kj of the tile tile_in_unit (see the file comment).
-  static_assert(!kShares || NB < 8, "NB = 8 takes kq = 1 (max_chunk_log2kq)");
+  static_assert(!kShares || NB <= 4,
+                "NB = 6 and 8 take kq = 1 (max_chunk_log2kq)");
   const int log2kq = kShares ? plan.log2kq : 0, kq = 1 << log2kq;
   const int log2tpu = kLog2MmaWarps - log2kq;
   const int kj = (warp & (kMmaWarps - 1)) >> log2tpu;  // 0 when kq = 1
@@ -715,7 +723,7 @@ Weight check_weight(const Tensor& trellis, const Tensor& tlut,
 
 // Launch shape of one qtip_mma_kernel call.
 struct MmaConfig {
-  int nb;      // n8 batch tiles per pass (1, 2, 4, 8)
+  int nb;      // n8 batch tiles per pass (1, 2, 4, 6, 8)
   int copies;  // LUT copies (32: conflict-free; 16 where smem is short)
   int chunk_blocks;
   int smem;
@@ -726,9 +734,19 @@ int stage_bytes(int nb, int chunk_blocks) {
   return 2 * chunk_blocks * stage_block_bytes(nb);
 }
 
+// n8 tiles per pass: up to 4 tiles the next power of two; above, 6 when the
+// passes that 8 would need hold no more than 6 tiles each (33-48 rows in
+// one pass, 65-96 in two, 129-144 in three): the same number of passes,
+// each weight decoded as often, and a quarter fewer MMAs per block.
+int pass_tiles(int64_t nbt) {
+  if (nbt <= 4) return nbt <= 1 ? 1 : nbt <= 2 ? 2 : 4;
+  const int64_t passes = (nbt + 7) / 8;
+  return (nbt + passes - 1) / passes <= 6 ? 6 : 8;
+}
+
 MmaConfig mma_config(const cudaDeviceProp& prop, int64_t nbt) {
   MmaConfig c{};
-  c.nb = nbt <= 1 ? 1 : nbt <= 2 ? 2 : nbt <= 4 ? 4 : 8;
+  c.nb = pass_tiles(nbt);
   const int limit = (int)prop.sharedMemPerBlockOptin;
   const int ring = ring_depth(c.nb);
   c.copies = SignedLut<32>::kBytes + stage_bytes(c.nb, ring) <= limit ? 32 : 16;
@@ -756,11 +774,11 @@ int red_bytes(int log2kq, int nb) {
 
 // The largest log2(kq) the chunked staging allows: each share's part of a
 // chunk is whole rings, and the sums fit the staging buffers they reuse.
-// NB = 8 takes kq = 1 (its chunks are too short for two shares on every
-// GPU; the kernel relies on it).
+// NB = 6 and 8 take kq = 1 (NB = 8's chunks are too short for two shares on
+// every GPU; NB = 6 with shares spills; the kernel relies on it).
 int max_chunk_log2kq(const MmaConfig& c) {
   int log2kq = 0;
-  while (c.nb < 8 && log2kq < kLog2MmaWarps &&
+  while (c.nb <= 4 && log2kq < kLog2MmaWarps &&
          c.chunk_blocks % ((2 << log2kq) * ring_depth(c.nb)) == 0 &&
          red_bytes(log2kq + 1, c.nb) <= stage_bytes(c.nb, c.chunk_blocks))
     ++log2kq;
@@ -846,9 +864,10 @@ MmaPlan mma_plan(const ShardRows& shards, int64_t nblk, int64_t rows,
 struct MmaArgs {
   const uint8_t* trellis;
   const __half* tlut;
-  const uint4* xt;
+  const uint4* xt;  // at the window's first column
   float* part;
   int m, nblk, rows, nbt;
+  int x_extra;  // 16-byte vectors per row of x~ beyond the nblk * 4 read
   MmaConfig config;
   MmaPlan plan;
   int grid;
@@ -862,13 +881,13 @@ void launch_mma(const MmaArgs& a, cudaStream_t stream) {
   ensure_max_dynamic_smem(kernel, smem_set);
   launch_dependent(kernel, dim3(a.grid), dim3(kMmaWarps * 32), a.config.smem,
                    stream, a.trellis, a.tlut, a.xt, a.part, a.m, a.nblk, a.rows,
-                   a.nbt, a.config.chunk_blocks, a.plan, a.in);
+                   a.nbt, a.config.chunk_blocks, a.plan, a.in, a.x_extra);
 }
 
 // in_dtype: the activation dtype when the kernel transforms x itself.
 template <int K, int kCopies, int NB, typename InT>
 void dispatch_shares(const MmaArgs& a, cudaStream_t stream) {
-  if constexpr (NB < 8) {
+  if constexpr (NB <= 4) {
     if (a.plan.log2kq > 0)
       return launch_mma<K, NB, kCopies, InT, true>(a, stream);
   }
@@ -889,8 +908,13 @@ void dispatch_nb(const MmaArgs& a, std::optional<ScalarType> in_dtype,
       return dispatch_shares<K, kCopies, 2, void>(a, stream);
     case 4:
       return dispatch_shares<K, kCopies, 4, void>(a, stream);
-    default:
+    case 6:
+      return dispatch_shares<K, kCopies, 6, void>(a, stream);
+    case 8:
       return dispatch_shares<K, kCopies, 8, void>(a, stream);
+    default:
+      STD_TORCH_CHECK(false, "qtip_gemm: no kernel for ", a.config.nb,
+                      " n8 tiles per pass");
   }
 }
 
@@ -951,11 +975,12 @@ int64_t own_input_staging(InputTransform& in, MmaPlan& plan, int64_t n) {
   return floats * 4;
 }
 
-// The fused GEMM's launch: x~ already in *xt (in == nullptr), or made by
-// the kernel itself from in->x (one row; xt unused). nullopt when in is
+// The fused GEMM's launch: x~ already in *xt (in == nullptr; the trellis
+// covers its columns xt_col0 onwards), or made by the kernel itself from
+// in->x (one row; xt unused, xt_col0 0). nullopt when in is
 // given but what its transform keeps in shared memory does not fit the
 // staging buffers (with H_K: the device's shared memory).
-std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
+std::optional<Tensor> run_mma(const Tensor* xt, int64_t xt_col0, int64_t rows,
                               const Tensor& trellis, const Tensor& tlut,
                               const Weight& weight, const InputTransform* in,
                               std::optional<ScalarType> in_dtype) {
@@ -997,11 +1022,14 @@ std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
   a.grid = std::min(sms, a.plan.units);
   a.trellis = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
   a.tlut = reinterpret_cast<const __half*>(tlut.data_ptr());
-  a.xt =
-      xt == nullptr ? nullptr : reinterpret_cast<const uint4*>(xt->data_ptr());
+  // 8 halves per 16-byte vector (the caller checks the alignment).
+  a.xt = xt == nullptr
+             ? nullptr
+             : reinterpret_cast<const uint4*>(xt->data_ptr()) + xt_col0 / 8;
   a.part = part.mutable_data_ptr<float>();
   a.m = (int)s.m;
   a.nblk = (int)(s.n / 32);
+  a.x_extra = xt == nullptr ? 0 : (int)((xt->size(2) - s.n) / 8);
   a.rows = (int)rows;
   a.nbt = (int)nbt;
   auto stream = get_current_cuda_stream();
@@ -1025,28 +1053,34 @@ std::optional<Tensor> run_mma(const Tensor* xt, int64_t rows,
   return part;
 }
 
-// The split-K partial sums of x~ (shards, rows, n) times the checked weight.
-Tensor mma_partials(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
-                    const Weight& weight) {
+// The split-K partial sums of x~ (shards, rows, >= col0 + n) times the
+// checked weight, whose columns are x~'s col0 onwards.
+Tensor mma_partials(const Tensor& xt, int64_t col0, const Tensor& trellis,
+                    const Tensor& tlut, const Weight& weight) {
   const int64_t shards = weight.shards.count, n = weight.s.n;
+  // Rows of whole 16-byte vectors and a window start on a 32-column block
+  // (64 bytes): every staged vector is 16-byte aligned.
   STD_TORCH_CHECK(
       xt.is_cuda() && xt.get_device_index() == trellis.get_device_index() &&
           xt.scalar_type() == ScalarType::Half && xt.is_contiguous() &&
-          xt.dim() == 3 && xt.size(0) == shards && xt.size(2) == n,
-      "qtip_gemm: x~ must be contiguous float16 (", shards, ", rows, ", n,
-      ") on cuda:", trellis.get_device_index(), ", got ", xt.scalar_type(), " ",
-      shape(xt));
+          xt.dim() == 3 && xt.size(0) == shards && xt.size(2) % 8 == 0 &&
+          col0 >= 0 && col0 % 32 == 0 && xt.size(2) >= col0 + n &&
+          xt.size(2) / 8 < std::numeric_limits<int32_t>::max(),
+      "qtip_gemm: x~ must be contiguous float16 (", shards, ", rows, >= ", col0,
+      " + ", n, ", a multiple of 8) on cuda:", trellis.get_device_index(),
+      " with a column offset that is a multiple of 32, got ", xt.scalar_type(),
+      " ", shape(xt), " and offset ", col0);
   STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(xt.data_ptr()) % 16 == 0,
                   "qtip_gemm: x~ data must be 16-byte aligned");
-  return *run_mma(&xt, xt.size(1), trellis, tlut, weight, nullptr,
+  return *run_mma(&xt, col0, xt.size(1), trellis, tlut, weight, nullptr,
                   std::nullopt);
 }
 
 }  // namespace
 
 Tensor qtip_mma(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
-                const std::vector<int64_t>& shard_rows) {
-  return mma_partials(xt, trellis, tlut,
+                const std::vector<int64_t>& shard_rows, int64_t col0) {
+  return mma_partials(xt, col0, trellis, tlut,
                       check_weight(trellis, tlut, shard_rows, "qtip_gemm"));
 }
 
@@ -1087,7 +1121,7 @@ std::optional<Tensor> qtip_mma_own_input(
   in.log2P = 0;
   while ((int64_t{1} << in.log2P) < P) ++in.log2P;
   in.mult = (float)(1.0 / 32.0 / std::sqrt((double)in_block));
-  return run_mma(nullptr, rows, trellis, tlut,
+  return run_mma(nullptr, 0, rows, trellis, tlut,
                  check_weight(trellis, tlut, shard_rows, "qtip_gemm"), &in,
                  x.scalar_type());
 }
@@ -1116,7 +1150,7 @@ Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
   // The kernel stages x~ in 16-byte pieces (a view may start anywhere).
   if (reinterpret_cast<uintptr_t>(xt.data_ptr()) % 16 != 0)
     xt = torch::stable::clone(xt);
-  return torch::stable::sum(mma_partials(xt, trellis, tlut, weight),
+  return torch::stable::sum(mma_partials(xt, 0, trellis, tlut, weight),
                             std::vector<int64_t>{0});
 }
 

@@ -667,13 +667,17 @@ __device__ __forceinline__ void for_each_staged_item(int items, Stage& stage,
 }
 
 // y (rows, n) = the blocks of x (rows, n) fp16 transformed, times mult and
-// out_scale; items = rows * (n / (K * 64)).
-template <typename OutT>
+// out_scale; items = rows * (n / (K * 64)). With InT = float, x holds
+// `splits` fp32 partial sums (splits, rows, n), added in split order and
+// rounded to fp16 as they are staged (the fused path's output side, at the
+// dense path's numerics: its product rounded to fp16 as cuBLAS's output).
+template <typename InT, typename OutT>
 __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
-    qtip_hk64_kernel(const __half* __restrict__ x,
+    qtip_hk64_kernel(const InT* __restrict__ x,
                      const float* __restrict__ out_scale,
                      const float* __restrict__ had, OutT* __restrict__ y,
-                     int rows, int n, int K, bool transpose, float mult) {
+                     int rows, int n, int K, bool transpose, float mult,
+                     int splits) {
   extern __shared__ __align__(16) char smem[];
   const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
   const int g = lane >> 2, q = lane & 3;
@@ -689,15 +693,42 @@ __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
   hk64_zero_pad(smem + kHk64BufBytes, K);
   const uint32_t smem_addr =
       static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  // Item i's row block into buffer b: K rows of 8 16-byte pieces.
+  // Item i's row block into buffer b: K rows of 8 16-byte pieces (fp16 by
+  // cp.async; fp32 partials summed and rounded by the threads, an empty
+  // cp.async group keeping the count).
   auto stage = [&](int i, int b) {
-    const __half* src =
+    const InT* src =
         x + (int64_t)(i / per_row) * n + (int64_t)(i % per_row) * block;
     for (int c = t; c < K * 8; c += blockDim.x) {
-      const uint32_t dst = smem_addr + b * kHk64BufBytes +
-                           (c >> 3) * (kHk64Stride * 2) + (c & 7) * 16;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst),
-                   "l"(src + (c >> 3) * kHk64P + (c & 7) * 8));
+      const uint32_t off = (c >> 3) * (kHk64Stride * 2) + (c & 7) * 16;
+      const InT* piece = src + (c >> 3) * kHk64P + (c & 7) * 8;
+      if constexpr (std::is_same_v<InT, float>) {
+        // kSplitLoads splits' loads in flight, added in split order.
+        const int64_t split_stride = (int64_t)rows * n;
+        float v[8];
+        load8(piece, v);
+        for (int sp0 = 1; sp0 < splits; sp0 += kSplitLoads) {
+          float w[kSplitLoads][8];
+#pragma unroll
+          for (int q = 0; q < kSplitLoads; ++q)
+            if (sp0 + q < splits) load8(piece + (sp0 + q) * split_stride, w[q]);
+#pragma unroll
+          for (int q = 0; q < kSplitLoads; ++q)
+            if (sp0 + q < splits) {
+#pragma unroll
+              for (int j = 0; j < 8; ++j) v[j] += w[q][j];
+            }
+        }
+        uint4 u;
+        uint32_t* h = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) h[j] = pack_half2(v[2 * j], v[2 * j + 1]);
+        *reinterpret_cast<uint4*>(smem + b * kHk64BufBytes + off) = u;
+      } else {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                         smem_addr + b * kHk64BufBytes + off),
+                     "l"(piece));
+      }
     }
     asm volatile("cp.async.commit_group;");
   };
@@ -782,6 +813,14 @@ __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
 // the Sylvester part goes from there into the one X buffer.
 constexpr int kHk64RawBytes = kHk64MaxKTiles * 16 * kHk64P * 2;
 constexpr int kHk64InSmem = 2 * kHk64RawBytes + kHk64BufBytes;
+// Rows (times copies) from which the input side takes it, on the fused path
+// too: one CTA per row block, against several blocks per row that each
+// reload the row and redo its Sylvester part (qtip_hadamard_kernel). One row
+// of a whole-row block is the GEMM's own input.
+constexpr int64_t kHk64InMinRows = 2;
+// Rows from which the fused path's output side takes qtip_hk64_kernel with
+// its split-K partials (one_pass_output).
+constexpr int64_t kHk64OutMinRows = 2;
 
 template <typename InT>
 __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
@@ -935,6 +974,25 @@ struct HadArgs {
   bool hk64;           // qtip_hk64_kernel (see there)
 };
 
+// qtip_hk64_kernel over rows x (n / (K * 64)) row blocks: persistent, one
+// CTA per SM (its 114-152 registers per thread leave room for one).
+template <typename InT, typename OutT>
+void launch_hk64(const InT* x, const float* out_scale, const float* had,
+                 OutT* y, int rows, int n, int K, bool transpose, float mult,
+                 int splits, cudaStream_t stream) {
+  auto kernel = kernels::qtip_hk64_kernel<InT, OutT>;
+  static DeviceFlags smem_set;
+  ensure_max_dynamic_smem(kernel, smem_set);
+  const int64_t items = (int64_t)rows * (n / (K * kernels::kHk64P));
+  if (items == 0) return;
+  const int64_t grid =
+      std::min<int64_t>(items, get_device_prop()->multiProcessorCount);
+  launch_dependent(kernel, dim3((unsigned)grid),
+                   dim3((unsigned)(32 * ((K + 15) / 16))), kernels::kHk64Smem,
+                   stream, x, out_scale, had, y, rows, n, K, transpose, mult,
+                   splits);
+}
+
 template <typename InT, typename OutT>
 void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
   if (a.sylvester4096) {
@@ -963,19 +1021,9 @@ void launch_hadamard(const HadArgs& a, cudaStream_t stream) {
   }
   if constexpr (std::is_same_v<InT, __half>) {
     if (a.hk64) {
-      auto kernel = kernels::qtip_hk64_kernel<OutT>;
-      static DeviceFlags smem_set;
-      ensure_max_dynamic_smem(kernel, smem_set);
-      const int64_t items = (int64_t)a.rows * (a.n / (a.K * kernels::kHk64P));
-      // One CTA per SM (its 116 registers per thread leave room for one).
-      const int64_t grid =
-          std::min<int64_t>(items, get_device_prop()->multiProcessorCount);
-      launch_dependent(kernel, dim3((unsigned)grid),
-                       dim3((unsigned)(32 * ((a.K + 15) / 16))),
-                       kernels::kHk64Smem, stream,
-                       reinterpret_cast<const __half*>(a.x), a.out_scale, a.had,
-                       reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.K,
-                       a.transpose, a.segs.mult[0]);
+      launch_hk64(reinterpret_cast<const __half*>(a.x), a.out_scale, a.had,
+                  reinterpret_cast<OutT*>(a.y), a.rows, a.n, a.K, a.transpose,
+                  a.segs.mult[0], 1, stream);
       return;
     }
   }
@@ -1016,13 +1064,27 @@ void dispatch(ScalarType in_dtype, ScalarType out_dtype, const HadArgs& a,
   }
 }
 
+// Hadamard blocks of K x 64 with 32 < K <= 176 (the K x 64 kernels').
+bool hk64_blocks(int64_t K, int64_t block) {
+  return K >= kernels::kHk64MinK && K <= 16 * kernels::kHk64MaxKTiles &&
+         block == K * kernels::kHk64P;
+}
+
 }  // namespace
 
 bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows) {
   if (K > 1 && K <= kernels::kHk512MaxK)
     return block == K * kernels::kHk512P && rows >= kernels::kHk512MinRows;
-  return K >= kernels::kHk64MinK && K <= 16 * kernels::kHk64MaxKTiles &&
-         block == K * kernels::kHk64P && rows >= kernels::kSyl16MinRows;
+  return hk64_blocks(K, block) && rows >= kernels::kSyl16MinRows;
+}
+
+bool output_one_pass(int64_t K, int64_t block, int64_t rows) {
+  return hk64_blocks(K, block) && rows >= kernels::kHk64OutMinRows;
+}
+
+bool input_one_pass(int64_t K, int64_t block, int64_t rows) {
+  if (hk64_blocks(K, block)) return rows >= kernels::kHk64InMinRows;
+  return hadamard_one_pass(K, block, rows);
 }
 
 int64_t check_had_factor(const std::optional<Tensor>& had_k, const Tensor& x,
@@ -1142,10 +1204,12 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   // block loads its row and redoes the Sylvester part, so for a large K,
   // once a few blocks per row fill the SMs, a row takes only as many
   // blocks as fill them, each with more rows of H_K (K = 172 at 64 rows:
-  // two blocks of 88 rows instead of six of 32; ~30% faster layers).
+  // two blocks of 88 rows instead of six of 32; ~30% faster layers), and
+  // one block once the rows alone fill them (Llama-2's gate_up at 127 rows:
+  // 254 row blocks, each loaded once instead of by six blocks of 32 rows).
   const int64_t row_blocks = copies * rows * segs.blk0[segs.count];
   int rchunk = 32;
-  if (K > 32 && row_blocks > 0 && row_blocks <= sms && !two_launches) {
+  if (K > 32 && row_blocks > 0) {
     // From 8 rows on, at most 4 blocks per row: each one re-reads the row
     // (all its split-K partials on the output side), which costs more than
     // the H_K FMAs it shares out.
@@ -1275,17 +1339,15 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   return y;
 }
 
-Tensor dense_one_pass_input(const Tensor& x, const Tensor& su,
-                            const Tensor& had, int64_t block) {
-  const int64_t K = check_had_factor(had, x, "dense_one_pass_input");
-  STD_TORCH_CHECK(su.dim() == 2,
-                  "dense_one_pass_input: SU must be (shards, n), got ",
+Tensor one_pass_input(const Tensor& x, const Tensor& su, const Tensor& had,
+                      int64_t block) {
+  const int64_t K = check_had_factor(had, x, "one_pass_input");
+  STD_TORCH_CHECK(su.dim() == 2, "one_pass_input: SU must be (shards, n), got ",
                   shape(su));
   const int64_t rows = x.size(0), n = su.size(1), copies = su.size(0);
-  STD_TORCH_CHECK(hadamard_one_pass(K, block, copies * rows),
-                  "dense_one_pass_input: no one-pass transform of ",
-                  copies * rows, " rows (times shards) in blocks of ", block,
-                  " with K=", K);
+  STD_TORCH_CHECK(input_one_pass(K, block, copies * rows),
+                  "one_pass_input: no one-pass transform of ", copies * rows,
+                  " rows (times shards) in blocks of ", block, " with K=", K);
   if (K <= kernels::kHk512MaxK)
     return qtip_hadamard(x, su, std::nullopt, had, true, {block}, {n},
                          1.0 / 32.0, ScalarType::Half);
@@ -1293,18 +1355,18 @@ Tensor dense_one_pass_input(const Tensor& x, const Tensor& su,
                       (x.scalar_type() == ScalarType::Half ||
                        x.scalar_type() == ScalarType::BFloat16) &&
                       reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-                  "dense_one_pass_input: x must be a contiguous, 16-byte "
+                  "one_pass_input: x must be a contiguous, 16-byte "
                   "aligned (rows, ",
                   n, ") fp16 or bf16 tensor, got ", shape(x), " ",
                   x.scalar_type());
-  STD_TORCH_CHECK(n % block == 0, "dense_one_pass_input: block ", block,
+  STD_TORCH_CHECK(n % block == 0, "one_pass_input: block ", block,
                   " must divide n = ", n);
   check_scale(su, "SU", x, true);
   auto y = new_tensor({copies, rows, n}, ScalarType::Half, x);
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   auto stream = get_current_cuda_stream();
   const int64_t items = copies * rows * (n / block);
-  STD_TORCH_CHECK(items < INT32_MAX, "dense_one_pass_input: ", items,
+  STD_TORCH_CHECK(items < INT32_MAX, "one_pass_input: ", items,
                   " row blocks are too many");
   const int grid =
       (int)std::min<int64_t>(items, get_device_prop()->multiProcessorCount);
@@ -1328,6 +1390,48 @@ Tensor dense_one_pass_input(const Tensor& x, const Tensor& su,
     run(reinterpret_cast<const __half*>(x.const_data_ptr()));
   else
     run(reinterpret_cast<const __nv_bfloat16*>(x.const_data_ptr()));
+  return y;
+}
+
+Tensor one_pass_output(const Tensor& partials, const Tensor& sv,
+                       const Tensor& had, int64_t block, ScalarType out_dtype) {
+  const int64_t K = check_had_factor(had, partials, "one_pass_output");
+  STD_TORCH_CHECK(
+      partials.dim() == 3 && partials.scalar_type() == ScalarType::Float &&
+          partials.is_contiguous() &&
+          reinterpret_cast<uintptr_t>(partials.data_ptr()) % 16 == 0,
+      "one_pass_output: the partial sums must be a contiguous, 16-byte "
+      "aligned float32 (splits, rows, m) tensor, got ",
+      shape(partials), " ", partials.scalar_type());
+  const int64_t splits = partials.size(0), rows = partials.size(1),
+                m = partials.size(2);
+  STD_TORCH_CHECK(output_one_pass(K, block, rows) && m % block == 0,
+                  "one_pass_output: no one-pass transform of ", rows,
+                  " rows of ", m, " columns in blocks of ", block,
+                  " with K=", K);
+  STD_TORCH_CHECK(
+      out_dtype == ScalarType::Half || out_dtype == ScalarType::BFloat16,
+      "one_pass_output: out_dtype must be float16 or bfloat16, got ",
+      out_dtype);
+  check_scale(sv, "SV", partials, false);
+  STD_TORCH_CHECK(splits >= 1, "one_pass_output: no partial sums");
+  STD_TORCH_CHECK((int64_t)rows * (m / block) < INT32_MAX && splits < 65536,
+                  "one_pass_output: ", splits, " x ", rows, " x ", m,
+                  " partial sums are too many");
+  auto y = new_tensor({rows, m}, out_dtype, partials);
+  const torch::stable::accelerator::DeviceGuard guard(
+      partials.get_device_index());
+  auto stream = get_current_cuda_stream();
+  const float mult = (float)(32.0 / std::sqrt((double)block));
+  auto run = [&](auto* typed_y) {
+    launch_hk64(partials.const_data_ptr<float>(), sv.const_data_ptr<float>(),
+                had.const_data_ptr<float>(), typed_y, (int)rows, (int)m, (int)K,
+                false, mult, (int)splits, stream);
+  };
+  if (out_dtype == ScalarType::Half)
+    run(reinterpret_cast<__half*>(y.data_ptr()));
+  else
+    run(reinterpret_cast<__nv_bfloat16*>(y.data_ptr()));
   return y;
 }
 

@@ -11,9 +11,11 @@
 // never guards on the number of rows:
 //  * rows < dense_min_rows: the input transform writes x~ row-major, one
 //    copy per shard (for one row, with power-of-two blocks or one H_K block
-//    of the whole row, the GEMM kernel does it itself, in shared memory),
+//    of the whole row, the GEMM kernel does it itself, in shared memory; K x
+//    64 blocks from two rows on in one pass, as on the dense path below),
 //    the fused trellis-decode GEMM (qtip_mma) writes split-K partial sums,
-//    and the output transform adds them in order;
+//    and the output transform adds them in order (K x 64 blocks from two
+//    rows in one pass, rounded to fp16 first, as on the dense path);
 //  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
 //    fp16 output is the reference's fallback-GEMM numerics. Blocks of
 //    K x 512 columns with K <= 32 (Llama-3's 14336) and K x 64 with
@@ -23,8 +25,8 @@
 //    blocks, and the transform kernel does only the Sylvester part and the
 //    scales: its own H_K step costs K FMAs per value on the CUDA cores,
 //    which at prefill sizes is most of the layer. On the input side both the
-//    K x 64 kernel and cuBLAS round x~ to fp16 once more (after the
-//    Sylvester part), at x~'s scale.
+//    K x 64 kernel (on the fused path too) and cuBLAS round x~ to fp16 once
+//    more (after the Sylvester part), at x~'s scale.
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
 
@@ -84,6 +86,36 @@ int64_t sylvester_size(int64_t block, int64_t K, const char* side) {
   return block / K;
 }
 
+// Fused path, x (rows, n) -> x~ (shards, rows, n) fp16: x * SU_s, Hn^T,
+// / 32, one row-major copy per shard, which the GEMM reads as it is.
+Tensor fused_input_transform(const Tensor& x, const Tensor& su,
+                             const std::optional<Tensor>& had_in,
+                             int64_t in_block) {
+  if (had_in.has_value() &&
+      input_one_pass(had_in->size(0), in_block, su.size(0) * x.size(0)))
+    return one_pass_input(x, su, *had_in, in_block);
+  return qtip_hadamard(x, su, std::nullopt, had_in, true, {in_block},
+                       {su.size(1)}, 1.0 / 32.0, ScalarType::Half);
+}
+
+// Fused path, split-K partials (splits, rows, m) -> y: the splits added in
+// order, Hm per shard, * SV * 32, out_dtype.
+Tensor fused_output_transform(const Tensor& acc, const Tensor& sv,
+                              const std::optional<Tensor>& had_out,
+                              const std::vector<int64_t>& out_blocks,
+                              const std::vector<int64_t>& shard_rows,
+                              ScalarType out_dtype) {
+  bool one_pass = had_out.has_value() &&
+                  output_one_pass(had_out->size(0), out_blocks[0], acc.size(1));
+  for (size_t s = 0; s < out_blocks.size(); ++s)
+    one_pass &=
+        out_blocks[s] == out_blocks[0] && shard_rows[s] % out_blocks[0] == 0;
+  if (one_pass)
+    return one_pass_output(acc, sv, *had_out, out_blocks[0], out_dtype);
+  return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
+                       shard_rows, 32.0, out_dtype);
+}
+
 // Dense path, x (rows, n) -> x~ (shards, rows, n) fp16: x * SU_s, Hn^T, / 32.
 Tensor dense_input_transform(const Tensor& x, const Tensor& su,
                              const std::optional<Tensor>& had_in,
@@ -92,8 +124,8 @@ Tensor dense_input_transform(const Tensor& x, const Tensor& su,
   if (!had_in.has_value())
     return qtip_hadamard(x, su, std::nullopt, std::nullopt, true, {in_block},
                          {n}, 1.0 / 32.0, ScalarType::Half);
-  if (hadamard_one_pass(had_in->size(0), in_block, su.size(0) * x.size(0)))
-    return dense_one_pass_input(x, su, *had_in, in_block);
+  if (input_one_pass(had_in->size(0), in_block, su.size(0) * x.size(0)))
+    return one_pass_input(x, su, *had_in, in_block);
   // Sylvester part with SU, / 32 and its 1/sqrt(P) in the kernel, rounded
   // to fp16 for the tensor cores at x~'s own magnitude (so no subnormals
   // beyond the reference's); then H_K^T / sqrt(K) per block, accumulated in
@@ -144,7 +176,7 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                    const std::optional<Tensor>& had_out, int64_t in_block,
                    const std::vector<int64_t>& out_blocks,
                    const std::vector<int64_t>& shard_rows,
-                   int64_t dense_min_rows) {
+                   int64_t dense_min_rows, int64_t in_offset) {
   STD_TORCH_CHECK(x.scalar_type() == ScalarType::Half ||
                       x.scalar_type() == ScalarType::BFloat16,
                   "qtip_linear: x must be float16 or bfloat16, got ",
@@ -157,31 +189,34 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                   " (len(shard_rows)) and SV 1-D, got ", shape(su), " and ",
                   shape(sv));
   STD_TORCH_CHECK(trellis.dim() == 3 && trellis.size(0) * 32 == sv.size(0) &&
-                      trellis.size(1) * 32 == su.size(1),
+                      in_offset >= 0 && in_offset % 32 == 0 &&
+                      in_offset + trellis.size(1) * 32 <= su.size(1),
                   "qtip_linear: trellis ", shape(trellis),
                   " must be (m/32, n/32, 64K) with m = len(SV) = ", sv.size(0),
-                  " and n = SU.size(1) = ", su.size(1));
+                  " and its n columns of x~ from in_offset = ", in_offset,
+                  " (a multiple of 32) within SU.size(1) = ", su.size(1));
   STD_TORCH_CHECK(out_blocks.size() == shard_rows.size(),
                   "qtip_linear: out_blocks ", join(out_blocks),
                   " must have one entry per shard of shard_rows ",
                   join(shard_rows));
-  const int64_t n = su.size(1);
   check_had_factor(had_in, x, "qtip_linear (had_in)");
   check_had_factor(had_out, x, "qtip_linear (had_out)");
   if (x.size(0) < dense_min_rows) {
-    std::optional<Tensor> own =
-        qtip_mma_own_input(x, su, had_in, in_block, trellis, tlut, shard_rows);
-    // Otherwise x * SU_s, Hn^T, / 32, fp16: one row-major copy per shard,
-    // by its own kernel.
+    // The GEMM's own input transform has no column window: a call with
+    // in_offset != 0 takes the separate transform (and qtip_mma_own_input
+    // itself turns down a trellis narrower than SU, a window at offset 0).
+    std::optional<Tensor> own;
+    if (in_offset == 0)
+      own = qtip_mma_own_input(x, su, had_in, in_block, trellis, tlut,
+                               shard_rows);
+    // Otherwise x~ of all n columns by its own kernel; the GEMM reads the
+    // trellis's window of it.
     Tensor acc = own.has_value()
                      ? *own
-                     : qtip_mma(qtip_hadamard(x, su, std::nullopt, had_in, true,
-                                              {in_block}, {n}, 1.0 / 32.0,
-                                              ScalarType::Half),
-                                trellis, tlut, shard_rows);
-    // Split sums, Hm per shard, * SV * 32, x's dtype.
-    return qtip_hadamard(acc, std::nullopt, sv, had_out, false, out_blocks,
-                         shard_rows, 32.0, x.scalar_type());
+                     : qtip_mma(fused_input_transform(x, su, had_in, in_block),
+                                trellis, tlut, shard_rows, in_offset);
+    return fused_output_transform(acc, sv, had_out, out_blocks, shard_rows,
+                                  x.scalar_type());
   }
   Tensor xh = dense_input_transform(x, su, had_in, in_block);
   Tensor acc = new_tensor({x.size(0), sv.size(0)}, ScalarType::Half, x);
@@ -191,7 +226,9 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
     for (int64_t s = 0; s < shards; ++s) {
       const Tensor w_s = torch::stable::narrow(w, 0, row, shard_rows[s]);
       Tensor out_s = torch::stable::narrow(acc, 1, row, shard_rows[s]);
-      mm_out(out_s, torch::stable::select(xh, 0, s),
+      Tensor xh_s = torch::stable::select(xh, 0, s);
+      mm_out(out_s,
+             torch::stable::narrow(xh_s, 1, in_offset, trellis.size(1) * 32),
              torch::stable::transpose(w_s, 0, 1));
       row += shard_rows[s];
     }

@@ -75,12 +75,13 @@ Tensor call_aten(const char* op, const char* overload, const Args&... args) {
 Tensor qtip_gemm(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                  const std::vector<int64_t>& shard_rows);
 
-// The fused GEMM on x~ (shards, rows, n) fp16, row-major and 16-byte
+// The fused GEMM on x~ (shards, rows, n_x) fp16, row-major and 16-byte
 // aligned (qtip_hadamard's output): fp32 split-K partial sums (splits,
 // rows, m), to be added in split order (qtip_hadamard does it as it loads
-// them).
+// them). The trellis (n columns) covers x~'s columns col0 .. col0 + n - 1
+// (col0 a multiple of 32; col0 = 0 and n_x = n for a whole layer).
 Tensor qtip_mma(const Tensor& xt, const Tensor& trellis, const Tensor& tlut,
-                const std::vector<int64_t>& shard_rows);
+                const std::vector<int64_t>& shard_rows, int64_t col0);
 
 // The same from x (rows, n) itself, for one row and power-of-two input
 // Hadamard blocks, or one block of the whole row with an H_K factor: the
@@ -114,24 +115,41 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
 // of size K are transformed in one pass on the tensor cores: K x 512 with
 // K <= 32 from 33 rows (qtip_hk512_kernel, split-K partials included), K x 64
 // with 32 < K <= 176 from 128 rows (qtip_hk64_kernel for fp16 input without
-// an input scale, the dense path's output side; dense_one_pass_input for its
-// input side). Then the dense path leaves H_K to them rather than to cuBLAS.
+// an input scale, the dense path's output side). Then the dense path leaves
+// H_K to them rather than to cuBLAS.
 bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows);
-// The dense path's input transform of such blocks: x * SU_s, Hn^T, / 32,
-// fp16 (shards, rows, n). For K x 64 blocks the Sylvester part is rounded to
-// fp16 at x~'s scale before H_K, as on the cuBLAS route.
-Tensor dense_one_pass_input(const Tensor& x, const Tensor& su,
-                            const Tensor& had, int64_t block);
+// The same for the input side of either path: also K x 64 blocks from
+// kHk64InMinRows rows (qtip_hk64_in_kernel).
+bool input_one_pass(int64_t K, int64_t block, int64_t rows);
+// The input transform of such blocks: x * SU_s, Hn^T, / 32, fp16 (shards,
+// rows, n). For K x 64 blocks the Sylvester part is rounded to fp16 at x~'s
+// scale before H_K, as on the dense path's cuBLAS route.
+Tensor one_pass_input(const Tensor& x, const Tensor& su, const Tensor& had,
+                      int64_t block);
+// Whether the fused path's output side (split-K partials) of `rows` rows in
+// blocks of `block` columns takes one_pass_output: K x 64 blocks from
+// kHk64OutMinRows rows.
+bool output_one_pass(int64_t K, int64_t block, int64_t rows);
+// The fused path's output transform of such blocks: the partials (splits,
+// rows, m) fp32 added in split order and rounded to fp16 (the dense path's
+// numerics, as cuBLAS's fp16 output: above 65504 it overflows, as there),
+// Hm on the fp16 tensor cores, * SV * 32, out_dtype (fp16 or bf16; rows,
+// m). One row (the GEMM's own input) stays fp32 throughout.
+Tensor one_pass_output(const Tensor& partials, const Tensor& sv,
+                       const Tensor& had, int64_t block, ScalarType out_dtype);
 
 // One QTIP linear layer with all its shards (see qtip_linear.cpp): fused
 // GEMM below dense_min_rows rows, decode-to-dense + cuBLAS from there on.
+// The trellis may cover only x~'s columns in_offset .. in_offset + n_trellis
+// (a row-parallel rank's slice of a whole-matrix checkpoint, whose input
+// transform spans SU's n >= n_trellis columns).
 Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                    const Tensor& su, const Tensor& sv,
                    const std::optional<Tensor>& had_in,
                    const std::optional<Tensor>& had_out, int64_t in_block,
                    const std::vector<int64_t>& out_blocks,
                    const std::vector<int64_t>& shard_rows,
-                   int64_t dense_min_rows);
+                   int64_t dense_min_rows, int64_t in_offset);
 
 // Shared host helpers.
 void check_device_capability(const Tensor& t, const char* op);

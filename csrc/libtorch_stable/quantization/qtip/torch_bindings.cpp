@@ -38,11 +38,14 @@ STABLE_TORCH_LIBRARY(_qtip_C, m) {
   // A whole QTIP linear with all its shards, y (rows, m) in x's dtype, x
   // (rows, n) fp16/bf16, SU (shards, n), SV (m,): the input transforms, the
   // fused GEMM (rows < dense_min_rows) or decode + cuBLAS, and the output
-  // transforms: three launches for a fused layer.
+  // transforms: three launches for a fused layer. With in_offset the
+  // trellis covers only x~'s columns from there (a row-parallel rank's slice
+  // of a whole-matrix checkpoint).
   m.def(
       "qtip_linear(Tensor x, Tensor trellis, Tensor tlut, Tensor SU, "
       "Tensor SV, Tensor? had_in, Tensor? had_out, int in_block, "
-      "int[] out_blocks, int[] shard_rows, int dense_min_rows) -> Tensor");
+      "int[] out_blocks, int[] shard_rows, int dense_min_rows, "
+      "int in_offset=0) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(_qtip_C, CUDA, m) {

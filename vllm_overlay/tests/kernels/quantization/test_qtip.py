@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import vllm._qtip_ops as qtip_ops
 from vllm._qtip_ops import (
     QTIP_DENSE_MIN_ROWS,
     qtip_decode,
@@ -46,7 +47,7 @@ if not qtip_kernels_available():
 
 GOLDEN_DIR = Path(__file__).parents[2] / "quantization" / "qtip_goldens"
 DEVICE = "cuda"
-BATCHES = (1, 2, 3, 8, 16, 33, 256)
+BATCHES = (1, 2, 3, 8, 16, 33, 96, 256)
 SHAPES = (
     (4096, 4096),
     (11008, 4096),
@@ -156,7 +157,7 @@ def test_linear_k2(m: int, n: int, dtype: torch.dtype):
 @pytest.mark.parametrize("K", (3, 4))
 @pytest.mark.parametrize("m,n", ((4096, 4096), (576, 576), (1536, 576)))
 def test_linear_k34(m: int, n: int, K: int, dtype: torch.dtype):
-    _check_linear(m, n, K, dtype, (1, 3, 16, 33, QTIP_DENSE_MIN_ROWS + 1))
+    _check_linear(m, n, K, dtype, (1, 3, 16, 33, 65, QTIP_DENSE_MIN_ROWS + 1))
 
 
 @pytest.mark.parametrize("m,n", ((4096, 11008), (11008, 4096), (4096, 14336)))
@@ -192,12 +193,29 @@ def test_linear_dense_k64_blocks(m: int, n: int, dtype: torch.dtype):
     _check_linear(m, n, 2, dtype, (QTIP_DENSE_MIN_ROWS, 600))
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize(
+    "m,n", ((1024, 11008), (2304, 6912), (6912, 2304), (11008, 1024))
+)
+def test_linear_fused_k64_blocks(
+    m: int, n: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+):
+    # K x 64 input and output blocks (K = 172, 108, 36) on the fused path
+    # take the one-pass kernels from two rows (the output side adds the
+    # split-K partials as it stages them); with the dense path moved up, 300
+    # rows give the persistent CTAs several row blocks each.
+    monkeypatch.setattr(qtip_ops, "QTIP_DENSE_MIN_ROWS", 1024)
+    _check_linear(m, n, 2, dtype, (2, 7, 40, 127, 300))
+
+
 @pytest.mark.parametrize("K", (2, 3, 4))
-@pytest.mark.parametrize("batch", (1, 5, 8, 9, 16, 17, 32, 40, 64, 65, 130))
+@pytest.mark.parametrize(
+    "batch", (1, 5, 8, 9, 16, 17, 32, 40, 48, 57, 64, 65, 96, 97, 130)
+)
 # 1056 rows = 33 row tiles: the last work unit is partial.
 @pytest.mark.parametrize("m,n", ((1024, 2048), (1056, 576)))
 def test_gemm_vs_decoded(K: int, batch: int, m: int, n: int):
-    # Every batch tiling (1, 2, 4, 8 n8 tiles, several 64-row passes, partial
+    # Every batch tiling (1, 2, 4, 6, 8 n8 tiles, several passes, partial
     # tiles) against the decoded weight, in fp32 (exact fp16 products, fp32
     # sums).
     trellis, tlut, _, _ = random_layer(m, n, K, seed=batch)
@@ -231,6 +249,35 @@ def test_block_diagonal_linear():
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
+# 5 and 33 rows: a partial n8 tile (the GEMM stages only real rows, each
+# from its own x~ row of n_full columns).
+@pytest.mark.parametrize("batch", (1, 5, 16, 33, 64, QTIP_DENSE_MIN_ROWS))
+@pytest.mark.parametrize(
+    "n_full, rank, ranks",
+    ((4096, 1, 2), (11008, 1, 4), (11008, 3, 4), (576, 0, 2)),
+)
+def test_linear_column_window(batch: int, n_full: int, rank: int, ranks: int):
+    # A row-parallel rank's slice of a whole-matrix layer (gemm_cols): the
+    # input transform spans all n_full features, W_hat only this rank's
+    # columns; against the same steps as separate ops.
+    m, K = 1024, 2
+    n = n_full // ranks
+    trellis, tlut, _, SV = random_layer(m, n, K, seed=batch)
+    SU = torch.randn(n_full, device=DEVICE)
+    had_in, had_out = factor(n_full), factor(m)
+    x = torch.randn(batch, n_full, device=DEVICE).half()
+    xh = qtip_hadamard(
+        x, had_in, transpose=True, in_scale=SU, factor=1 / 32, out_dtype=torch.float16
+    )
+    w = qtip_decode(trellis, tlut, m, n, K).float()
+    acc = xh[:, rank * n : (rank + 1) * n].float() @ w.T
+    ref = qtip_hadamard(acc, had_out, out_scale=SV, factor=32.0)
+    y = qtip_matmul(
+        x, trellis, tlut, SU, SV, had_in, had_out, K, gemm_cols=(rank * n, n)
+    )
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize(
     "shard_rows, n, out_blocks",
     [
@@ -245,7 +292,7 @@ def test_block_diagonal_linear():
     ],
     ids=["qkv-gqa", "qkv", "gate-up", "k172-input", "blocks", "odd-tiles"],
 )
-@pytest.mark.parametrize("batch", [1, 16, QTIP_DENSE_MIN_ROWS])
+@pytest.mark.parametrize("batch", [1, 16, 40, QTIP_DENSE_MIN_ROWS])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_layer_matches_its_shards(shard_rows, n, out_blocks, batch, dtype):
     # One call for all shards of a fused layer equals each shard's reference
@@ -377,6 +424,24 @@ def test_hadamard_partials_and_copies(n: int, rows: int):
     y = op(x, SU, None, had, True, [n], [n], 1 / 32, torch.float16)
     ref = hadamard_transform(x.float() * SU[:, None], transpose=True, had_k=had)
     assert rel_err(y.float(), ref / 32) < 1e-3
+
+
+def test_hadamard_more_row_blocks_than_sms():
+    # Llama-2's gate/up output at 100 rows: two K = 172 segments are 200 row
+    # blocks, more than an H100's or H200's SMs, each taken by one thread
+    # block with all 172 rows of H_K; split-K partials added in order.
+    n = 11008
+    had = factor(n)
+    parts = torch.randn(3, 100, 2 * n, device=DEVICE)
+    SV = torch.rand(2 * n, device=DEVICE)
+    y = torch.ops._qtip_C.qtip_hadamard(
+        parts, None, SV, had, False, [n, n], [n, n], 32.0, torch.float32
+    )
+    ref = torch.cat(
+        [hadamard_transform(h, had_k=had) for h in parts.sum(0).split(n, dim=1)],
+        dim=1,
+    )
+    assert rel_err(y, ref * SV * 32) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -618,13 +683,19 @@ def test_opcheck():
                 )
 
 
-def test_cuda_graph():
-    m, n, trellis, tlut, SU, SV = _small_layer(3)
+@pytest.mark.parametrize("layer", ("small", "k172-input"))
+def test_cuda_graph(layer: str):
+    if layer == "small":
+        K, rows = 3, 4
+        m, n, trellis, tlut, SU, SV = _small_layer(K)
+    else:  # Llama-2's down_proj: the one-pass K x 64 input kernel
+        K, rows, m, n = 2, 8, 1024, 11008
+        trellis, tlut, SU, SV = random_layer(m, n, K, seed=7)
     had_in, had_out = factor(n), factor(m)
-    x = torch.randn(4, n, device=DEVICE).half()
+    x = torch.randn(rows, n, device=DEVICE).half()
 
     def fwd(inp):
-        return qtip_matmul(inp, trellis, tlut, SU, SV, had_in, had_out, 3)
+        return qtip_matmul(inp, trellis, tlut, SU, SV, had_in, had_out, K)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -647,13 +718,13 @@ def test_cuda_graph():
         ([11008, 11008], 4096, batch)
         for batch in (1, 7, 16, 40, 64, 100, 2 * QTIP_DENSE_MIN_ROWS)
     ]
-    + [([4096], 11008, 1)],
+    + [([4096], 11008, 1), ([4096], 11008, 16)],
 )
 def test_deterministic(shard_rows: list[int], n: int, batch: int):
     # Same input, same bits, on every run (no atomics anywhere): a fused
     # gate/up layer with the K=172 output factor, split over the SMs, and a
     # down_proj whose K=172 input factor the GEMM applies itself at one row
-    # (split k sums).
+    # (split k sums) and the one-pass input kernel at 16.
     K = 2
     m = sum(shard_rows)
     trellis, _, _, _ = random_layer(m, n, K, seed=21)

@@ -37,7 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from vllm import _qtip_ops as qtip_ops
-from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.model_executor.layers.quantization.utils.qtip_utils import (
     FORWARD_SCALE,
     decode_weight,
@@ -236,7 +239,32 @@ def _row_parallel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tens
     """This rank's partial output; RowParallelLinear all-reduces it."""
     shards = layer.qtip_shards
     n = layer.qtip_in_size
-    x_full = tensor_model_parallel_all_gather(x.contiguous(), dim=-1)
+    start = layer.qtip_in_rank * n
+    # The all-gather of the input shards as an all-reduce of zero-padded
+    # rows (exact: x + 0 = x), which takes vLLM's custom all-reduce.
+    x_full = tensor_model_parallel_all_reduce(
+        F.pad(x, (start, layer.qtip_in_full - start - n))
+    )
+    if layer.qtip_use_kernels:
+        # One qtip_matmul: the input transform over all features, this
+        # rank's columns of the GEMM, the output transform and SV (three
+        # launches, as a split_for_tp layer).
+        (shard,) = shards
+        (transform,) = layer.qtip_transforms
+        assert shard.params is not None
+        return qtip_ops.qtip_matmul(
+            x_full,
+            layer.trellis,
+            layer.tlut,
+            layer.SU,
+            layer.SV,
+            layer.qtip_had_in_0,
+            layer.qtip_had_out_0,
+            shard.params.K,
+            in_block=transform.in_block,
+            out_blocks=[transform.out_block],
+            gemm_cols=(layer.qtip_in_rank * n, n),
+        )
     xh = input_transform(layer, x_full, shards)
     xh = xh.narrow(-1, layer.qtip_in_rank * n, n).contiguous()
     y = output_transform(layer, hat_product(layer, xh, shards), shards)
@@ -258,19 +286,25 @@ def _column_parallel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.T
             for run in _runs(quantized, _bits)
         ]
     )
-    # (ranks, rows, this rank's outputs of the quantized shards).
-    tp_size = layer.tp_size
-    gathered = tensor_model_parallel_all_gather(acc, dim=0).view(tp_size, *acc.shape)
-    fulls = []
+    # The all-gather of the products as an all-reduce: each rank places its
+    # columns in zero-padded full-width rows (exact: x + 0 = x), which takes
+    # vLLM's custom all-reduce and needs no rearrangement afterwards.
+    tp_rank = get_tensor_model_parallel_rank()
+    padded = []
     col = 0
     for shard in quantized:
-        # Ranks holding the same rows (replicated KV heads) come in groups
-        # of `replicas` consecutive ranks; take one of each group.
-        replicas = tp_size * shard.out_size // shard.out_full
-        full = gathered[::replicas, :, col : col + shard.out_size]
-        fulls.append(full.transpose(0, 1).reshape(x.shape[0], shard.out_full))
+        part = acc[:, col : col + shard.out_size]
         col += shard.out_size
-    y = output_transform(layer, _cat(fulls), quantized)
+        # Ranks holding the same rows (replicated KV heads) come in groups
+        # of `replicas` consecutive ranks; the first of each group adds its
+        # products.
+        replicas = layer.tp_size * shard.out_size // shard.out_full
+        if tp_rank % replicas:
+            part = torch.zeros_like(part)
+        start = shard.out_rank * shard.out_size
+        padded.append(F.pad(part, (start, shard.out_full - start - shard.out_size)))
+    full = tensor_model_parallel_all_reduce(_cat(padded))
+    y = output_transform(layer, full, quantized)
     full_outputs = iter(y.split([sh.out_full for sh in quantized], dim=-1))
     outputs = []
     for shard in layer.qtip_shards:
