@@ -34,7 +34,16 @@ from bench_e2e import MODELS, WEIGHTS, write_model_dir  # noqa: E402
 KINDS = (
     ("qtip_mma", ("qtip_mma_kernel",)),
     ("qtip_decode", ("qtip_decode_kernel",)),
-    ("qtip_hadamard", ("qtip_hadamard_kernel",)),
+    # Every transform kernel, as bench_kernels.py's KERNEL_KINDS counts them.
+    (
+        "qtip_hadamard",
+        (
+            "qtip_hadamard_kernel",
+            "qtip_sylvester4096_kernel",
+            "qtip_hk512_kernel",
+            "qtip_hk64_",  # qtip_hk64_kernel, qtip_hk64_in_kernel
+        ),
+    ),
     ("attention", ("flash", "attn", "attention", "reshape_and_cache", "paged")),
     ("gemm", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "machete", "cublas")),
 )
