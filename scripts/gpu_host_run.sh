@@ -10,8 +10,10 @@
 #   models  the end-to-end model tests (LLM.generate vs the HF reference)
 #   bench   scripts/bench_kernels.py -> $OUT/kernels_h200.json
 #   profile scripts/profile_decode.py: one decode step, QTIP 2-bit and FP16
-#           (PROFILE_MODEL, default llama-2-7b; PROFILE_BATCH, default 1)
-#           -> $OUT/profile_<weights>_<model>_b<batch>.json
+#           (PROFILE_MODEL, default llama-2-7b; PROFILE_BATCH, default 1;
+#           PROFILE_WEIGHTS, default "qtip2 fp16"; PROFILE_TP, default 1, e.g.
+#           2 with PROFILE_WEIGHTS="qtip2 qtip2-split" on an x2 host)
+#           -> $OUT/profile_<weights>_<model>_b<batch>_tp<tp>.json
 #   e2e     scripts/bench_e2e.py -> /tmp/e2e_h200.json, copied to $OUT
 #           (resumes: rerun the step on the same machine to finish the table;
 #           E2E_ARGS narrows it, E2E_JSON names another file, e.g. one per GPU)
@@ -119,11 +121,11 @@ step_bench() {
 }
 
 step_profile() {
-  local model=${PROFILE_MODEL:-llama-2-7b} batch=${PROFILE_BATCH:-1}
-  for weights in qtip2 fp16; do
-    local name="profile_${weights}_${model}_b${batch}"
+  local model=${PROFILE_MODEL:-llama-2-7b} batch=${PROFILE_BATCH:-1} tp=${PROFILE_TP:-1}
+  for weights in ${PROFILE_WEIGHTS:-qtip2 fp16}; do
+    local name="profile_${weights}_${model}_b${batch}_tp${tp}"
     timeout "${PROFILE_TIMEOUT:-150}" python3 scripts/profile_decode.py \
-      --model "$model" --weights $weights --batch "$batch" \
+      --model "$model" --weights $weights --batch "$batch" --tp "$tp" \
       --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" | tail -25
   done
 }

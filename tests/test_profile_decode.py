@@ -1,0 +1,51 @@
+# SPDX-License-Identifier: Apache-2.0
+"""scripts/profile_decode.py's per-step sums: the difference of a long and a
+short window by kernel kind, from Chrome traces (the TP > 1 path, where vLLM's
+profiler writes one trace per rank)."""
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import profile_decode  # noqa: E402
+
+KERNELS = {
+    "void vllm::qtip::kernels::qtip_mma_kernel<2, 6, 32, void, false>": 10.0,
+    "void vllm::qtip::kernels::qtip_hk64_in_kernel<__half>": 3.0,
+    "void vllm::qtip::kernels::qtip_hk512_kernel<float, __half>": 2.5,
+    "void vllm::cross_device_reduce_1stage<float, 2>": 4.0,
+    "ncclDevKernel_AllGather_RING_LL": 6.0,
+    "triton_poi_fused_mul_silu_slice_1": 1.0,
+}
+
+
+def write_trace(path: Path, launches: int) -> Path:
+    events = [
+        {"cat": "kernel", "name": name, "dur": dur}
+        for name, dur in KERNELS.items()
+        for _ in range(launches)
+    ]
+    # CPU-side events are not kernel time.
+    events.append({"cat": "cpu_op", "name": "aten::add", "dur": 500.0})
+    path.write_text(json.dumps({"traceEvents": events}))
+    return path
+
+
+def test_per_step_from_traces(tmp_path):
+    long = profile_decode.trace_totals(write_trace(tmp_path / "long.json", 11))
+    short = profile_decode.trace_totals(write_trace(tmp_path / "short.json", 3))
+    result = profile_decode.per_step(long, short, steps=4)
+    rows = {r["kind"]: (r["us"], r["launches"]) for r in result["rows"]}
+    # 8 more launches of each kernel over 4 steps: 2 per step.
+    assert rows["qtip_mma"] == (20.0, 2.0)
+    assert rows["qtip_hadamard"] == (11.0, 4.0)
+    assert rows["collective"] == (20.0, 4.0)
+    assert rows["other"] == (2.0, 2.0)
+    assert rows["attention"] == (0.0, 0.0)
+    assert result["kernel_ms"] == 0.053
+    assert result["top_kernels"][0]["name"].endswith(
+        "qtip_mma_kernel<2, 6, 32, void, false>"
+    )
+    assert result["top_kernels"][0]["us_per_step"] == 20.0
