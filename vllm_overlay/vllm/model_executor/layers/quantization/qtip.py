@@ -15,7 +15,7 @@ therefore keeps its own tensors and its own input transform.
 Under tensor parallelism every rank holds whole 32 x 32 trellis blocks of its
 slice. The block-diagonal transforms of ``split_for_tp`` checkpoints stay on
 the rank; the whole-matrix transforms of the others (rcp = 0) take one
-all-gather per layer (utils/qtip_parallel.py).
+gather per layer (utils/qtip_parallel.py).
 """
 
 import dataclasses

@@ -6,18 +6,21 @@ A checkpoint quantized without ``split_for_tp`` has Hadamard transforms over
 whole matrices: Hm mixes all m outputs of a column-parallel layer and Hn all n
 inputs of a row-parallel one. Every rank still holds only its slice of the
 trellis, in whole 32 x 32 blocks (its rows of a column-parallel layer, its
-columns of a row-parallel one), and one all-gather brings the full vector in
-front of the transform that spans it:
+columns of a row-parallel one), and one gather brings the full vector in
+front of the transform that spans it. Each gather is an all-reduce of rows
+that every rank fills with its own part and zeros elsewhere (exact, since
+x + 0 = x), so on NVLink it takes vLLM's custom all-reduce rather than NCCL:
 
 * column-parallel (q/k/v, gate/up), :data:`GATHER_OUTPUT`: the input
   transform (every rank has the full input), this rank's rows of the W_hat
-  product, **all-gather** of the products, the full output transform, then
+  product, **gather** of the products, the full output transform, then
   this rank's rows times SV. KV heads replicated over ranks (GQA with fewer
   KV heads than ranks) are gathered once per replica group.
-* row-parallel (o, down), :data:`GATHER_INPUT`: **all-gather** of the input
+* row-parallel (o, down), :data:`GATHER_INPUT`: **gather** of the input
   shards, the full input transform, this rank's columns of the W_hat
-  product, the output transform times SV; RowParallelLinear then all-reduces
-  the partial outputs as for any layer (Hm and SV are linear).
+  product (one kernel call with the GEMM's column window), the output
+  transform times SV; RowParallelLinear then all-reduces the partial
+  outputs as for any layer (Hm and SV are linear).
 
 The products are gathered in fp32, so a column-parallel layer rounds nothing
 that it does not round at TP=1. Every step has static shapes and no host
