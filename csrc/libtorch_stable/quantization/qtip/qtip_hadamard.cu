@@ -974,8 +974,19 @@ struct HadArgs {
   bool hk64;           // qtip_hk64_kernel (see there)
 };
 
-// qtip_hk64_kernel over rows x (n / (K * 64)) row blocks: persistent, one
-// CTA per SM (its 114-152 registers per thread leave room for one).
+// Launch shape of both K x 64 kernels over `items` row blocks: persistent,
+// one CTA per SM (their 114-152 registers per thread leave room for one),
+// one warp per 16 rows of H_K.
+struct Hk64Shape {
+  dim3 grid, threads;
+};
+Hk64Shape hk64_shape(int64_t items, int64_t K) {
+  const int64_t grid =
+      std::min<int64_t>(items, get_device_prop()->multiProcessorCount);
+  return {dim3((unsigned)grid), dim3((unsigned)(32 * ((K + 15) / 16)))};
+}
+
+// qtip_hk64_kernel over rows x (n / (K * 64)) row blocks.
 template <typename InT, typename OutT>
 void launch_hk64(const InT* x, const float* out_scale, const float* had,
                  OutT* y, int rows, int n, int K, bool transpose, float mult,
@@ -985,10 +996,8 @@ void launch_hk64(const InT* x, const float* out_scale, const float* had,
   ensure_max_dynamic_smem(kernel, smem_set);
   const int64_t items = (int64_t)rows * (n / (K * kernels::kHk64P));
   if (items == 0) return;
-  const int64_t grid =
-      std::min<int64_t>(items, get_device_prop()->multiProcessorCount);
-  launch_dependent(kernel, dim3((unsigned)grid),
-                   dim3((unsigned)(32 * ((K + 15) / 16))), kernels::kHk64Smem,
+  const Hk64Shape shape = hk64_shape(items, K);
+  launch_dependent(kernel, shape.grid, shape.threads, kernels::kHk64Smem,
                    stream, x, out_scale, had, y, rows, n, K, transpose, mult,
                    splits);
 }
@@ -1368,8 +1377,7 @@ Tensor one_pass_input(const Tensor& x, const Tensor& su, const Tensor& had,
   const int64_t items = copies * rows * (n / block);
   STD_TORCH_CHECK(items < INT32_MAX, "one_pass_input: ", items,
                   " row blocks are too many");
-  const int grid =
-      (int)std::min<int64_t>(items, get_device_prop()->multiProcessorCount);
+  const Hk64Shape shape = hk64_shape(items, K);
   // The cuBLAS route's scales: 1 / sqrt(P) / 32 before the fp16 rounding,
   // 1 / sqrt(K) after H_K.
   const float mult_pre =
@@ -1380,11 +1388,11 @@ Tensor one_pass_input(const Tensor& x, const Tensor& su, const Tensor& had,
     auto kernel = kernels::qtip_hk64_in_kernel<InT>;
     static DeviceFlags smem_set;
     ensure_max_dynamic_smem(kernel, smem_set);
-    launch_dependent(
-        kernel, dim3((unsigned)grid), dim3((unsigned)(32 * ((K + 15) / 16))),
-        kernels::kHk64InSmem, stream, typed_x, su.const_data_ptr<float>(),
-        had.const_data_ptr<float>(), reinterpret_cast<__half*>(y.data_ptr()),
-        (int)rows, (int)n, (int)K, (int)copies, true, mult_pre, mult_post);
+    launch_dependent(kernel, shape.grid, shape.threads, kernels::kHk64InSmem,
+                     stream, typed_x, su.const_data_ptr<float>(),
+                     had.const_data_ptr<float>(),
+                     reinterpret_cast<__half*>(y.data_ptr()), (int)rows, (int)n,
+                     (int)K, (int)copies, true, mult_pre, mult_post);
   };
   if (x.scalar_type() == ScalarType::Half)
     run(reinterpret_cast<const __half*>(x.const_data_ptr()));
