@@ -266,10 +266,10 @@ def _row_parallel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tens
             shard.params.K,
             in_block=transform.in_block,
             out_blocks=[transform.out_block],
-            gemm_cols=(layer.qtip_in_rank * n, n),
+            gemm_cols=(start, n),
         )
     xh = input_transform(layer, x_full, shards)
-    xh = xh.narrow(-1, layer.qtip_in_rank * n, n).contiguous()
+    xh = xh.narrow(-1, start, n).contiguous()
     y = output_transform(layer, hat_product(layer, xh, shards), shards)
     return _scale_output(y, layer.SV, x.dtype)
 
