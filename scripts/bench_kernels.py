@@ -33,6 +33,7 @@ import math
 import statistics
 
 import torch
+from kernel_names import QTIP_TRANSFORM_KERNELS
 
 from vllm._qtip_ops import (
     QTIP_DENSE_MIN_ROWS,
@@ -99,15 +100,7 @@ def copy_bandwidth() -> float:
 # Kernel kinds of one QTIP linear, by a substring of the kernel's name (the
 # first that matches); cuBLAS's kernels are named gemm, xmma or nvjet.
 KERNEL_KINDS = (
-    (
-        "hadamard",
-        (
-            "qtip_hadamard_kernel",
-            "qtip_sylvester4096_kernel",
-            "qtip_hk512_kernel",
-            "qtip_hk64_",  # qtip_hk64_kernel, qtip_hk64_in_kernel
-        ),
-    ),
+    ("hadamard", QTIP_TRANSFORM_KERNELS),
     ("mma", ("qtip_mma_kernel",)),
     ("decode", ("qtip_decode_kernel",)),
     ("cublas", ("gemm", "xmma", "nvjet")),

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import MODELS, write_llama_dir  # noqa: E402
 from bench_e2e import WEIGHTS as E2E_WEIGHTS  # noqa: E402
 from bench_scale import WEIGHTS as SCALE_WEIGHTS  # noqa: E402
+from kernel_names import QTIP_TRANSFORM_KERNELS  # noqa: E402
 
 WEIGHTS = {**E2E_WEIGHTS, "qtip2-split": SCALE_WEIGHTS["qtip2-split"]}
 
@@ -43,16 +44,7 @@ WEIGHTS = {**E2E_WEIGHTS, "qtip2-split": SCALE_WEIGHTS["qtip2-split"]}
 KINDS = (
     ("qtip_mma", ("qtip_mma_kernel",)),
     ("qtip_decode", ("qtip_decode_kernel",)),
-    # Every transform kernel, as bench_kernels.py's KERNEL_KINDS counts them.
-    (
-        "qtip_hadamard",
-        (
-            "qtip_hadamard_kernel",
-            "qtip_sylvester4096_kernel",
-            "qtip_hk512_kernel",
-            "qtip_hk64_",  # qtip_hk64_kernel, qtip_hk64_in_kernel
-        ),
-    ),
+    ("qtip_hadamard", QTIP_TRANSFORM_KERNELS),
     ("collective", ("cross_device_reduce", "allreduce", "all_reduce", "nccl")),
     ("attention", ("flash", "attn", "attention", "reshape_and_cache", "paged")),
     ("gemm", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "machete", "cublas")),
