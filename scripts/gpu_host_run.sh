@@ -7,7 +7,8 @@
 #   setup   unpack vLLM 0.26.0 into /tmp/vllm-site, lay the Python part of the
 #           series onto it, build _qtip_C for sm_90 into it
 #   tests   the kernel, codec and detection tests
-#   models  the end-to-end model tests (LLM.generate vs the HF reference)
+#   models  the end-to-end model tests (LLM.generate vs the HF reference;
+#           MODELS_K selects with pytest -k)
 #   bench   scripts/bench_kernels.py -> $OUT/kernels_h200.json
 #   profile scripts/profile_decode.py: one decode step, QTIP 2-bit and FP16
 #           (PROFILE_MODEL, default llama-2-7b; PROFILE_BATCH, default 1;
@@ -103,7 +104,8 @@ step_tests() {
 step_models() {
   cd "$VTREE"
   timeout "${MODELS_TIMEOUT:-420}" python3 -m pytest -p no:cacheprovider -v -rfEs \
-    tests/models/quantization/test_qtip.py 2>&1 | tee "$OUT/tests_models.log" | tail -40
+    tests/models/quantization/test_qtip.py ${MODELS_K:+-k "$MODELS_K"} 2>&1 \
+    | tee "$OUT/tests_models.log" | tail -40
   cd "$REPO"
 }
 

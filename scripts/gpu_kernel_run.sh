@@ -91,10 +91,10 @@ step_bench() {
 # benchmark's profiler times of PDL-chained kernels include their waits).
 # Per batch in NCU_BATCHES (default: 1 and 64): the duration of every kernel
 # of one qtip_matmul call for each m x n in NCU_SHAPES, then (unless
-# NCU_DETAIL=0) one detailed report and the stall reasons of the third
+# NCU_DETAIL=0; only at the batches in NCU_DETAIL_BATCHES if set) one detailed report and the stall reasons of the third
 # launch of NCU_KERNEL (a regex, default qtip_mma: only below 256 rows, where
 # the fused path runs; NCU_SKIP matching launches skipped first, default 2) at
-# NCU_M x 4096. The matching launches come in profile_kernels.py's call order:
+# NCU_M x 4096, then its per-pipe utilisation. The matching launches come in profile_kernels.py's call order:
 # e.g. NCU_KERNEL=qtip_hadamard matches each call's input then output
 # transform, so NCU_SKIP=3 picks the second call's output transform.
 # The raw files go to $OUT/ncu.tgz, or ncu_$NCU_TAG.tgz when NCU_TAG is set (so
@@ -119,6 +119,7 @@ PY
     done
     # The dense path has no qtip_mma; NCU_DETAIL=0 skips the detailed report.
     [ "${NCU_DETAIL:-1}" = 1 ] || continue
+    [[ " ${NCU_DETAIL_BATCHES:-$batch} " == *" $batch "* ]] || continue
     [ "$batch" -lt 256 ] || [ "${NCU_KERNEL:-qtip_mma}" != qtip_mma ] || continue
     timeout 180 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
@@ -135,6 +136,17 @@ PY
     timeout 120 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
       --metrics "$metrics" python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n ${NCU_N:-4096} --batch "$batch" 2>&1 \
       | tee "$raw/ncu_stalls_b$batch.log" | grep "stalled" | sort -k3 -g -r | head -8
+    # Per-pipe utilisation (is the decode ALU- or FMA-pipe bound, the tensor
+    # pipe busy?): every pipe metric this ncu knows for the chip, so no name
+    # of ours can fail the run.
+    local pipes
+    pipes=$(ncu --query-metrics --chip "${NCU_CHIP:-gh100}" 2>/dev/null | awk '{print $1}' \
+      | grep -E '^sm__(pipe_[a-z0-9_]+_cycles_active|inst_executed_pipe_[a-z0-9_]+)$' \
+      | sed 's/$/.avg.pct_of_peak_sustained_active/' | paste -sd, -)
+    [ -n "$pipes" ] && timeout 120 ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-qtip_mma}" \
+      --launch-skip "${NCU_SKIP:-2}" --launch-count 1 --metrics "$pipes" \
+      python3 scripts/profile_kernels.py --m ${NCU_M:-11008} --n ${NCU_N:-4096} --batch "$batch" 2>&1 \
+      | tee "$raw/ncu_pipes_b$batch.log" | grep -E "^ +sm__" | sort -k3 -g -r | head -24
   done
   tar czf "$OUT/ncu${NCU_TAG:+_$NCU_TAG}.tgz" -C "$OUT" ncu && rm -rf "$raw"
 }
