@@ -381,6 +381,10 @@ constexpr int kHk512Smem =
 // rows, where qtip_hadamard_kernel gives a 14336-column row to 4 CTAs that
 // each re-read its partials and redo its Sylvester part.
 constexpr int64_t kHk512MinRows = kHadTwoLaunchMaxRows + 1;
+// On the input side (no partials) from two rows (one row of a whole-row
+// block is the GEMM's own input): one CTA per row block in place of the two
+// launches.
+constexpr int64_t kHk512InMinRows = 2;
 
 // X's slot of column p: its 16-byte granule (bits 2-3) XORed with bits 5-6,
 // so the first pass's 16-byte stores are free of bank conflicts.
@@ -1093,7 +1097,8 @@ bool output_one_pass(int64_t K, int64_t block, int64_t rows) {
 
 bool input_one_pass(int64_t K, int64_t block, int64_t rows) {
   if (hk64_blocks(K, block)) return rows >= kernels::kHk64InMinRows;
-  return hadamard_one_pass(K, block, rows);
+  return K > 1 && K <= kernels::kHk512MaxK && block == K * kernels::kHk512P &&
+         rows >= kernels::kHk512InMinRows;
 }
 
 int64_t check_had_factor(const std::optional<Tensor>& had_k, const Tensor& x,
@@ -1262,11 +1267,14 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
     dispatch(in_dtype, out_dtype, a, stream);
     return y;
   }
-  // Many rows in blocks of K x 512 with K <= 32 (every block of one size,
-  // so one mult): the one-pass kernel with H_K on the tensor cores.
+  // Many rows (on the input side from two) in blocks of K x 512 with K <= 32
+  // (every block of one size, so one mult): the one-pass kernel with H_K on
+  // the tensor cores.
   bool all_hk512 = K <= kernels::kHk512MaxK;
   for (int s = 0; s < segs.count; ++s)
-    all_hk512 &= hadamard_one_pass(K, K << segs.log2P[s], copies * rows);
+    all_hk512 &= transpose && in_splits == 1  // the input side
+                     ? input_one_pass(K, K << segs.log2P[s], copies * rows)
+                     : hadamard_one_pass(K, K << segs.log2P[s], copies * rows);
   if (all_hk512) {
     a.hk512 = true;
     dispatch(in_dtype, out_dtype, a, stream);

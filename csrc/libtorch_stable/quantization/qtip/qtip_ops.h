@@ -118,8 +118,9 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
 // an input scale, the dense path's output side). Then the dense path leaves
 // H_K to them rather than to cuBLAS.
 bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows);
-// The same for the input side of either path: also K x 64 blocks from
-// kHk64InMinRows rows (qtip_hk64_in_kernel).
+// The same for the input side of either path (qtip_hadamard with
+// transpose, no partials): K x 64 blocks from kHk64InMinRows rows
+// (qtip_hk64_in_kernel), K x 512 ones from kHk512InMinRows.
 bool input_one_pass(int64_t K, int64_t block, int64_t rows);
 // The input transform of such blocks: x * SU_s, Hn^T, / 32, fp16 (shards,
 // rows, n). For K x 64 blocks the Sylvester part is rounded to fp16 at x~'s
