@@ -20,13 +20,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#define CHECK(x)                                                      \
-  do {                                                                \
-    cudaError_t e = (x);                                              \
-    if (e != cudaSuccess) {                                           \
+#define CHECK(x)                                                       \
+  do {                                                                 \
+    cudaError_t e = (x);                                               \
+    if (e != cudaSuccess) {                                            \
       printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      return 1;                                                       \
-    }                                                                 \
+      return 1;                                                        \
+    }                                                                  \
   } while (0)
 
 constexpr int kLutBytes = 128 * 1024;
@@ -55,10 +55,9 @@ __device__ __forceinline__ void decode(uint32_t w0, uint32_t w1,
   const int src = (lane + 1) & 31;
   const uint32_t n0 = __shfl_sync(0xffffffffu, w0, src);
   const uint32_t n1 = __shfl_sync(0xffffffffu, w1, src);
-  const uint32_t hi[4] = {__byte_perm(w0, n0, 0x1054),
-                          __byte_perm(w0, n0, 0x3276),
-                          __byte_perm(w1, n1, 0x1054),
-                          __byte_perm(w1, n1, 0x3276)};
+  const uint32_t hi[4] = {
+      __byte_perm(w0, n0, 0x1054), __byte_perm(w0, n0, 0x3276),
+      __byte_perm(w1, n1, 0x1054), __byte_perm(w1, n1, 0x3276)};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     frag[i][0] = lookup(lut, i & 1 ? hi[i] >> 16 : (i ? w1 : w0), lane_term);
@@ -154,7 +153,8 @@ int run(const char* name, int sms, int iters, float* sink, long long* cycles,
   CHECK(cudaMemcpy(host_cycles, cycles, sms * sizeof(long long),
                    cudaMemcpyDeviceToHost));
   long long cmax = 0;
-  for (int i = 0; i < sms; ++i) cmax = host_cycles[i] > cmax ? host_cycles[i] : cmax;
+  for (int i = 0; i < sms; ++i)
+    cmax = host_cycles[i] > cmax ? host_cycles[i] : cmax;
   const double warp_iters = (double)warps * iters;  // per SM
   const double hmma = kMode == 1 ? 0 : warp_iters * 4 * NB;
   const double weights = kMode == 0 ? 0 : warp_iters * 1024;
