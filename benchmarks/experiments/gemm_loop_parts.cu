@@ -2,7 +2,7 @@
 // SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 //
 // qtip_mma_kernel's main loop rebuilt part by part (issue 11, NOTES.md
-// "Eighteenth session"): mma_decode_overlap.cu found the 16-row GEMM at 44% of
+// "Eighteenth session"): mma_decode_overlap.cu found the 16-row GEMM at 52% of
 // the rate of its decode + MMA mix alone; this adds, one at a time and all
 // together, what that mix leaves out, to see which part costs the rest:
 //   loads: trellis words from global memory (ld.global.cs, 8 bytes per lane per
@@ -15,7 +15,7 @@
 // One CTA of 16 warps per SM with the 128 KiB LUT, K = 2, clock64 per CTA;
 // cycles per 32x32 block per warp over 1024 blocks (the loop's steady state;
 // BENCHMARKS.md "fifteenth run"), then at one call's run length (32 and 64
-// blocks per warp; 14336x4096 gives a warp 27-32) as the loop alone and as the
+// blocks per warp; 14336x4096 gives a warp 32) as the loop alone and as the
 // whole CTA (ring loads, LUT fill, loop, the epilogue's partial-sum stores), to
 // size the per-call fixed part the kernel pays at 1-16 rows (not yet run).
 //   nvcc -O3 -arch=sm_90 -o gemm_loop_parts gemm_loop_parts.cu
@@ -264,7 +264,7 @@ void run_parts(int sms, int it, const uint2* tr, const uint4* xt, float* part,
   run<kLoads | kLdsm | kStage, NB>(sms, it, 0, tr, xt, part, cycles, hc);
 }
 
-// One call's run length (a warp of 14336x4096 sees 27-32 blocks): the loop
+// One call's run length (a warp of 14336x4096 sees 32 blocks): the loop
 // alone, then the whole CTA (ring loads, LUT fill, loop, epilogue).
 template <int NB>
 void run_short(int sms, const uint2* tr, const uint4* xt, float* part,
