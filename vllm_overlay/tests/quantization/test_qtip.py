@@ -1331,7 +1331,9 @@ def _whole_matrix_checks(rank: int, world_size: int, ckpt: str) -> None:
         assert attn.o_proj.qtip_gather == mlp.down_proj.qtip_gather == "input"
         x = torch.randn(5, h, generator=gen).half()
         # Column-parallel: this rank's rows of q and of its KV head; the
-        # products are gathered in fp32, so they equal the TP=1 outputs.
+        # products are gathered in fp32, so they match the TP=1 outputs up to
+        # the fp32 sums' order, which the BLAS picks by the shard's shape (one
+        # fp16 ulp here and there on some CPUs).
         out, _ = attn.qkv_proj(x)
         q, k, v = (ref(f"self_attn.{p}_proj", x) for p in "qkv")
         kv_ranks = world_size // replicas
@@ -1343,13 +1345,13 @@ def _whole_matrix_checks(rank: int, world_size: int, ckpt: str) -> None:
             ],
             dim=-1,
         )
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
         out, _ = mlp.gate_up_proj(x)
         gate, up = ref("mlp.gate_proj", x), ref("mlp.up_proj", x)
         expected = torch.cat(
             [mine(gate, world_size, rank), mine(up, world_size, rank)], dim=-1
         )
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
         # Row-parallel: all-gather of the input shards, then the all-reduce of
         # the partial outputs (rounded to fp16 before the sum).
         xo = torch.randn(5, q_rows, generator=gen).half()
