@@ -1083,11 +1083,16 @@ bool hk64_blocks(int64_t K, int64_t block) {
          block == K * kernels::kHk64P;
 }
 
+// Blocks of K x 512 with 1 < K <= 32 (Llama-3's 14336 = 28 x 512): the ones
+// qtip_hk512_kernel transforms in one pass.
+bool hk512_blocks(int64_t K, int64_t block) {
+  return K > 1 && K <= kernels::kHk512MaxK && block == K * kernels::kHk512P;
+}
+
 }  // namespace
 
 bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows) {
-  if (K > 1 && K <= kernels::kHk512MaxK)
-    return block == K * kernels::kHk512P && rows >= kernels::kHk512MinRows;
+  if (hk512_blocks(K, block)) return rows >= kernels::kHk512MinRows;
   return hk64_blocks(K, block) && rows >= kernels::kSyl16MinRows;
 }
 
@@ -1097,8 +1102,7 @@ bool output_one_pass(int64_t K, int64_t block, int64_t rows) {
 
 bool input_one_pass(int64_t K, int64_t block, int64_t rows) {
   if (hk64_blocks(K, block)) return rows >= kernels::kHk64InMinRows;
-  return K > 1 && K <= kernels::kHk512MaxK && block == K * kernels::kHk512P &&
-         rows >= kernels::kHk512InMinRows;
+  return hk512_blocks(K, block) && rows >= kernels::kHk512InMinRows;
 }
 
 int64_t check_had_factor(const std::optional<Tensor>& had_k, const Tensor& x,
