@@ -23,6 +23,13 @@
 #include <cstdio>
 #include <cuda_runtime.h>
 
+// The kernels' own LUT lookup, K = 2 block decode and mma.sync helpers.
+#include "../../csrc/libtorch_stable/quantization/qtip/qtip_codebook.cuh"
+
+using vllm::qtip::decode_block;
+using vllm::qtip::load_lane;
+using vllm::qtip::mma_16816;
+
 #define CHECK(x)                                                       \
   do {                                                                 \
     cudaError_t e = (x);                                               \
@@ -32,7 +39,7 @@
     }                                                                  \
   } while (0)
 
-constexpr int kLutBytes = 128 * 1024;
+constexpr int kLutBytes = vllm::qtip::SignedLut<32>::kBytes;  // 128 KiB
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 // Blocks per staged chunk (two buffers beside the LUT fit 227 KiB).
@@ -42,45 +49,6 @@ __host__ __device__ constexpr int chunk_blocks(int nb) {
 constexpr int kLoads = 1, kLdsm = 2, kStage = 4;
 static double prop_clock_khz = 1.98e6;  // the SM clock (device properties)
 
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
-                                    uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t lookup(const char* lut, uint32_t s,
-                                           uint32_t lane_term) {
-  const uint32_t v = s * s + s;
-  return *reinterpret_cast<const uint32_t*>(
-      lut + ((((v << 1) & 0x1FF80u) | lane_term)));
-}
-
-__device__ __forceinline__ void decode(uint32_t w0, uint32_t w1,
-                                       const char* lut, uint32_t lane_term,
-                                       int lane, uint32_t (&frag)[4][4]) {
-  const int src = (lane + 1) & 31;
-  const uint32_t n0 = __shfl_sync(0xffffffffu, w0, src);
-  const uint32_t n1 = __shfl_sync(0xffffffffu, w1, src);
-  const uint32_t hi[4] = {
-      __byte_perm(w0, n0, 0x1054), __byte_perm(w0, n0, 0x3276),
-      __byte_perm(w1, n1, 0x1054), __byte_perm(w1, n1, 0x3276)};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    frag[i][0] = lookup(lut, i & 1 ? hi[i] >> 16 : (i ? w1 : w0), lane_term);
-#pragma unroll
-    for (int j = 1; j < 4; ++j)
-      frag[i][j] = lookup(lut, hi[i] >> (16 - 4 * j), lane_term);
-  }
-}
-
-__device__ __forceinline__ void load_lane(const uint2* p, uint32_t (&w)[2]) {
-  asm volatile("ld.global.cs.v2.u32 {%0,%1}, [%2];"
-               : "=r"(w[0]), "=r"(w[1])
-               : "l"(p));
-}
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile(
       "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
@@ -114,7 +82,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t stage_addr =
       static_cast<uint32_t>(__cvta_generic_to_shared(smem + kLutBytes));
   const uint32_t lane_offset = stage_offset(lane & 7, lane >> 3);
-  const uint32_t lane_term = (uint32_t)lane << 2;
+  const uint32_t lane_term = vllm::qtip::SignedLut<32>::lane_term(lane);
   const uint2* wp =
       trellis + ((size_t)(blockIdx.x * kWarps + warp) * iters) * 32 + lane;
   constexpr int kRing = NB == 1 ? 8 : 4;
@@ -122,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int st = 0; st < kRing; ++st) {
     if constexpr (kParts & kLoads) {
-      load_lane(wp + st * 32, w[st]);
+      load_lane<2>(reinterpret_cast<const uint8_t*>(wp + st * 32), w[st]);
     } else {
       w[st][0] = tid * 0x01000193u + st;
       w[st][1] = tid * 0x811c9dc5u + st;
@@ -166,9 +134,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int st = 0; st < kRing; ++st) {
         const int i = c * kChunk + base + st;
         uint32_t frag[4][4];
-        decode(w[st][0], w[st][1], lut, lane_term, lane, frag);
+        decode_block<2, 32>(w[st], lut, lane_term, lane, frag);
         if constexpr (kParts & kLoads) {
-          if (i + kRing < iters) load_lane(wp + (i + kRing) * 32, w[st]);
+          if (i + kRing < iters)
+            load_lane<2>(
+                reinterpret_cast<const uint8_t*>(wp + (i + kRing) * 32), w[st]);
         } else {
           w[st][0] += 0x9e3779b9u;
           w[st][1] ^= (uint32_t)i;
@@ -185,13 +155,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
-          mma(acc[0][nb], frag[0], b[nb][0], b[nb][1]);
-          mma(acc[1][nb], frag[1], b[nb][0], b[nb][1]);
+          mma_16816(acc[0][nb], frag[0], b[nb][0], b[nb][1]);
+          mma_16816(acc[1][nb], frag[1], b[nb][0], b[nb][1]);
         }
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
-          mma(acc[0][nb], frag[2], b[nb][2], b[nb][3]);
-          mma(acc[1][nb], frag[3], b[nb][2], b[nb][3]);
+          mma_16816(acc[0][nb], frag[2], b[nb][2], b[nb][3]);
+          mma_16816(acc[1][nb], frag[3], b[nb][2], b[nb][3]);
         }
       }
     }

@@ -20,6 +20,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+// The kernels' own LUT lookup, K = 2 block decode and mma.sync helpers.
+#include "../../csrc/libtorch_stable/quantization/qtip/qtip_codebook.cuh"
+
+using vllm::qtip::decode_block;
+using vllm::qtip::mma_16816;
+
 #define CHECK(x)                                                       \
   do {                                                                 \
     cudaError_t e = (x);                                               \
@@ -29,43 +35,7 @@
     }                                                                  \
   } while (0)
 
-constexpr int kLutBytes = 128 * 1024;
-
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
-                                    uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t lookup(const char* lut, uint32_t s,
-                                           uint32_t lane_term) {
-  const uint32_t v = s * s + s;
-  return *reinterpret_cast<const uint32_t*>(
-      lut + ((((v << 1) & 0x1FF80u) | lane_term)));
-}
-
-// One lane's share of a K = 2 block: 16 lookups from two words (the kernel's
-// shuffle for the neighbour's bits included).
-__device__ __forceinline__ void decode(uint32_t w0, uint32_t w1,
-                                       const char* lut, uint32_t lane_term,
-                                       int lane, uint32_t (&frag)[4][4]) {
-  const int src = (lane + 1) & 31;
-  const uint32_t n0 = __shfl_sync(0xffffffffu, w0, src);
-  const uint32_t n1 = __shfl_sync(0xffffffffu, w1, src);
-  const uint32_t hi[4] = {
-      __byte_perm(w0, n0, 0x1054), __byte_perm(w0, n0, 0x3276),
-      __byte_perm(w1, n1, 0x1054), __byte_perm(w1, n1, 0x3276)};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    frag[i][0] = lookup(lut, i & 1 ? hi[i] >> 16 : (i ? w1 : w0), lane_term);
-#pragma unroll
-    for (int j = 1; j < 4; ++j)
-      frag[i][j] = lookup(lut, hi[i] >> (16 - 4 * j), lane_term);
-  }
-}
+constexpr int kLutBytes = vllm::qtip::SignedLut<32>::kBytes;  // 128 KiB
 
 // kMode 0: mma only, 1: lut only, 2: mixed. NB: n8 tiles (HMMAs per
 // iteration = 4 * NB).
@@ -77,7 +47,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   for (int i = tid; i < kLutBytes / 4; i += blockDim.x)
     reinterpret_cast<uint32_t*>(lut)[i] = 0x3c003c00u ^ (i * 0x9e3779b9u);
   __syncthreads();
-  const uint32_t lane_term = (uint32_t)lane << 2;
+  const uint32_t lane_term = vllm::qtip::SignedLut<32>::lane_term(lane);
   uint32_t w0 = tid * 0x01000193u + 7, w1 = tid * 0x811c9dc5u + 3;
   uint32_t frag[4][4];
 #pragma unroll
@@ -96,7 +66,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const long long t0 = clock64();
   for (int it = 0; it < iters; ++it) {
     if constexpr (kMode != 0) {
-      decode(w0, w1, lut, lane_term, lane, frag);
+      const uint32_t w[2] = {w0, w1};
+      decode_block<2, 32>(w, lut, lane_term, lane, frag);
       // The next "trellis words" depend on this block's values, as the
       // kernel's ring refills do not, but cheaply (two ops per block).
       w0 += frag[0][0] ^ frag[3][3];
@@ -110,13 +81,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     } else {
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
-        mma(acc[0][nb], frag[0], b[nb][0], b[nb][1]);
-        mma(acc[1][nb], frag[1], b[nb][0], b[nb][1]);
+        mma_16816(acc[0][nb], frag[0], b[nb][0], b[nb][1]);
+        mma_16816(acc[1][nb], frag[1], b[nb][0], b[nb][1]);
       }
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
-        mma(acc[0][nb], frag[2], b[nb][0] ^ 1, b[nb][1]);
-        mma(acc[1][nb], frag[3], b[nb][0], b[nb][1] ^ 1);
+        mma_16816(acc[0][nb], frag[2], b[nb][0] ^ 1, b[nb][1]);
+        mma_16816(acc[1][nb], frag[3], b[nb][0], b[nb][1] ^ 1);
       }
     }
   }
