@@ -17,7 +17,8 @@
 // BENCHMARKS.md "fifteenth run"), then at one call's run length (32 and 64
 // blocks per warp; 14336x4096 gives a warp 32) as the loop alone and as the
 // whole CTA (ring loads, LUT fill, loop, the epilogue's partial-sum stores), to
-// size the per-call fixed part the kernel pays at 1-16 rows (not yet run).
+// size the per-call fixed part the kernel pays at 1-16 rows (BENCHMARKS.md
+// "sixteenth run").
 //   nvcc -O3 -arch=sm_90 -o gemm_loop_parts gemm_loop_parts.cu
 #include <cstdint>
 #include <cstdio>
