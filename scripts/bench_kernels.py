@@ -61,8 +61,8 @@ FUSED_LAYERS = [
 ROTATE_BYTES = 256 << 20  # > 4x the 50 MB L2 of an H100
 
 
-def time_graph(fns, replays: int = 7) -> float:
-    """Median microseconds per fn, replaying a CUDA graph of all of fns."""
+def capture_graph(fns) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of all of fns, captured after one warm-up run of them."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -73,6 +73,12 @@ def time_graph(fns, replays: int = 7) -> float:
     with torch.cuda.graph(graph):
         for fn in fns:
             fn()
+    return graph
+
+
+def time_graph(fns, replays: int = 7) -> float:
+    """Median microseconds per fn, replaying a CUDA graph of all of fns."""
+    graph = capture_graph(fns)
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     graph.replay()

@@ -49,7 +49,12 @@ buf = torch.zeros(
 )
 os.environ["QTIP_TIMELINE_PTR"] = str(buf.data_ptr())
 
-from bench_kernels import factor, random_trellises, time_graph  # noqa: E402
+from bench_kernels import (  # noqa: E402
+    capture_graph,
+    factor,
+    random_trellises,
+    time_graph,
+)
 
 from vllm._qtip_ops import qtip_matmul  # noqa: E402
 
@@ -89,16 +94,7 @@ def granularity(stamps: torch.Tensor) -> int:
 def run_case(name: str, fn_for, trellises) -> dict:
     fns = [lambda t=t: fn_for(t) for t in trellises[:CALLS]]
     period_us = time_graph(fns)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
+    graph = capture_graph(fns)
     graph.replay()
     torch.cuda.synchronize()
     buf.zero_()
