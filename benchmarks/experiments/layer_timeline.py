@@ -91,6 +91,33 @@ def granularity(stamps: torch.Tensor) -> int:
     return min(diffs) if diffs else -1
 
 
+def chain(recs: list[dict], gemm: dict, next_gemm: dict) -> list[tuple[str, float]]:
+    """The critical path from a GEMM's release to the next one's (us): the
+    GEMM's x~, loop and tail to its last CTA's exit, then each launch
+    released in between (by median release): the gap to its release and its
+    run to its median CTA's exit; last the gap to the next GEMM's release."""
+    us = 1e-3
+    w0 = gemm["waited"][1]
+    steps = [
+        ("x~", (gemm["loop0"][1] - w0) * us),
+        ("loop", (gemm["loop_end"][1] - gemm["loop0"][1]) * us),
+        ("tail", (gemm["exit"][2] - gemm["loop_end"][1]) * us),
+    ]
+    done = gemm["exit"][2]
+    end = next_gemm["waited"][1]
+    between = [
+        r
+        for r in recs
+        if r["tag"] != "mma" and "waited" in r and w0 < r["waited"][1] < end
+    ]
+    for r in sorted(between, key=lambda r: r["waited"][1]):
+        steps.append((f"{r['tag']}({r['ctas']}) release", (r["waited"][1] - done) * us))
+        steps.append((f"{r['tag']} run", (r["exit"][1] - r["waited"][1]) * us))
+        done = r["exit"][1]
+    steps.append(("release", (end - done) * us))
+    return [(k, round(v, 2)) for k, v in steps]
+
+
 def run_case(name: str, fn_for, trellises) -> dict:
     fns = [lambda t=t: fn_for(t) for t in trellises[:CALLS]]
     period_us = time_graph(fns)
@@ -153,12 +180,16 @@ def run_case(name: str, fn_for, trellises) -> dict:
         f"GEMM phases per CTA with work ({int(ok.sum())} CTAs; "
         f"min / median / max us): {phases}"
     )
+    path = chain(recs, mma[c], mma[c + 1])
+    print("critical path (us):", " | ".join(f"{k} {v}" for k, v in path))
+    print(f"  sum {sum(v for _, v in path):.2f}")
     return {
         "case": name,
         "graph_us": round(period_us, 2),
         "gemm_period_us": round(statistics.median(periods) / 1e3, 2),
         "launches": rows,
         "gemm_phases": phases,
+        "critical_path_us": path,
     }
 
 
