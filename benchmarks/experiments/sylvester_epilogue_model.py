@@ -64,3 +64,11 @@ for p in (64, 128, 256, 512):
     err = np.abs(epilogue(Y) - sylvester(p) @ Y).max()
     print(f"P = {p}: max |epilogue - H_P Y| = {err:.1e}")
     assert err < 1e-9
+
+# out-sylvester-k1: a power-of-two block of K * 512 is H_K (Sylvester of size
+# K) times the 512-point part: column c = k * 512 + p.
+for k in (2, 4, 8):
+    full = sylvester(k * 512)
+    kron = np.kron(sylvester(k), sylvester(512))
+    assert (full == kron).all(), k
+    print(f"H_{k * 512} = H_{k} (x) H_512: exact")
