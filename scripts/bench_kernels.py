@@ -76,9 +76,9 @@ def capture_graph(fns) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def time_graph(fns, replays: int = 7) -> float:
-    """Median microseconds per fn, replaying a CUDA graph of all of fns."""
-    graph = capture_graph(fns)
+def replay_us(graph: torch.cuda.CUDAGraph, calls: int, replays: int = 7) -> float:
+    """Median microseconds per call of a graph of `calls` calls, over
+    `replays` timed replays after an untimed one."""
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     graph.replay()
@@ -88,9 +88,16 @@ def time_graph(fns, replays: int = 7) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    del graph
+        times.append(start.elapsed_time(end) * 1e3 / calls)
     return statistics.median(times)
+
+
+def time_graph(fns, replays: int = 7) -> float:
+    """Median microseconds per fn, replaying a CUDA graph of all of fns."""
+    graph = capture_graph(fns)
+    us = replay_us(graph, len(fns), replays)
+    del graph
+    return us
 
 
 def copy_bandwidth() -> float:

@@ -53,7 +53,7 @@ from bench_kernels import (  # noqa: E402
     capture_graph,
     factor,
     random_trellises,
-    time_graph,
+    replay_us,
 )
 
 from vllm._qtip_ops import qtip_matmul  # noqa: E402
@@ -120,10 +120,8 @@ def chain(recs: list[dict], gemm: dict, next_gemm: dict) -> list[tuple[str, floa
 
 def run_case(name: str, fn_for, trellises) -> dict:
     fns = [lambda t=t: fn_for(t) for t in trellises[:CALLS]]
-    period_us = time_graph(fns)
     graph = capture_graph(fns)
-    graph.replay()
-    torch.cuda.synchronize()
+    period_us = replay_us(graph, len(fns))
     buf.zero_()
     graph.replay()
     torch.cuda.synchronize()

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""CPU model of qtip_gemm.cu's sylvester_tiles (k172-epilogue-syl64.patch).
+"""CPU model of qtip_gemm.cu's sylvester_tiles (out-sylvester-epilogue.patch).
 
 A block of P / 32 tiles' mma C fragments (lane l: rows g, g + 8 of each
 16-row half mr, columns 2q, 2q + 1; g = l / 4, q = l % 4) goes through the
