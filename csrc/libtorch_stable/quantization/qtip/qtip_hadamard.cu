@@ -73,6 +73,14 @@ constexpr int kSplitLoads = 4;
 // two launches (see above).
 constexpr int64_t kHadTwoLaunchMaxRows = 32;
 constexpr int64_t kHadTwoLaunchMaxK = 32;
+// Output transforms with a larger H_K (Llama-2's K = 172 x 64) of up to this
+// many rows (times copies: the fused gate_up at one row) take
+// kHadFewRowsHkRows rows of H_K per thread block, not 32: at one row 32 left
+// the H_K step to 12 thread blocks, instruction-bound for ~7 us of a ~21 us
+// layer (H200, ncu); 8 spread it over 44 per 11008 columns. From 2 rows the
+// fused path takes qtip_hk64_kernel (kHk64OutMinRows), which stays faster.
+constexpr int64_t kHadFewRowsMaxRows = 2;
+constexpr int kHadFewRowsHkRows = 8;
 // Columns per thread block of the first of the two launches (64 threads).
 constexpr int64_t kHadSylvesterCtaCols = 512;
 // With H_K, the columns a thread block's rows of H_K serve at least: blocks of
@@ -132,11 +140,25 @@ __global__ void __launch_bounds__(kHadMaxThreads)
   // block's values. H_K is a weight, never the previous kernel's output (the
   // op's contract), so it loads before the wait below, under that kernel's
   // tail; the barrier after step 1 publishes it.
+  // Element i = k * rchunk + (r - r0) is walked by a precomputed step (no
+  // division per element: with K = 172 at one row the divisions were a
+  // fifth of the kernel's instructions, and CTAs that get an SM only as the
+  // GEMM's exit run this part after their producer is done).
   float* M = X + b;
   const int r0 = (blockIdx.y / p_splits) * rchunk;
-  for (int i = threadIdx.x; K > 1 && i < K * rchunk; i += blockDim.x) {
-    const int k = i / rchunk, r = r0 + i % rchunk;
-    M[i] = r < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
+  if (K > 1) {
+    const int dk = blockDim.x / rchunk, dr = blockDim.x % rchunk;
+    int k = threadIdx.x / rchunk, r = r0 + threadIdx.x % rchunk;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < K * rchunk; i += blockDim.x) {
+      M[i] = r < K ? (transpose ? had[k * K + r] : had[r * K + k]) : 0.f;
+      k += dk;
+      r += dr;
+      if (r >= r0 + rchunk) {
+        r -= rchunk;
+        ++k;
+      }
+    }
   }
   // K > 1: y[r][p] = sum_k M[k][r - r0] * X[k][p] for this block's rows
   // r0.. of H_K and its columns p_lo..p_hi of each Hadamard block.
@@ -1237,6 +1259,9 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
     if (fat > rchunk && (max_cols + K * fat) * 4 <= smem_limit)
       rchunk = (int)fat;
   }
+  if (K > kernels::kHadTwoLaunchMaxK && !transpose &&
+      copies * rows <= kernels::kHadFewRowsMaxRows)
+    rchunk = kernels::kHadFewRowsHkRows;
   while (K > 1 && rchunk > 8 && (max_cols + K * rchunk) * 4 > smem_limit)
     rchunk /= 2;
   const int64_t smem = (max_cols + (K > 1 ? K * rchunk : 0)) * 4;

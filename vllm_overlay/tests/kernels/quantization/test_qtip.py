@@ -404,12 +404,13 @@ def test_hadamard_sums_splits(n: int):
 
 
 @pytest.mark.parametrize("n", (11008, 14336, 192))
-@pytest.mark.parametrize("rows", (5, 40))
+@pytest.mark.parametrize("rows", (1, 2, 5, 40))
 def test_hadamard_partials_and_copies(n: int, rows: int):
     # Up to 32 rows (times copies) an H_K transform with K <= 32 (14336: 28,
     # 192: 12) takes two launches; more rows of K x 512 blocks (14336) the
     # one-pass kernel, with split-K partials too; K = 172 (11008) and 192 at
-    # 40 rows qtip_hadamard_kernel.
+    # 40 rows qtip_hadamard_kernel, K = 172 at 1-2 rows on the output side
+    # with 8 rows of H_K per thread block.
     op = torch.ops._qtip_C.qtip_hadamard
     had = factor(n)
     # Output side: split-K partial sums.
