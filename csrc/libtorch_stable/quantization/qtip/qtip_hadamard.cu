@@ -74,11 +74,12 @@ constexpr int kSplitLoads = 4;
 constexpr int64_t kHadTwoLaunchMaxRows = 32;
 constexpr int64_t kHadTwoLaunchMaxK = 32;
 // Output transforms with a larger H_K (Llama-2's K = 172 x 64) of up to this
-// many rows (times copies: the fused gate_up at one row) take
-// kHadFewRowsHkRows rows of H_K per thread block, not 32: at one row 32 left
-// the H_K step to 12 thread blocks, instruction-bound for ~7 us of a ~21 us
-// layer (H200, ncu); 8 spread it over 44 per 11008 columns. From 2 rows the
-// fused path takes qtip_hk64_kernel (kHk64OutMinRows), which stays faster.
+// many rows (times copies) take kHadFewRowsHkRows rows of H_K per thread
+// block, not 32: at one row 32 left the H_K step to 12 thread blocks,
+// instruction-bound for ~7 us of a ~21 us layer (H200, ncu); 8 spread it
+// over 44 per 11008 columns. The fused path takes qtip_hk64_kernel from 2
+// rows (kHk64OutMinRows), faster there, so in a model this is the one-row
+// case (a fused gate_up's two segments included).
 constexpr int64_t kHadFewRowsMaxRows = 2;
 constexpr int kHadFewRowsHkRows = 8;
 // Columns per thread block of the first of the two launches (64 threads).
