@@ -136,7 +136,8 @@ step_e2e() {
   local json=${E2E_JSON:-/tmp/e2e_h200.json}
   timeout "${E2E_TIMEOUT:-420}" python3 scripts/bench_e2e.py --out "$json" \
     --resume ${E2E_ARGS:-} 2>&1 | tee -a "$OUT/bench_e2e.log" | tail -30
-  cp "$json" "$OUT/" 2>/dev/null
+  # E2E_JSON may already be in $OUT (cp would fail on the same file).
+  [ "$json" -ef "$OUT/$(basename "$json")" ] || cp "$json" "$OUT/" 2>/dev/null
 }
 
 step_serve() {
