@@ -6,7 +6,11 @@
 # results.tgz when more than the 8 files a device call brings back).
 # Needs .gpu/vllm-src/csrc/core/registration.h and .gpu/ref (goldens,
 # hyb_decode_bench.cu): scripts/gpu_prepare.sh --kernels puts them there.
-#   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [variants] [quantize]
+# ab_base + variants with AB=1: instead of a separate benchmark run per
+# variant, scripts/ab_kernels.py times the variant and the tree's own kernels
+# (built under another op namespace by ab_base) in turn in one process
+# (AB_ARGS, e.g. "--K 2 --batches 1 16"), so both see the same clocks.
+#   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [ab_base] [variants] [quantize]
 # variants: for each patch in VARIANTS (default .gpu/exp/*.patch, e.g. the
 # ones of benchmarks/experiments/): apply, build, kernel tests, bench, the
 # comparison with the baseline (scripts/compare_kernels.py), then revert;
@@ -165,6 +169,21 @@ step_quantize() {
 
 # Each variant's logs go to $OUT/variants.tgz (a device call returns at most
 # 8 files); the benchmark tables are also printed.
+# The tree's kernels as torch.ops._qtip_C_base (a renamed copy of the
+# sources), to load beside a variant's _qtip_C in scripts/ab_kernels.py.
+step_ab_base() {
+  local src=$QK-ab-src bindings=csrc/libtorch_stable/quantization/qtip/torch_bindings.cpp
+  rm -rf "$src" && mkdir -p "$src/scripts" "$src/vllm_overlay"
+  cp -r CMakeLists.txt csrc "$src/" && cp -r vllm_overlay/cmake "$src/vllm_overlay/" &&
+    cp scripts/build_qtip_ext.sh "$src/scripts/"
+  sed -i -E 's/^(STABLE_TORCH_LIBRARY(_IMPL)?)\(_qtip_C,/\1(_qtip_C_base,/' "$src/$bindings"
+  [ "$(grep -c '(_qtip_C_base,' "$src/$bindings")" = 2 ] || { echo "ab_base: namespace not renamed"; return 1; }
+  local t0=$SECONDS
+  TORCH_CUDA_ARCH_LIST=9.0 bash "$src/scripts/build_qtip_ext.sh" python3 "$REPO/.gpu/vllm-src" "$QK-ab" \
+    "$QK-ab-build" > "$OUT/build_ab_base.log" 2>&1 || { tail -30 "$OUT/build_ab_base.log"; return 1; }
+  echo "_qtip_C_base built in $((SECONDS - t0)) s"
+}
+
 step_variants() {
   local base=$OUT names=()
   for patch in ${VARIANTS:-.gpu/exp/*.patch}; do
@@ -176,12 +195,18 @@ step_variants() {
     patch -p1 --forward < "$patch" > "$base/$name/patch.log" || { cat "$base/$name/patch.log"; continue; }
     OUT=$base/$name step_build
     OUT=$base/$name step_tests
-    cp "$base/decode_ceiling.log" "$base/$name/" 2>/dev/null
-    OUT=$base/$name step_bench | grep "^|" | head -60
-    # Against the baseline of this call, raw and against the fp16 GEMM
-    # timed next to each layer (the GPU drifts within a call).
-    [ -f "$base/kernels_h200.json" ] && python3 scripts/compare_kernels.py \
-      "$base/kernels_h200.json" "$base/$name/kernels_h200.json" | tee "$base/$name/compare.log"
+    if [ "${AB:-0}" = 1 ]; then
+      # Interleaved with the tree's own kernels in one process (ab_base).
+      timeout "${BENCH_TIMEOUT:-300}" python3 scripts/ab_kernels.py "$QK-ab/vllm/_qtip_C.abi3.so" \
+        "$base/$name/ab.json" ${AB_ARGS:-} 2>&1 | tee "$base/$name/compare.log" | tail -40
+    else
+      cp "$base/decode_ceiling.log" "$base/$name/" 2>/dev/null
+      OUT=$base/$name step_bench | grep "^|" | head -60
+      # Against the baseline of this call, raw and against the fp16 GEMM
+      # timed next to each layer (the GPU drifts within a call).
+      [ -f "$base/kernels_h200.json" ] && python3 scripts/compare_kernels.py \
+        "$base/kernels_h200.json" "$base/$name/kernels_h200.json" | tee "$base/$name/compare.log"
+    fi
     patch -p1 -R < "$patch" > /dev/null
   done
   [ ${#names[@]} -gt 0 ] && tar czf "$base/variants.tgz" -C "$base" "${names[@]}" &&
