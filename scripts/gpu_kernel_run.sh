@@ -167,10 +167,13 @@ step_quantize() {
     ${QUANT_ARGS:-} 2> "$OUT/bench_scale.log" | tail -30
 }
 
-# Each variant's logs go to $OUT/variants.tgz (a device call returns at most
-# 8 files); the benchmark tables are also printed.
 # The tree's kernels as torch.ops._qtip_C_base (a renamed copy of the
 # sources), to load beside a variant's _qtip_C in scripts/ab_kernels.py.
+# Both libraries are loaded RTLD_LOCAL, so each binds its own functions and
+# kernels, except GNU "unique" objects (inline variables, static locals of
+# inline functions), which bind to the first library's copy: only vLLM's
+# header-only caches and thrust / libstdc++ internals may be such, never
+# state of our own (e.g. the launchers' per-kernel DeviceFlags).
 step_ab_base() {
   local src=$QK-ab-src bindings=csrc/libtorch_stable/quantization/qtip/torch_bindings.cpp
   rm -rf "$src" && mkdir -p "$src/scripts" "$src/vllm_overlay"
@@ -181,9 +184,18 @@ step_ab_base() {
   local t0=$SECONDS
   TORCH_CUDA_ARCH_LIST=9.0 bash "$src/scripts/build_qtip_ext.sh" python3 "$REPO/.gpu/vllm-src" "$QK-ab" \
     "$QK-ab-build" > "$OUT/build_ab_base.log" 2>&1 || { tail -30 "$OUT/build_ab_base.log"; return 1; }
+  local unique
+  unique=$(nm -DC --defined-only "$QK-ab/vllm/_qtip_C.abi3.so" | awk '$2 == "u"' |
+    grep -v -E ' (guard variable for )?(device_flags|device_properties|vectors_init_flag)$|thrust|cuda::std|std::' ||
+    true)
+  [ -z "$unique" ] || { echo "ab_base: state shared across the two libraries:"; echo "$unique"; return 1; }
   echo "_qtip_C_base built in $((SECONDS - t0)) s"
 }
 
+# Each variant's logs go to $OUT/variants.tgz (a device call returns at most
+# 8 files); the benchmark tables are also printed. With AB=1 only the op is
+# timed (scripts/ab_kernels.py): a patch that changes vllm/_qtip_ops.py or the
+# op schema is not measured as it would run in vLLM.
 step_variants() {
   local base=$OUT names=()
   for patch in ${VARIANTS:-.gpu/exp/*.patch}; do
@@ -193,9 +205,13 @@ step_variants() {
     echo "--- variant $name"
     mkdir -p "$base/$name"
     patch -p1 --forward < "$patch" > "$base/$name/patch.log" || { cat "$base/$name/patch.log"; continue; }
-    OUT=$base/$name step_build
+    # A failed build must not leave the previous library to be measured.
+    rm -f "$QK"/vllm/_qtip_C*.so
+    OUT=$base/$name step_build || { patch -p1 -R < "$patch" > /dev/null; continue; }
     OUT=$base/$name step_tests
     if [ "${AB:-0}" = 1 ]; then
+      git diff --quiet -- vllm_overlay/vllm/_qtip_ops.py csrc/libtorch_stable/quantization/qtip/torch_bindings.cpp ||
+        echo "note: $name changes _qtip_ops.py or the op schema; AB times the op alone"
       # Interleaved with the tree's own kernels in one process (ab_base).
       timeout "${BENCH_TIMEOUT:-300}" python3 scripts/ab_kernels.py "$QK-ab/vllm/_qtip_C.abi3.so" \
         "$base/$name/ab.json" ${AB_ARGS:-} 2>&1 | tee "$base/$name/compare.log" | tail -40

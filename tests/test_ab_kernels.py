@@ -44,3 +44,9 @@ def test_layers_cover_the_benchmark_shapes_and_fused_layers():
               change=-0.0556, change_lo=-0.07, change_hi=-0.04, max_rel_diff=0.0)]
     )  # fmt: skip
     assert "| 4096x4096 | 2 | 1 | 9.0 | 8.5 | -5.6% | -7.0% .. -4.0% | 0 |" in table
+    # Outputs further apart than a change of summation order are marked.
+    off = ab_kernels.markdown(
+        [dict(layer="4096x4096", K=2, batch=1, base_us=9.0, variant_us=8.5,
+              change=-0.0556, change_lo=-0.07, change_hi=-0.04, max_rel_diff=0.05)]
+    )  # fmt: skip
+    assert off.endswith("| 0.05 **differs** |")
