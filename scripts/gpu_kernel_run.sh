@@ -210,7 +210,7 @@ step_variants() {
     OUT=$base/$name step_build || { patch -p1 -R < "$patch" > /dev/null; continue; }
     OUT=$base/$name step_tests
     if [ "${AB:-0}" = 1 ]; then
-      git diff --quiet -- vllm_overlay/vllm/_qtip_ops.py csrc/libtorch_stable/quantization/qtip/torch_bindings.cpp ||
+      ! grep -q -E '^\+\+\+ .*(_qtip_ops\.py|torch_bindings\.cpp)' "$patch" ||
         echo "note: $name changes _qtip_ops.py or the op schema; AB times the op alone"
       # Interleaved with the tree's own kernels in one process (ab_base).
       timeout "${BENCH_TIMEOUT:-300}" python3 scripts/ab_kernels.py "$QK-ab/vllm/_qtip_C.abi3.so" \
