@@ -672,6 +672,39 @@ __device__ __forceinline__ void hk64_zero_pad(char* buf, int K) {
     *reinterpret_cast<uint32_t*>(buf + K * kHk64Stride * 2 + i * 4) = 0u;
 }
 
+// Stores an item's K x 64 outputs, v[nt][2 h + e] of row 16 warp + g + 8 h,
+// column 8 nt + 2 q + e (already scaled), to its K * 64 consecutive elements
+// at dst, through `tile` (a free X buffer, rows of kHk64Stride halves: the
+// fragments' 4-byte writes hit 32 banks): the fragments alone would store 4
+// bytes per lane in 16-byte runs of 8 rows; from the tile every lane stores
+// 16 bytes of a whole 128-byte row. The caller has a barrier between the
+// last read of the tile's buffer and this, and one after it before the
+// buffer is refilled. dst is 16-byte aligned (a fresh output, n a multiple
+// of 64).
+template <typename OutT>
+__device__ __forceinline__ void hk64_store_item(const float (&v)[8][4],
+                                                char* tile, OutT* dst, int K,
+                                                int warp, int g, int q) {
+  static_assert(sizeof(OutT) == 2);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = 16 * warp + g + 8 * h;
+    if (r >= K) continue;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const OutT pair[2] = {from_float<OutT>(v[nt][2 * h]),
+                            from_float<OutT>(v[nt][2 * h + 1])};
+      *reinterpret_cast<uint32_t*>(tile + r * (kHk64Stride * 2) +
+                                   (8 * nt + 2 * q) * 2) =
+          *reinterpret_cast<const uint32_t*>(pair);
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < K * 8; c += blockDim.x)
+    *reinterpret_cast<uint4*>(dst + c * 8) = *reinterpret_cast<const uint4*>(
+        tile + (c >> 3) * (kHk64Stride * 2) + (c & 7) * 16);
+}
+
 // A persistent CTA's items blockIdx.x, + gridDim.x, ... with the next one's
 // loads in flight: stage(item, b) issues an item's cp.async loads into
 // buffer b (of two) and commits them; body(item, b) runs once they have
@@ -760,12 +793,16 @@ __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
     asm volatile("cp.async.commit_group;");
   };
   const uint32_t lane_off = hk64_lane_offset(lane);
+  float2 sv[2][8];
+  int sv_col0 = -1;
   wait_for_producer();
 
   for_each_staged_item(items, stage, [&](int item, int buf) {
     float acc[8][4] = {};
     hk64_mma(acc, a, smem_addr + buf * kHk64BufBytes + lane_off, ktiles);
-    __syncthreads();  // buf is refilled next
+    // Every warp is done with buf's values: it takes the outputs next (or,
+    // for fp32 outputs, the next item's loads).
+    __syncthreads();
 
     // Sylvester over p = 8 nt + 2q + e, in place, for rows g (acc[nt][e])
     // and g + 8 (acc[nt][2 + e]): bits 0 (e) and 3-5 (nt) in registers, bits
@@ -804,28 +841,45 @@ __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
         }
     }
     const int64_t row = item / per_row;
+    const int col0 = (item % per_row) * block;
+    if (out_scale != nullptr && col0 != sv_col0) {
+      // This thread's 32 columns of SV, the same for every row: loaded
+      // again only when the item's block changes.
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = 16 * warp + g + 8 * h;
-      if (r >= K) continue;
-      const int col = (item % per_row) * block + r * kHk64P + 2 * q;
-      OutT* dst = y + row * n + col;
+      for (int h = 0; h < 2; ++h) {
+        const int r = min(16 * warp + g + 8 * h, K - 1);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+          sv[h][nt] = *reinterpret_cast<const float2*>(
+              out_scale + col0 + r * kHk64P + 2 * q + 8 * nt);
+      }
+      sv_col0 = col0;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         float v0 = acc[nt][2 * h] * mult, v1 = acc[nt][2 * h + 1] * mult;
         if (out_scale != nullptr) {
-          const float2 sc =
-              *reinterpret_cast<const float2*>(out_scale + col + 8 * nt);
-          v0 *= sc.x;
-          v1 *= sc.y;
+          v0 *= sv[h][nt].x;
+          v1 *= sv[h][nt].y;
         }
-        if constexpr (sizeof(OutT) == 2) {
-          const OutT pair[2] = {from_float<OutT>(v0), from_float<OutT>(v1)};
-          *reinterpret_cast<uint32_t*>(dst + 8 * nt) =
-              *reinterpret_cast<const uint32_t*>(pair);
-        } else {
-          *reinterpret_cast<float2*>(dst + 8 * nt) = make_float2(v0, v1);
-        }
+        acc[nt][2 * h] = v0;
+        acc[nt][2 * h + 1] = v1;
+      }
+    OutT* dst = y + row * n + col0;
+    if constexpr (sizeof(OutT) == 2) {
+      hk64_store_item(acc, smem + buf * kHk64BufBytes, dst, K, warp, g, q);
+      __syncthreads();  // buf is refilled next
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 16 * warp + g + 8 * h;
+        if (r >= K) continue;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+          *reinterpret_cast<float2*>(dst + r * kHk64P + 2 * q + 8 * nt) =
+              make_float2(acc[nt][2 * h], acc[nt][2 * h + 1]);
       }
     }
   });
@@ -928,17 +982,13 @@ __global__ void __launch_bounds__(kHk64MaxKTiles * 32, 1)
 
     float acc[8][4] = {};
     hk64_mma(acc, a, xb, ktiles);
-    __half* dst0 = y + ((int64_t)copy * rows + row) * n + col0;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = 16 * warp + g + 8 * h;
-      if (r >= K) continue;
-      __half* dst = dst0 + r * kHk64P + 2 * q;
+    for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-        *reinterpret_cast<uint32_t*>(dst + 8 * nt) = pack_half2(
-            acc[nt][2 * h] * mult_post, acc[nt][2 * h + 1] * mult_post);
-    }
+      for (int i = 0; i < 4; ++i) acc[nt][i] *= mult_post;
+    __syncthreads();  // every warp is done with X: it takes the outputs
+    hk64_store_item(acc, X, y + ((int64_t)copy * rows + row) * n + col0, K,
+                    warp, g, q);
     __syncthreads();  // X and the raw buffer are refilled next
   });
   asm volatile("cp.async.wait_group 0;" ::: "memory");
@@ -1002,7 +1052,7 @@ struct HadArgs {
 };
 
 // Launch shape of both K x 64 kernels over `items` row blocks: persistent,
-// one CTA per SM (their 114-152 registers per thread leave room for one),
+// one CTA per SM (their 113-168 registers per thread leave room for one),
 // one warp per 16 rows of H_K.
 struct Hk64Shape {
   dim3 grid, threads;

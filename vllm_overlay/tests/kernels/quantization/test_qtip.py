@@ -574,24 +574,28 @@ def test_hadamard_k64_blocks(K: int, out_dtype: torch.dtype):
     # fp16 blocks of K x 64 columns with 32 < K <= 176, no input scale and
     # from 128 rows on (the dense path's output side) take the one-pass kernel
     # with H_K first on fp16 tensor cores: both directions, with and without
-    # SV, two segments of two blocks each, more row blocks than SMs
-    # (persistent CTAs); 127 rows take qtip_hadamard_kernel, 128 the kernel.
+    # SV, two segments of two and three blocks, more row blocks than SMs
+    # (persistent CTAs, whose items change block: SV is reloaded); 127 rows
+    # take qtip_hadamard_kernel, 128 the kernel.
     block = K * 64
-    n = 4 * block
+    n = 5 * block
     had = factor(block)
     op = torch.ops._qtip_C.qtip_hadamard
     SV = torch.rand(n, device=DEVICE)
     tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}[out_dtype]
-    segments = [2 * block, 2 * block]
+    segments = [2 * block, 3 * block]
     for rows in (127, 128, 300):
         x = torch.randn(rows, n, device=DEVICE).half()
+        # Block by block: 5 blocks of K x 64 are not a Hadamard size of the
+        # reference's own (it would pick another K for the whole width).
+        blocks = x.float().split(block, dim=1)
         for transpose in (False, True):
-            ref = hadamard_transform(x.float(), transpose, block_size=block, had_k=had)
+            ref = torch.cat([hadamard_transform(b, transpose, had_k=had) for b in blocks], 1)
             y = op(x, None, SV, had, transpose, [block] * 2, segments, 0.5, out_dtype)
             assert y.dtype == out_dtype
             assert rel_err(y.float(), ref * SV * 0.5) < tol
         y = op(x, None, None, had, False, [block] * 2, segments, 2.0, out_dtype)
-        ref = hadamard_transform(x.float(), False, block_size=block, had_k=had)
+        ref = torch.cat([hadamard_transform(b, False, had_k=had) for b in blocks], 1)
         assert rel_err(y.float(), ref * 2.0) < tol
 
 
