@@ -590,7 +590,9 @@ def test_hadamard_k64_blocks(K: int, out_dtype: torch.dtype):
         # reference's own (it would pick another K for the whole width).
         blocks = x.float().split(block, dim=1)
         for transpose in (False, True):
-            ref = torch.cat([hadamard_transform(b, transpose, had_k=had) for b in blocks], 1)
+            ref = torch.cat(
+                [hadamard_transform(b, transpose, had_k=had) for b in blocks], 1
+            )
             y = op(x, None, SV, had, transpose, [block] * 2, segments, 0.5, out_dtype)
             assert y.dtype == out_dtype
             assert rel_err(y.float(), ref * SV * 0.5) < tol
