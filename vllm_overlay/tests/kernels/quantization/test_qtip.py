@@ -292,11 +292,12 @@ def test_linear_column_window(batch: int, n_full: int, rank: int, ranks: int):
     ],
     ids=["qkv-gqa", "qkv", "gate-up", "k172-input", "blocks", "odd-tiles"],
 )
-@pytest.mark.parametrize("batch", [1, 16, 40, QTIP_DENSE_MIN_ROWS])
+@pytest.mark.parametrize("batch", [1, 16, 40, QTIP_DENSE_MIN_ROWS, 600])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_layer_matches_its_shards(shard_rows, n, out_blocks, batch, dtype):
     # One call for all shards of a fused layer equals each shard's reference
-    # forward, side by side.
+    # forward, side by side. 600 rows: on the dense path a GEMM that walks
+    # tiles of a few hundred rows gives each CTA several, across shards.
     K = 2
     blocks = shard_rows if out_blocks is None else out_blocks
     shards = [random_layer(m, n, K, seed=10 + i) for i, m in enumerate(shard_rows)]
