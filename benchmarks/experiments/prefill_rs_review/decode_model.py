@@ -73,7 +73,7 @@ def decode_block(K, W):  # W[lane] = list of K words ; returns [lane][i][j] addr
     return out
 
 
-def decode_half(K, W, mr):
+def decode_half(K, W, mr, lookup=addr):  # lookup(state, lane)
     out = [[[None] * 4 for _ in range(2)] for _ in range(32)]
     if K == 2:
         n0 = shfl([W[l][0] for l in range(32)])
@@ -83,7 +83,7 @@ def decode_half(K, W, mr):
             hi = [bp(W[l][0], n0[l], sel), bp(W[l][1], n1[l], sel)]
             for kc in range(2):
                 for j in range(4):
-                    out[l][kc][j] = addr(hi[kc] >> (16 - 4 * j), l)
+                    out[l][kc][j] = lookup(hi[kc] >> (16 - 4 * j), l)
     elif K == 3:
         S = [
             [w[0], bp(w[0], w[1], 0x0543), bp(w[1], w[2], 0x0432), w[2] >> 8] for w in W
@@ -98,10 +98,10 @@ def decode_half(K, W, mr):
                 hi = bp(seg, n[kc], 0x2100 | (5 + o))
                 g = bp(seg, n[kc], ((5 + o) << 4) | (4 + o))
                 out[l][kc] = [
-                    addr(hi >> 16, l),
-                    addr(hi >> 10, l),
-                    addr(hi >> 4, l),
-                    addr(g >> 6, l),
+                    lookup(hi >> 16, l),
+                    lookup(hi >> 10, l),
+                    lookup(hi >> 4, l),
+                    lookup(g >> 6, l),
                 ]
     else:
         np_ = shfl(
@@ -112,10 +112,10 @@ def decode_half(K, W, mr):
                 i = 2 * kc + mr
                 seg = W[l][2 * kc + 1] if mr else W[l][2 * kc]
                 out[l][kc] = [
-                    addr(seg >> 16, l),
-                    addr(seg >> 8, l),
-                    addr(seg, l),
-                    addr(bp(seg, np_[l], 0x2104 + i), l),
+                    lookup(seg >> 16, l),
+                    lookup(seg >> 8, l),
+                    lookup(seg, l),
+                    lookup(bp(seg, np_[l], 0x2104 + i), l),
                 ]
     return out
 
@@ -141,26 +141,31 @@ def spec(K, W):
     return out
 
 
-random.seed(1)
-for K in (2, 3, 4):
-    bad = badspec = 0
-    for trial in range(300):
-        W = [[random.getrandbits(32) for _ in range(K)] for _ in range(32)]
-        if trial == 0:
-            W = [[M] * K for _ in range(32)]
-        if trial == 1:
-            W = [[0] * K for _ in range(32)]
-        B = decode_block(K, W)
-        S = spec(K, W)
-        for mr in (0, 1):
-            H = decode_half(K, W, mr)
+def main():
+    random.seed(1)
+    for K in (2, 3, 4):
+        bad = badspec = 0
+        for trial in range(300):
+            W = [[random.getrandbits(32) for _ in range(K)] for _ in range(32)]
+            if trial == 0:
+                W = [[M] * K for _ in range(32)]
+            if trial == 1:
+                W = [[0] * K for _ in range(32)]
+            B = decode_block(K, W)
+            S = spec(K, W)
+            for mr in (0, 1):
+                H = decode_half(K, W, mr)
+                for l in range(32):
+                    for kc in range(2):
+                        if H[l][kc] != B[l][kc * 2 + mr]:
+                            bad += 1
             for l in range(32):
-                for kc in range(2):
-                    if H[l][kc] != B[l][kc * 2 + mr]:
-                        bad += 1
-        for l in range(32):
-            if B[l] != S[l]:
-                badspec += 1
-    print(
-        f"K={K}: decode_half != decode_block (lane,kc,mr) mismatches: {bad}; decode_block != header spec lanes: {badspec}"
-    )
+                if B[l] != S[l]:
+                    badspec += 1
+        print(
+            f"K={K}: decode_half != decode_block (lane,kc,mr) mismatches: {bad}; decode_block != header spec lanes: {badspec}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -7,12 +7,9 @@
 # descriptor (start + 32 kk), D fragment -> epilogue addressing. Compared with a
 # reference built straight from the header's trellis spec.
 import random
-import sys
 
 import numpy as np
-
-sys.path.insert(0, "/tmp/review_rs")
-from decode_model import M, bp, shfl
+from decode_model import M, decode_half
 
 rng = np.random.default_rng(0)
 random.seed(0)
@@ -21,50 +18,6 @@ random.seed(0)
 def entry_of_state(s):
     v = (s * s + s) & M
     return ((v << 1) & 0x1FF80) >> 7
-
-
-def decode_half_entries(
-    K, W, mr
-):  # same math as decode_half; returns entry index per lane/kc/j
-    out = [[[None] * 4 for _ in range(2)] for _ in range(32)]
-    if K == 2:
-        n0 = shfl([W[l][0] for l in range(32)])
-        n1 = shfl([W[l][1] for l in range(32)])
-        sel = 0x3276 if mr else 0x1054
-        for l in range(32):
-            hi = [bp(W[l][0], n0[l], sel), bp(W[l][1], n1[l], sel)]
-            for kc in range(2):
-                for j in range(4):
-                    out[l][kc][j] = entry_of_state(hi[kc] >> (16 - 4 * j))
-    elif K == 3:
-        S = [
-            [w[0], bp(w[0], w[1], 0x0543), bp(w[1], w[2], 0x0432), w[2] >> 8] for w in W
-        ]
-        q0 = shfl([bp(s[0], s[1], 0x6521) for s in S])
-        q1 = shfl([bp(s[2], s[3], 0x6521) for s in S])
-        o = 2 * mr
-        for l in range(32):
-            n = [q0[l], q1[l]]
-            for kc in range(2):
-                seg = S[l][2 * kc + 1] if mr else S[l][2 * kc]
-                hi = bp(seg, n[kc], 0x2100 | (5 + o))
-                g = bp(seg, n[kc], ((5 + o) << 4) | (4 + o))
-                out[l][kc] = [
-                    entry_of_state(x) for x in (hi >> 16, hi >> 10, hi >> 4, g >> 6)
-                ]
-    else:
-        np_ = shfl(
-            [bp(bp(w[0], w[1], 0x0073), bp(w[2], w[3], 0x0073), 0x5410) for w in W]
-        )
-        for l in range(32):
-            for kc in range(2):
-                i = 2 * kc + mr
-                seg = W[l][2 * kc + 1] if mr else W[l][2 * kc]
-                out[l][kc] = [
-                    entry_of_state(x)
-                    for x in (seg >> 16, seg >> 8, seg, bp(seg, np_[l], 0x2104 + i))
-                ]
-    return out
 
 
 def run(K, shard_rows, n, rows, col0, ld):
@@ -169,7 +122,7 @@ def run(K, shard_rows, n, rows, col0, ld):
                             ]
                             for l in range(32)
                         ]
-                        ent = decode_half_entries(K, Wd, mr)
+                        ent = decode_half(K, Wd, mr, lambda s, _: entry_of_state(s))
                         for kc in range(2):
                             Areg[(w4, 2 * cb + kc)] = [
                                 [lutval(shard, ent[l][kc][j]) for j in range(4)]

@@ -5,8 +5,10 @@
 # WARPGROUP.DEPBAR that retires them; flags writes to pending A registers and
 # any non-HGMMA access to the accumulators R24..R151 while a group is pending.
 import re
+import sys
 
-txt = open("/tmp/review_rs/pf.txt").read().split("\n")
+# argv[1]: cuobjdump -sass output of the kernel object.
+txt = open(sys.argv[1]).read().split("\n")
 funcs = []
 cur = None
 for l in txt:
