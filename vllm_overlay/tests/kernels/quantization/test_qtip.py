@@ -83,6 +83,17 @@ def factor(size: int) -> torch.Tensor | None:
     return None if had is None else had.to(DEVICE)
 
 
+def blockwise_hadamard(
+    x: torch.Tensor, block: int, had: torch.Tensor | None, transpose: bool = False
+) -> torch.Tensor:
+    """The reference transform of each `block` columns on its own (a width of
+    several blocks need not be a Hadamard size the reference would pick)."""
+    return torch.cat(
+        [hadamard_transform(b, transpose, had_k=had) for b in x.split(block, dim=1)],
+        dim=1,
+    )
+
+
 def golden_files():
     return sorted(GOLDEN_DIR.glob("*.safetensors")) if GOLDEN_DIR.is_dir() else []
 
@@ -442,10 +453,7 @@ def test_hadamard_more_row_blocks_than_sms():
     y = torch.ops._qtip_C.qtip_hadamard(
         parts, None, SV, had, False, [n, n], [n, n], 32.0, torch.float32
     )
-    ref = torch.cat(
-        [hadamard_transform(h, had_k=had) for h in parts.sum(0).split(n, dim=1)],
-        dim=1,
-    )
+    ref = blockwise_hadamard(parts.sum(0), n, had)
     assert rel_err(y, ref * SV * 32) < 1e-5
 
 
@@ -590,18 +598,14 @@ def test_hadamard_k64_blocks(K: int, out_dtype: torch.dtype):
     segments = [2 * block, 3 * block]
     for rows in (127, 128, 300):
         x = torch.randn(rows, n, device=DEVICE).half()
-        # Block by block: 5 blocks of K x 64 are not a Hadamard size of the
-        # reference's own (it would pick another K for the whole width).
-        blocks = x.float().split(block, dim=1)
         for transpose in (False, True):
-            ref = torch.cat(
-                [hadamard_transform(b, transpose, had_k=had) for b in blocks], 1
-            )
+            # 5 blocks of K x 64: not a Hadamard size of the reference's own.
+            ref = blockwise_hadamard(x.float(), block, had, transpose)
             y = op(x, None, SV, had, transpose, [block] * 2, segments, 0.5, out_dtype)
             assert y.dtype == out_dtype
             assert rel_err(y.float(), ref * SV * 0.5) < tol
         y = op(x, None, None, had, False, [block] * 2, segments, 2.0, out_dtype)
-        ref = torch.cat([hadamard_transform(b, False, had_k=had) for b in blocks], 1)
+        ref = blockwise_hadamard(x.float(), block, had)
         assert rel_err(y.float(), ref * 2.0) < tol
 
 
