@@ -135,6 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               : "memory");
       }
   }
+  __syncwarp();
   cluster_sync();
   if (threadIdx.x == 0) atomicAdd(cycles, clock64() - t0);
 }
@@ -144,13 +145,15 @@ __global__ void __launch_bounds__(512)
     ldg_walk(const int4* src, size_t n16, int passes, int4* sink) {
   int4 acc = make_int4(0, 0, 0, 0);
   for (int p = 0; p < passes; ++p)
-    for (size_t i = threadIdx.x + (size_t)blockIdx.x * 64; i < n16 + blockIdx.x * 64;
-         i += blockDim.x) {
-      const int4 v = __ldcg(src + (i % n16));
-      acc.x ^= v.x;
-      acc.y ^= v.y;
-      acc.z ^= v.z;
-      acc.w ^= v.w;
+    for (uint32_t i = threadIdx.x; i < n16; i += 8 * blockDim.x) {  // n16 = 2^k
+      int4 v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u)  // 8 loads in flight per thread
+        v[u] = __ldcg(src + ((i + u * blockDim.x + blockIdx.x * 64) & (n16 - 1)));
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        acc.x ^= v[u].x; acc.y ^= v[u].y; acc.z ^= v[u].z; acc.w ^= v[u].w;
+      }
     }
   if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x7fffffff) sink[threadIdx.x] = acc;
 }
@@ -209,7 +212,8 @@ int main() {
       std::printf("tok %d cluster %d: no tensor map\n", c.tok, c.cluster);
       continue;
     }
-    const int smem = c.stages * c.tok * kCols * 2 + 16 * kMaxStages + 1024;
+    // > half an SM's 228 KiB: exactly one CTA per SM, so CTA clocks are SM clocks.
+    const int smem = std::max(c.stages * c.tok * kCols * 2 + 16 * kMaxStages + 1024, 120 * 1024);
     cudaLaunchAttribute attr{};
     attr.id = cudaLaunchAttributeClusterDimension;
     attr.val.clusterDim.x = c.cluster;
