@@ -17,8 +17,9 @@
 // Build and run on the GPU host (no vLLM, no torch):
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a \
 //     -o /tmp/tma_stream benchmarks/experiments/tma_stream.cu && /tmp/tma_stream
-// Prints one line per configuration: us, bytes taken in per SM per cycle (at
-// the SM clock the device reports), and L2 bytes read per second.
+// Prints one line per configuration: us, bytes taken in per SM per cycle (tma:
+// from the CTAs' own clock64; ldg: at the SM clock the device reports), and
+// bytes per second from L2.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
@@ -47,7 +48,7 @@ constexpr int kMaxStages = 8;
 
 struct Walk {
   CUtensorMap map;  // (rows, kK) fp16, boxes of tok / cluster rows x 64 columns
-  int tok, cluster, stages, x_tiles;
+  int tok, cluster, stages;
   int units;  // W_hat row-tile groups per x~ tile: one per cluster
   int tiles;
 };
@@ -71,7 +72,7 @@ __device__ __forceinline__ void cluster_sync() {
       "barrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
-// tiles = x_tiles * units; a cluster takes tiles c, c + clusters, ...; each
+// tiles = x~ tiles * units; a cluster takes tiles c, c + clusters, ...; each
 // of its CTAs loads rows [rank * tok / cluster, ...) of the tile's x~ rows.
 __global__ void __launch_bounds__(kThreads, 1)
     tma_walk(const __grid_constant__ Walk w, unsigned long long* cycles) {
@@ -185,7 +186,6 @@ int main() {
   CHECK(cudaEventCreate(&b));
   CHECK(cudaFuncSetAttribute(tma_walk, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              227 * 1024));
-  CHECK(cudaFuncSetAttribute(tma_walk, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   // W_hat rows per tile 128 (prefill-mc) -> 32 units for m = 4096.
   const int units = 4096 / 128;
   struct Config {
@@ -198,9 +198,8 @@ int main() {
     w.tok = c.tok;
     w.cluster = c.cluster;
     w.stages = c.stages;
-    w.x_tiles = rows / c.tok;
     w.units = units / c.cluster;
-    w.tiles = w.x_tiles * w.units;
+    w.tiles = rows / c.tok * w.units;
     const cuuint64_t dims[2] = {kK, (cuuint64_t)rows};
     const cuuint64_t strides[1] = {kK * 2};
     const cuuint32_t box[2] = {kCols, (cuuint32_t)(c.tok / c.cluster)};
