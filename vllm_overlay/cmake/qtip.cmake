@@ -9,10 +9,11 @@
 # defined, and by the standalone build of the qtip-vllm project.
 # QTIP_EXTRA_INCLUDE_DIRS lets the standalone build point at the tree's csrc/.
 
-# mma.sync.m16n8k16 with fp16 operands needs SM 8.0 or newer.
+# mma.sync.m16n8k16 with fp16 operands needs SM 8.0 or newer; Hopper builds
+# for sm_90a, whose wgmma the prefill GEMM uses (qtip_prefill.cu).
 if(VLLM_GPU_LANG STREQUAL "CUDA")
   cuda_archs_loose_intersection(QTIP_ARCHS
-    "8.0;8.6;8.7;8.9;9.0;10.0;11.0;12.0" "${CUDA_ARCHS}")
+    "8.0;8.6;8.7;8.9;9.0a;10.0;11.0;12.0" "${CUDA_ARCHS}")
 else()
   set(QTIP_ARCHS)
 endif()
@@ -24,6 +25,10 @@ if(QTIP_ARCHS)
   set_gencode_flags_for_srcs(SRCS "${QTIP_SOURCES}" CUDA_ARCHS "${QTIP_ARCHS}")
   set_property(SOURCE ${QTIP_SOURCES} APPEND PROPERTY COMPILE_OPTIONS
     $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -O3>)
+  if("9.0a" IN_LIST QTIP_ARCHS)
+    set_property(SOURCE ${QTIP_SOURCES} APPEND PROPERTY COMPILE_DEFINITIONS
+      QTIP_SM90A)
+  endif()
   if(QTIP_STANDALONE)
     # The qtip-vllm project's build on a precompiled vLLM wheel, whose
     # _C_stable_libtorch lacks these ops: the same sources as their own

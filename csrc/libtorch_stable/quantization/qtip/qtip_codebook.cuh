@@ -211,6 +211,66 @@ __device__ __forceinline__ void decode_block(const uint32_t (&w)[K],
   }
 }
 
+// Decodes half of a lane's share of a 32x32 block: the two tiles of 16-row
+// half mr (warp-uniform, 0 or 1), frag[kc] = a0..a3 of tile (mr, kc), the
+// tiles that decode_block puts in frag[kc * 2 + mr], by the same math (the
+// tile's bytes picked at run time instead of unrolled over all four). All
+// lanes of the warp must call it together (it shuffles).
+template <int K, int kCopies>
+__device__ __forceinline__ void decode_half(const uint32_t (&w)[K], int mr,
+                                            const char* lut, uint32_t lane_term,
+                                            int lane, uint32_t (&frag)[2][4]) {
+  using Lut = SignedLut<kCopies>;
+  const int src = (lane + 1) & 31;
+  if constexpr (K == 2) {
+    const uint32_t n0 = __shfl_sync(0xffffffffu, w[0], src);
+    const uint32_t n1 = __shfl_sync(0xffffffffu, w[1], src);
+    const uint32_t sel = mr ? 0x3276u : 0x1054u;
+    // hi = segment << 16 | next segment; state j at stream bit 4j.
+    const uint32_t hi[2] = {__byte_perm(w[0], n0, sel),
+                            __byte_perm(w[1], n1, sel)};
+#pragma unroll
+    for (int kc = 0; kc < 2; ++kc)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        frag[kc][j] = Lut::lookup(lut, hi[kc] >> (16 - 4 * j), lane_term);
+  } else if constexpr (K == 3) {
+    const uint32_t S[4] = {w[0], __byte_perm(w[0], w[1], 0x0543),
+                           __byte_perm(w[1], w[2], 0x0432), w[2] >> 8};
+    const uint32_t q0 = __byte_perm(S[0], S[1], 0x6521);
+    const uint32_t q1 = __byte_perm(S[2], S[3], 0x6521);
+    const uint32_t n[2] = {__shfl_sync(0xffffffffu, q0, src),
+                           __shfl_sync(0xffffffffu, q1, src)};
+    const uint32_t o = 2 * mr;
+#pragma unroll
+    for (int kc = 0; kc < 2; ++kc) {
+      const uint32_t seg = mr ? S[2 * kc + 1] : S[2 * kc];
+      const uint32_t hi = __byte_perm(seg, n[kc], 0x2100 | (5 + o));
+      const uint32_t g = __byte_perm(seg, n[kc], ((5 + o) << 4) | (4 + o));
+      frag[kc][0] = Lut::lookup(lut, hi >> 16, lane_term);
+      frag[kc][1] = Lut::lookup(lut, hi >> 10, lane_term);
+      frag[kc][2] = Lut::lookup(lut, hi >> 4, lane_term);
+      frag[kc][3] = Lut::lookup(lut, g >> 6, lane_term);
+    }
+  } else {
+    static_assert(K == 4, "K must be 2, 3 or 4");
+    const uint32_t a = __byte_perm(w[0], w[1], 0x0073);
+    const uint32_t b = __byte_perm(w[2], w[3], 0x0073);
+    const uint32_t np =
+        __shfl_sync(0xffffffffu, __byte_perm(a, b, 0x5410), src);
+#pragma unroll
+    for (int kc = 0; kc < 2; ++kc) {
+      const int i = 2 * kc + mr;
+      const uint32_t seg = mr ? w[2 * kc + 1] : w[2 * kc];
+      frag[kc][0] = Lut::lookup(lut, seg >> 16, lane_term);
+      frag[kc][1] = Lut::lookup(lut, seg >> 8, lane_term);
+      frag[kc][2] = Lut::lookup(lut, seg, lane_term);
+      frag[kc][3] =
+          Lut::lookup(lut, __byte_perm(seg, np, 0x2104 + i), lane_term);
+    }
+  }
+}
+
 // D (16x8 fp32) += A (16x16 fp16, row) * B (16x8 fp16, col).
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
                                           uint32_t b0, uint32_t b1) {

@@ -16,8 +16,11 @@
 //    the fused trellis-decode GEMM (qtip_mma) writes split-K partial sums,
 //    and the output transform adds them in order (K x 64 blocks from two
 //    rows in one pass, rounded to fp16 first, as on the dense path);
-//  * otherwise: W_hat decoded to fp16 once (qtip_decode), then cuBLAS. Its
-//    fp16 output is the reference's fallback-GEMM numerics. Blocks of
+//  * otherwise, on Hopper where it pays (use_prefill_gemm: enough tiles),
+//    the prefill GEMM, which decodes W_hat tile by tile into the tensor
+//    cores' register operand; elsewhere W_hat decoded to fp16 once
+//    (qtip_decode), then cuBLAS. Both round fp32 sums to fp16, the
+//    reference's fallback-GEMM numerics. Blocks of
 //    K x 512 columns with K <= 32 (Llama-3's 14336) and K x 64 with
 //    32 < K <= 176 (Llama-2's 11008) are transformed in one pass with H_K on
 //    the tensor cores (hadamard_one_pass). Any other H_K factor is applied
@@ -220,7 +223,9 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
   }
   Tensor xh = dense_input_transform(x, su, had_in, in_block);
   Tensor acc = new_tensor({x.size(0), sv.size(0)}, ScalarType::Half, x);
-  {  // W_hat is freed before the output transform allocates.
+  if (use_prefill_gemm(trellis, shard_rows, x.size(0))) {
+    qtip_prefill_gemm(xh, in_offset, trellis, tlut, shard_rows, acc);
+  } else {  // W_hat is freed before the output transform allocates.
     Tensor w = qtip_decode(trellis, tlut, shard_rows);
     int64_t row = 0;
     for (int64_t s = 0; s < shards; ++s) {

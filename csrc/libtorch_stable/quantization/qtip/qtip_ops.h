@@ -139,8 +139,19 @@ bool output_one_pass(int64_t K, int64_t block, int64_t rows);
 Tensor one_pass_output(const Tensor& partials, const Tensor& sv,
                        const Tensor& had, int64_t block, ScalarType out_dtype);
 
+// Hopper's prefill GEMM (sm_90a builds, compute capability 9.0): out (rows,
+// m) fp16 = x~[shard] (columns col0 onwards) @ W_hat^T for every shard, W_hat
+// decoded tile by tile into wgmma's register operand (qtip_prefill.cu).
+// use_prefill_gemm: whether it runs here and beats decode + cuBLAS.
+bool use_prefill_gemm(const Tensor& trellis,
+                      const std::vector<int64_t>& shard_rows, int64_t rows);
+void qtip_prefill_gemm(const Tensor& xt, int64_t col0, const Tensor& trellis,
+                       const Tensor& tlut,
+                       const std::vector<int64_t>& shard_rows, Tensor& out);
+
 // One QTIP linear layer with all its shards (see qtip_linear.cpp): fused
-// GEMM below dense_min_rows rows, decode-to-dense + cuBLAS from there on.
+// GEMM below dense_min_rows rows; from there on the prefill GEMM where
+// use_prefill_gemm, else decode-to-dense + cuBLAS.
 // The trellis may cover only x~'s columns in_offset .. in_offset + n_trellis
 // (a row-parallel rank's slice of a whole-matrix checkpoint, whose input
 // transform spans SU's n >= n_trellis columns).

@@ -292,6 +292,83 @@ def test_linear_column_window(batch: int, n_full: int, rank: int, ranks: int):
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
+def _kernel_names(fn) -> set[str]:
+    """Names of the CUDA kernels fn launches."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
+
+
+# Hopper's prefill GEMM takes a layer from 48 W_hat row tiles of 128 (6144
+# rows) at any dense row count, or from about one wave of its 256 x 128
+# tiles: 128 rows (one partial x~ tile), 300 (two, the second partial) with
+# a column window, three shards (a LUT refill per shard change) and 1100 rows
+# (240 tiles: CTAs take several, across shards).
+@pytest.mark.parametrize("K", (2, 3, 4))
+@pytest.mark.parametrize(
+    "shard_rows, batch, rank",
+    (
+        ([6144], QTIP_DENSE_MIN_ROWS, 0),
+        ([6144], 300, 1),
+        ([4096, 1024, 1024], 1100, 0),
+    ),
+)
+def test_linear_prefill_gemm(shard_rows: list[int], batch: int, rank: int, K: int):
+    # Against the same steps as separate ops: the transforms, the decoded
+    # W_hat (each shard's own codebook) and an fp32 product rounded to fp16.
+    n_full, ranks = 4096, 2
+    n, m = n_full // ranks, sum(shard_rows)
+    shards = [random_layer(r, n, K, seed=K + i) for i, r in enumerate(shard_rows)]
+    SU = torch.randn(len(shard_rows), n_full, device=DEVICE)
+    SV = torch.cat([sv for _, _, _, sv in shards])
+    had_in, had_out = factor(n_full), factor(shard_rows[0])
+    x = torch.randn(batch, n_full, device=DEVICE).bfloat16()
+    acc = []
+    for (t, tl, _, _), r, su in zip(shards, shard_rows, SU):
+        xh = qtip_hadamard(
+            x,
+            had_in,
+            transpose=True,
+            in_scale=su,
+            factor=1 / 32,
+            out_dtype=torch.float16,
+        )
+        w = qtip_decode(t, tl, r, n, K).float()
+        acc.append((xh[:, rank * n : (rank + 1) * n].float() @ w.T).half())
+    ref = torch.cat(
+        [
+            qtip_hadamard(a.float(), had_out, out_scale=sv, factor=32.0)
+            for a, sv in zip(acc, SV.split(shard_rows))
+        ],
+        dim=1,
+    )
+
+    def run():
+        return qtip_matmul(
+            x,
+            torch.cat([t for t, _, _, _ in shards]),
+            torch.stack([tl for _, tl, _, _ in shards]),
+            SU,
+            SV,
+            had_in,
+            had_out,
+            K,
+            shard_rows=shard_rows,
+            gemm_cols=(rank * n, n),
+        )
+
+    y = run()
+    assert y.shape == (batch, m) and y.dtype == torch.bfloat16
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert any("qtip_prefill_kernel" in k for k in _kernel_names(run)), (
+            "the layer did not take the prefill GEMM"
+        )
+
+
 @pytest.mark.parametrize(
     "shard_rows, n, out_blocks",
     [

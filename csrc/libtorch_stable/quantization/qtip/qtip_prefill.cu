@@ -1,0 +1,643 @@
+// SPDX-License-Identifier: Apache-2.0
+// SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+//
+// Prefill GEMM on Hopper (sm_90a): acc (rows, m) fp16 = x~ @ W_hat^T for
+// every shard of a layer, with W_hat decoded straight into the register A
+// operand of wgmma, so the dense path's fp16 W_hat never goes through HBM
+// (decode-to-memory + cuBLAS wrote and re-read 2 bytes per weight per call)
+// nor through shared memory (whose generic-proxy stores wgmma could only read
+// after a proxy fence per stage).
+//
+// Persistent, one CTA per SM, 384 threads, CTAs in clusters of two; a tile
+// is 128 W_hat rows x 256 x~ rows with its whole k range (no split-K: the
+// same bits on every run), and the two CTAs of a cluster take neighbouring
+// row tiles against the same x~ rows:
+//  * Consumers (warpgroups 1-2, 232 registers), 64 W_hat rows each: warp w
+//    owns rows 16w..16w+15 of its warpgroup's 64, i.e. one 16-row half of a
+//    32x32 trellis block. Per 64-column stage it decodes its two blocks'
+//    halves (decode_half, 16-copy LUT) into four mma.m16n8k16 A fragments,
+//    which are the warp's share of wgmma's register A operand, and the
+//    warpgroup runs 4 wgmma m64n256k16 against the stage's x~ in shared
+//    memory. It decodes the next stage while they run (two A buffers;
+//    wgmma.wait_group 1 frees the older). Trellis words come straight from
+//    global memory into a register ring. The epilogue writes the 64 x 256
+//    block of acc^T rounded to fp16 (the numerics of the cuBLAS GEMM it
+//    replaces: fp16 products, fp32 sums).
+//  * Producer (one thread of warpgroup 0): per step, this CTA's half of the
+//    stage (128 x~ rows x 64 columns, one TMA box in the 128-byte swizzle of
+//    a K-major wgmma operand, zeros past the last row) multicast into both
+//    CTAs, once both CTAs' consumers released the stage.
+#include <torch/csrc/stable/accelerator.h>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include "qtip_codebook.cuh"
+#include "qtip_launch.cuh"
+#include "qtip_ops.h"
+
+namespace vllm {
+namespace qtip {
+
+namespace kernels {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  #define QTIP_PREFILL_DEVICE 1
+#endif
+
+constexpr int kPfTokens = 256;  // x~ rows per tile (wgmma N)
+constexpr int kPfCols = 128;    // W_hat rows per tile (2 warpgroups x m64)
+constexpr int kPfK = 64;        // columns per stage: one 128-byte row
+constexpr int kPfStages = 5;
+constexpr int kPfRing = 2;  // stages of trellis words in flight per warp
+constexpr int kPfThreads = 384;
+constexpr int kPfConsumerThreads = 256;
+constexpr int kPfCopies = 16;  // 64 KiB, room for 5 stages
+constexpr int kPfLutBytes = SignedLut<kPfCopies>::kBytes;
+constexpr int kPfStageBytes = kPfTokens * kPfK * 2;
+// LUT, stages, 2 * kPfStages mbarriers, and slack to align the base to the
+// swizzle pattern's 1024 bytes.
+constexpr int kPfSmemBytes =
+    kPfLutBytes + kPfStages * kPfStageBytes + 16 * kPfStages + 1024;
+static_assert(kPfLutBytes % 1024 == 0 && kPfStageBytes % 1024 == 0);
+// A cluster of two CTAs takes the two W_hat row tiles 2c, 2c + 1 against the
+// same x~ tile; each CTA loads one half of every x~ stage and multicasts it
+// into both, so x~ is read from L2 m / 256 times instead of m / 128 (L2
+// bandwidth, not the tensor cores, bounded the one-CTA form: its x~ staging
+// alone took ~115 us of 4096x4096 at 2048 rows).
+constexpr int kPfCluster = 2;
+constexpr int kPfHalfBytes = kPfStageBytes / kPfCluster;
+
+struct PrefillArgs {
+  const uint8_t* trellis;
+  const __half* tlut;
+  const __half* xt;  // (shards, rows, ld), the GEMM's columns from col0
+  __half* out;       // (rows, m)
+  int64_t shard_stride;
+  int ld, col0, rows, m, nblk, steps, col_pairs, tiles;
+  ShardRows shards;
+  CUtensorMap x_map;  // x~ (shards, rows, ld) as boxes of 128 rows x 64 columns
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#ifdef QTIP_PREFILL_DEVICE
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar),
+               "r"(count));
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@p bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar,
+                                                      uint32_t bytes) {
+  asm volatile(
+      "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+      "r"(bytes)
+      : "memory");
+}
+
+// Arrives on the barrier at the same offset in CTA `rank` of the cluster
+// (release at CTA scope, as the stage was read by wgmma, complete by now; a
+// cluster-scope release waited for this warp's trellis loads in flight).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar,
+                                                    uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 r;\nmapa.shared::cluster.u32 r, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [r];\n}" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+
+// One box of a 3-D tensor map at (c0, c1, c2) into the same offset of every
+// CTA in mask, each counting its bytes on its own barrier at offset bar.
+__device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst,
+                                                      const CUtensorMap* map,
+                                                      int c0, int c1, int c2,
+                                                      uint32_t bar,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::"
+      "complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3, %4}], [%5], "
+      "%6;" ::"r"(dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "h"(mask)
+      : "memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;" ::
+          : "memory");
+}
+
+__device__ __forceinline__ void consumer_sync() {
+  asm volatile("barrier.sync 1, %0;" ::"n"(kPfConsumerThreads) : "memory");
+}
+
+// K-major operand with the 128-byte swizzle: 8-row groups 1024 bytes apart
+// (SBO), LBO unused (one swizzle atom spans the stage's 64 columns).
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) |
+         ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+
+// Keeps the compiler from moving reads or writes of registers that an
+// asynchronous wgmma owns (accumulators, A operands) across the wgmma.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
+  #pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+__device__ __forceinline__ void fence_operands(uint32_t (&r)[2][2][4]) {
+  #pragma unroll
+  for (int i = 0; i < 16; ++i)
+    asm volatile("" : "+r"(r[i >> 3][(i >> 2) & 1][i & 3])::"memory");
+}
+
+// D (64 x 256 fp32, this thread's 128) (+)= A (64 x 16 fp16, registers: this
+// warp's rows as an mma.m16n8k16 A fragment) * B (256 x 16, shared, desc
+// b)^T; D = A * B^T when accumulate == 0.
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128],
+                                                    const uint32_t (&a)[4],
+                                                    uint64_t b,
+                                                    int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+      "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+      "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "
+      "%58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "
+      "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, "
+      "%86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, "
+      "%100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, "
+      "%124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, "
+      "0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+        "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+        "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]),
+        "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
+        "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),
+        "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]),
+        "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]),
+        "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]),
+        "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]),
+        "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]),
+        "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]),
+        "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]),
+        "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]),
+        "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),
+        "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),
+        "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+#endif  // QTIP_PREFILL_DEVICE
+
+// A warp's place in the CTA's walk over (tile, k step); tile-derived values
+// are computed when the tile changes, not per step.
+struct PrefillPos {
+  int tile, step, xrow0, row0, shard, rank;
+
+  // t counts tile pairs (one per cluster); this CTA takes row tile
+  // 2 * pair + rank.
+  __device__ __forceinline__ void set_tile(int t, const PrefillArgs& a) {
+    tile = t;
+    step = 0;
+    if (t >= a.tiles) return;
+    const int tt = t / a.col_pairs;
+    row0 = ((t - tt * a.col_pairs) * kPfCluster + rank) * kPfCols;
+    xrow0 = tt * kPfTokens;
+    // Unrolled, so the parameter array is never indexed at run time.
+    shard = 0;
+    const int rb = row0 / 32;
+#pragma unroll
+    for (int s = 1; s < kMaxShards; ++s)
+      shard += (s < a.shards.count && rb >= a.shards.rb0[s]) ? 1 : 0;
+  }
+  __device__ __forceinline__ bool valid(const PrefillArgs& a) const {
+    return tile < a.tiles;
+  }
+  __device__ __forceinline__ void advance(const PrefillArgs& a) {
+    if (++step == a.steps) set_tile(tile + gridDim.x / kPfCluster, a);
+  }
+};
+
+template <int K>
+__global__ void __launch_bounds__(kPfThreads, 1)
+    qtip_prefill_kernel(const __grid_constant__ PrefillArgs a) {
+#ifdef QTIP_PREFILL_DEVICE
+  using Lut = SignedLut<kPfCopies>;
+  using Blk = TrellisBlock<K>;
+  extern __shared__ __align__(1024) char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t pad = (1024u - (raw & 1023u)) & 1023u;
+  char* lut = smem_raw + pad;
+  const uint32_t stages = raw + pad + kPfLutBytes;
+  const uint32_t full = stages + kPfStages * kPfStageBytes;
+  const uint32_t empty = full + 8 * kPfStages;
+  constexpr int kConsumerWarps = kPfConsumerThreads / 32;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  const int rank = (int)cluster_rank();
+  const int first_pair = blockIdx.x / kPfCluster;
+  if (tid == 0) {
+  #pragma unroll
+    for (int s = 0; s < kPfStages; ++s) {
+      mbar_init(full + 8 * s, 1);  // this CTA's producer thread (+ bytes)
+      // The stage is written in both CTAs: both CTAs' consumers release it.
+      mbar_init(empty + 8 * s, kPfCluster * kConsumerWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  // The peer's multicasts and arrivals target this CTA's barriers only after
+  // they are initialised.
+  cluster_sync();
+
+  if (warp < 4) {
+    // Producer: one thread issues this CTA's half of every x~ stage, both
+    // CTAs' consumers having released the stage.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (tid == 0) {
+      PrefillPos pos;
+      pos.rank = rank;
+      pos.set_tile(first_pair, a);
+      wait_for_producer();
+      for (int it = 0; pos.valid(a); ++it) {
+        const int slot = it % kPfStages;
+        if (it >= kPfStages)
+          mbar_wait(empty + 8 * slot, ((it / kPfStages) + 1) & 1);
+        mbar_arrive_expect_tx(full + 8 * slot, kPfStageBytes);
+        tma_load_3d_multicast(
+            stages + slot * kPfStageBytes + rank * kPfHalfBytes, &a.x_map,
+            a.col0 + pos.step * kPfK, pos.xrow0 + rank * (kPfTokens / 2),
+            pos.shard, full + 8 * slot, (1u << kPfCluster) - 1);
+        pos.advance(a);
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int ctid = tid - 128;      // 0..255
+    const int wg = (warp - 4) >> 2;  // 0 or 1
+    const int w4 = warp & 3;
+    // This warp's rows of a tile: 64 wg + 16 w4 .. + 15, the 16-row half mr of
+    // 32x32 block row rb.
+    const int rb = 2 * wg + (w4 >> 1), mr = w4 & 1;
+    PrefillPos cur, far;
+    cur.rank = rank;
+    cur.set_tile(first_pair, a);
+    if (cur.valid(a)) {
+      int lut_shard = cur.shard;
+      Lut::template fill<kPfConsumerThreads>(reinterpret_cast<uint32_t*>(lut),
+                                             a.tlut + lut_shard * kTlutRows * 2,
+                                             ctid);
+      const uint32_t lane_term = Lut::lane_term(lane);
+      // Trellis words of a step: this lane's share of blocks (rb, 2 step) and
+      // (rb, 2 step + 1), back to back in memory.
+      auto trellis_words = [&](const PrefillPos& p, uint32_t (&w)[2][K]) {
+        const uint8_t* blk =
+            a.trellis +
+            ((size_t)(p.row0 / 32 + rb) * a.nblk + p.step * 2) * Blk::kBytes +
+            lane * Blk::kLaneBytes;
+        load_lane<K>(blk, w[0]);
+        load_lane<K>(blk + Blk::kBytes, w[1]);
+      };
+      uint32_t ring[kPfRing][2][K];
+      far = cur;
+  #pragma unroll
+      for (int i = 0; i < kPfRing; ++i) {
+        if (far.valid(a)) trellis_words(far, ring[i]);
+        far.advance(a);
+      }
+      consumer_sync();  // the LUT is filled
+      wait_for_producer();
+      float acc[128];
+      // A operands of two stages: [buffer][column block][kc].
+      uint32_t afrag[2][2][2][4];
+      // The stage the next step reads and its phase; the stage it released
+      // last.
+      uint32_t slot = 0, phase = 0, prev_slot = 0;
+      const uint64_t desc0 = sw128_desc(stages);
+      // Decodes the current step's trellis words (a ring slot) into an A buffer
+      // and refills the ring slot kPfRing steps ahead.
+      auto decode_step = [&](uint32_t (&w)[2][K], uint32_t (&af)[2][2][4]) {
+  #pragma unroll
+        for (int cb = 0; cb < 2; ++cb)
+          decode_half<K, kPfCopies>(w[cb], mr, lut, lane_term, lane, af[cb]);
+        if (far.valid(a)) trellis_words(far, w);
+        far.advance(a);
+      };
+      // One step: its 4 wgmmas from A buffer af (first: the tile's first step,
+      // which starts the accumulators), then the previous step's stage
+      // released.
+      auto mma_step = [&](uint32_t (&af)[2][2][4], bool first) {
+        mbar_wait(full + 8 * slot, phase);
+        // The stage's descriptor: stage addresses stay below 256 KiB, so the
+        // start-address field (bits 0-13, address / 16) takes the offset.
+        const uint64_t desc = desc0 + slot * (kPfStageBytes >> 4);
+        fence_operands(acc);
+        wgmma_fence();
+  #pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          wgmma_m64n256k16_rs(acc, af[kk >> 1][kk & 1], desc + 2 * kk,
+                              !first || kk != 0);
+        wgmma_commit();
+        fence_operands(acc);
+        wgmma_wait<1>();  // the previous step's wgmmas are done
+        if (!first && lane < kPfCluster)
+          mbar_arrive_cluster(empty + 8 * prev_slot, lane);
+        prev_slot = slot;
+        if (++slot == kPfStages) {
+          slot = 0;
+          phase ^= 1;
+        }
+      };
+      static_assert(kPfRing == 2, "the walk below alternates two ring slots");
+      for (; cur.valid(a); cur.set_tile(cur.tile + gridDim.x / kPfCluster, a)) {
+        const int row0 = cur.row0, xrow0 = cur.xrow0;
+        if (cur.shard != lut_shard) {
+          // Another shard's codebook: both warpgroups are past their lookups of
+          // the previous one (their last decode precedes this).
+          lut_shard = cur.shard;
+          consumer_sync();
+          Lut::template fill<kPfConsumerThreads>(
+              reinterpret_cast<uint32_t*>(lut),
+              a.tlut + lut_shard * kTlutRows * 2, ctid);
+          consumer_sync();
+        }
+        // Steps in pairs (the host keeps a.steps even): ring slot and A buffer
+        // alternate. A buffer's registers stay live (fence_operands) until the
+        // wgmma.wait_group that retires the wgmmas reading them, so the
+        // compiler cannot reuse them while the tensor cores do.
+        decode_step(ring[0], afrag[0]);
+        for (int step = 0; step < a.steps; step += 2) {
+          mma_step(afrag[0], step == 0);
+          fence_operands(afrag[1]);
+          decode_step(ring[1], afrag[1]);
+          mma_step(afrag[1], false);
+          fence_operands(afrag[0]);
+          if (step + 2 < a.steps) decode_step(ring[0], afrag[0]);
+        }
+        wgmma_wait<0>();
+        fence_operands(acc);
+        if (lane < kPfCluster) mbar_arrive_cluster(empty + 8 * prev_slot, lane);
+        // acc[4 j + 2 h + e]: W_hat row 16 w4 + lane / 4 + 8 h of the
+        // warpgroup's 64, x~ row 8 j + 2 (lane % 4) + e of the tile's 256. The
+        // pointer walks the rows (no per-element offsets for ptxas to keep).
+        const int row = xrow0 + 2 * (lane & 3);
+        __half* o =
+            a.out + (size_t)row * a.m + row0 + 64 * wg + 16 * w4 + (lane >> 2);
+        const size_t m = a.m;
+  #pragma unroll
+        for (int j = 0; j < 32; ++j) {
+  #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (row + 8 * j + e >= a.rows) continue;
+            o[e * m] = __float2half_rn(acc[4 * j + e]);
+            o[e * m + 8] = __float2half_rn(acc[4 * j + 2 + e]);
+          }
+          o += 8 * m;
+          asm volatile("" : "+l"(o));  // not 32 precomputed pointers
+        }
+      }
+    }  // cur.valid
+  }  // consumers
+  // No CTA leaves while its peer may still arrive on its barriers.
+  cluster_sync();
+#else
+  __trap();
+#endif
+}
+
+}  // namespace kernels
+
+namespace {
+
+// Clusters of two CTAs, one CTA per SM, persistent: as many clusters as the
+// GPU holds at once (fewer than SMs / 2 where a GPC has an odd count), so no
+// cluster waits for a second wave.
+template <int K>
+void launch_prefill(const kernels::PrefillArgs& a, int64_t pairs,
+                    cudaStream_t stream) {
+  static DeviceFlags smem_set;
+  ensure_max_dynamic_smem(kernels::qtip_prefill_kernel<K>, smem_set);
+  cudaLaunchAttribute attrs[2]{};
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = kernels::kPfCluster;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[1].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.blockDim = dim3(kernels::kPfThreads);
+  config.dynamicSmemBytes = kernels::kPfSmemBytes;
+  config.stream = stream;
+  config.attrs = attrs;
+  config.numAttrs = 1;
+  static int max_clusters[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev));
+  if (max_clusters[dev] == 0) {
+    config.gridDim = dim3(kernels::kPfCluster * 66);
+    check_cuda(cudaOccupancyMaxActiveClusters(
+        &max_clusters[dev], kernels::qtip_prefill_kernel<K>, &config));
+    STD_TORCH_CHECK(
+        max_clusters[dev] > 0,
+        "qtip_prefill_gemm: no cluster of two CTAs fits an SM pair");
+  }
+  config.gridDim =
+      dim3(kernels::kPfCluster * std::min<int64_t>(pairs, max_clusters[dev]));
+  config.numAttrs = 2;
+  check_cuda(cudaLaunchKernelEx(&config, kernels::qtip_prefill_kernel<K>, a));
+}
+
+// cuTensorMapEncodeTiled through the runtime, so _qtip_C does not link the
+// driver library itself.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    check_cuda(cudaGetDriverEntryPointByVersion(
+        "cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    STD_TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+                    "qtip_prefill_gemm: the CUDA driver has no "
+                    "cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// x~ (shards, rows, ld) fp16 as TMA boxes of half a stage (128 rows x 64
+// columns), in the 128-byte swizzle wgmma reads; rows past the end read as
+// zeros.
+CUtensorMap x_tensor_map(const Tensor& xt) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {(cuuint64_t)xt.size(2), (cuuint64_t)xt.size(1),
+                              (cuuint64_t)xt.size(0)};
+  const cuuint64_t strides[2] = {(cuuint64_t)xt.size(2) * 2,
+                                 (cuuint64_t)(xt.size(1) * xt.size(2) * 2)};
+  const cuuint32_t box[3] = {kernels::kPfK,
+                             kernels::kPfTokens / kernels::kPfCluster, 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, xt.data_ptr(), dims, strides,
+      box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  STD_TORCH_CHECK(r == CUDA_SUCCESS,
+                  "qtip_prefill_gemm: cuTensorMapEncodeTiled failed (", (int)r,
+                  ") for x~ of shape ", shape(xt));
+  return map;
+}
+
+}  // namespace
+
+bool use_prefill_gemm(const Tensor& trellis,
+                      const std::vector<int64_t>& shard_rows, int64_t rows) {
+#ifdef QTIP_SM90A
+  const torch::stable::accelerator::DeviceGuard guard(
+      trellis.get_device_index());
+  const cudaDeviceProp* prop = get_device_prop();
+  if (prop->major != 9 || prop->minor != 0 ||
+      prop->sharedMemPerBlockOptin < (size_t)kernels::kPfSmemBytes)
+    return false;
+  // Steps of 64 columns, in pairs.
+  if (trellis.size(1) == 0 || trellis.size(1) % 4 != 0) return false;
+  // Both CTAs of a cluster read the same x~, so the same shard.
+  for (int64_t r : shard_rows)
+    if (r % (kernels::kPfCols * kernels::kPfCluster) != 0) return false;
+  // Where it beats decode + cuBLAS (H200, BENCHMARKS.md "twenty-first
+  // run"): a tile walks the whole k range, so with few tiles the kernel
+  // takes one tile's latency whatever the rows. It pays from about a full
+  // wave of tiles, or from 48 W_hat row tiles (6144 rows), whose decode to
+  // memory alone costs that latency (32 row tiles lose up to 512 rows).
+  const int64_t row_tiles = trellis.size(0) * 32 / kernels::kPfCols;
+  const int64_t tiles =
+      (rows + kernels::kPfTokens - 1) / kernels::kPfTokens * row_tiles;
+  return row_tiles >= 48 || 8 * tiles >= 7 * prop->multiProcessorCount;
+#else
+  (void)trellis;
+  (void)shard_rows;
+  (void)rows;
+  return false;
+#endif
+}
+
+void qtip_prefill_gemm(const Tensor& xt, int64_t col0, const Tensor& trellis,
+                       const Tensor& tlut,
+                       const std::vector<int64_t>& shard_rows, Tensor& out) {
+  const char* op = "qtip_prefill_gemm";
+  const int64_t K = trellis.size(2) / 64, rows = xt.size(1);
+  const int64_t m = trellis.size(0) * 32, n = trellis.size(1) * 32;
+  STD_TORCH_CHECK(
+      xt.dim() == 3 && xt.scalar_type() == ScalarType::Half &&
+          xt.is_contiguous() && xt.size(0) == (int64_t)shard_rows.size() &&
+          col0 + n <= xt.size(2) && xt.size(2) % 8 == 0 && col0 % 8 == 0,
+      op, ": x~ ", shape(xt), " must be contiguous fp16 (", shard_rows.size(),
+      ", rows, >= ", col0 + n, ")");
+  STD_TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.size(1) == m &&
+                      out.scalar_type() == ScalarType::Half &&
+                      out.is_contiguous(),
+                  op, ": out ", shape(out), " must be contiguous fp16 (", rows,
+                  ", ", m, ")");
+  const int64_t shards = (int64_t)shard_rows.size();
+  STD_TORCH_CHECK(trellis.is_contiguous() &&
+                      reinterpret_cast<uintptr_t>(trellis.data_ptr()) % 16 == 0,
+                  op, ": trellis must be contiguous and 16-byte aligned");
+  STD_TORCH_CHECK(tlut.scalar_type() == ScalarType::Half &&
+                      tlut.is_contiguous() &&
+                      tlut.numel() == shards * kTlutRows * 2,
+                  op, ": tlut must be contiguous fp16 (", shards,
+                  ", 512, 2), got ", shape(tlut));
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(xt.data_ptr()) % 16 == 0, op,
+                  ": x~ data must be 16-byte aligned");
+  if (rows == 0) return;
+  kernels::PrefillArgs a{};
+  a.trellis = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
+  a.tlut = reinterpret_cast<const __half*>(tlut.data_ptr());
+  a.xt = reinterpret_cast<const __half*>(xt.data_ptr());
+  a.out = reinterpret_cast<__half*>(out.data_ptr());
+  a.shard_stride = rows * xt.size(2);
+  a.ld = (int)xt.size(2);
+  a.col0 = (int)col0;
+  a.rows = (int)rows;
+  a.m = (int)m;
+  a.nblk = (int)(n / 32);
+  a.steps = (int)(n / kernels::kPfK);
+  a.col_pairs = (int)(m / (kernels::kPfCols * kernels::kPfCluster));
+  const int64_t tiles =
+      (rows + kernels::kPfTokens - 1) / kernels::kPfTokens * a.col_pairs;
+  STD_TORCH_CHECK(tiles < (int64_t{1} << 30), op, ": ", rows, " rows x ", m,
+                  " columns is more tiles than the kernel indexes");
+  a.tiles = (int)tiles;
+  a.shards = make_shard_rows(shard_rows, m, op);
+  const torch::stable::accelerator::DeviceGuard guard(
+      trellis.get_device_index());
+  a.x_map = x_tensor_map(xt);
+  auto stream = get_current_cuda_stream();
+  switch (K) {
+    case 2:
+      launch_prefill<2>(a, tiles, stream);
+      break;
+    case 3:
+      launch_prefill<3>(a, tiles, stream);
+      break;
+    case 4:
+      launch_prefill<4>(a, tiles, stream);
+      break;
+    default:
+      STD_TORCH_CHECK(false, op, ": K must be 2, 3 or 4, got ", K);
+  }
+  check_launch();
+}
+
+}  // namespace qtip
+}  // namespace vllm
