@@ -559,6 +559,10 @@ bool use_prefill_gemm(const Tensor& trellis,
   // takes one tile's latency whatever the rows. It pays from about a full
   // wave of tiles, or from 48 W_hat row tiles (6144 rows), whose decode to
   // memory alone costs that latency (32 row tiles lose up to 512 rows).
+  // K = 3's decode (more byte shuffles per weight) stops hiding under the
+  // MMAs beyond 1024 rows: at 2048, cuBLAS on the decoded W_hat wins by up
+  // to 9% where m >= 11008.
+  if (trellis.size(2) == 3 * 64 && rows > 4 * kernels::kPfTokens) return false;
   const int64_t row_tiles = trellis.size(0) * 32 / kernels::kPfCols;
   const int64_t tiles =
       (rows + kernels::kPfTokens - 1) / kernels::kPfTokens * row_tiles;

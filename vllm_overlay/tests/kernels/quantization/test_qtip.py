@@ -303,17 +303,18 @@ def _kernel_names(fn) -> set[str]:
 
 
 # Hopper's prefill GEMM takes a layer from 48 W_hat row tiles of 128 (6144
-# rows) at any dense row count, or from about one wave of its 256 x 128
-# tiles: 128 rows (one partial x~ tile), 300 (two, the second partial) with
-# a column window, three shards (a LUT refill per shard change) and 1100 rows
-# (240 tiles: CTAs take several, across shards).
+# rows) at any dense row count up to 1024 (K = 3) or more, or from about one
+# wave of its 256 x 128 tiles: 128 rows (one partial x~ tile), 300 (two, the
+# second partial) with a column window, three shards (a LUT refill per shard
+# change) and 1000 rows (96 tile pairs on fewer clusters: several per CTA,
+# across shards).
 @pytest.mark.parametrize("K", (2, 3, 4))
 @pytest.mark.parametrize(
     "shard_rows, batch, rank",
     (
         ([6144], QTIP_DENSE_MIN_ROWS, 0),
         ([6144], 300, 1),
-        ([4096, 1024, 1024], 1100, 0),
+        ([4096, 1024, 1024], 1000, 0),
     ),
 )
 def test_linear_prefill_gemm(shard_rows: list[int], batch: int, rank: int, K: int):
