@@ -17,8 +17,10 @@ median of the per-round ratios, with their range; the outputs of the two
 builds on the same input are compared too (a variant may legitimately sum in
 another order, but not by much).
 
-Only the op is timed: a patch that changes ``vllm/_qtip_ops.py`` (e.g. the
-dense crossover) or the op schema is not measured as vLLM would run it.
+Only the op is timed: a patch that changes ``vllm/_qtip_ops.py`` or the op
+schema is not measured as vLLM would run it. A patch that moves the dense
+crossover is, with ``--variant-dense-min-rows`` (the base keeps
+QTIP_DENSE_MIN_ROWS).
 
 Writes {"gpu", "date", "rounds", "rows": [{"layer", "K", "batch", "base_us",
 "variant_us", "change", "change_lo", "change_hi", "max_rel_diff"}]} after
@@ -91,7 +93,14 @@ def linear_op(ns: str):
 
 
 def ab_layer(
-    name: str, shard_rows: list[int], n: int, K: int, batches, dtype, rounds: int
+    name: str,
+    shard_rows: list[int],
+    n: int,
+    K: int,
+    batches,
+    dtype,
+    rounds: int,
+    variant_dense_min_rows: int,
 ) -> list[dict]:
     m, shards = sum(shard_rows), len(shard_rows)
     trellises = [t.view(m // 32, n // 32, 64 * K) for t in random_trellises(m, n, K)]
@@ -104,9 +113,12 @@ def ab_layer(
         x = torch.randn(batch, n, device="cuda").to(dtype)
 
         def call(ns: str, t: torch.Tensor, x=x) -> torch.Tensor:
+            dense_min_rows = (
+                variant_dense_min_rows if ns == VARIANT_NS else QTIP_DENSE_MIN_ROWS
+            )
             return linear_op(ns)(
                 x, t, tlut, SU, SV, had_in, had_out, n, shard_rows, shard_rows,
-                QTIP_DENSE_MIN_ROWS, 0,
+                dense_min_rows, 0,
             )  # fmt: skip
 
         base_y, variant_y = call(BASE_NS, trellises[0]), call(VARIANT_NS, trellises[0])
@@ -167,6 +179,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    parser.add_argument(
+        "--variant-dense-min-rows",
+        type=int,
+        default=QTIP_DENSE_MIN_ROWS,
+        help="the variant's dense_min_rows (the base keeps QTIP_DENSE_MIN_ROWS): "
+        "a dense-path kernel against the fused path below it",
+    )
     args = parser.parse_args()
     if not qtip_kernels_available():
         raise SystemExit("the variant's QTIP kernels (vllm._qtip_C) are not available")
@@ -185,7 +204,14 @@ def main() -> None:
         for name, shard_rows, n in layers():
             try:
                 rows = ab_layer(
-                    name, shard_rows, n, K, args.batches, dtype, args.rounds
+                    name,
+                    shard_rows,
+                    n,
+                    K,
+                    args.batches,
+                    dtype,
+                    args.rounds,
+                    args.variant_dense_min_rows,
                 )
             except RuntimeError as e:  # report and go on with the next layer
                 print(f"| {name} | {K} | - | failed: {e} |", flush=True)
