@@ -45,13 +45,16 @@ namespace kernels {
   #define QTIP_PREFILL_DEVICE 1
 #endif
 
+// [[maybe_unused]]: read only by the sm_90a device code, not by the other
+// architectures' passes.
 constexpr int kPfTokens = 256;  // x~ rows per tile (wgmma N)
 constexpr int kPfCols = 128;    // W_hat rows per tile (2 warpgroups x m64)
 constexpr int kPfK = 64;        // columns per stage: one 128-byte row
 constexpr int kPfStages = 5;
-constexpr int kPfRing = 2;  // stages of trellis words in flight per warp
+// Stages of trellis words in flight per warp.
+[[maybe_unused]] constexpr int kPfRing = 2;
 constexpr int kPfThreads = 384;
-constexpr int kPfConsumerThreads = 256;
+[[maybe_unused]] constexpr int kPfConsumerThreads = 256;
 constexpr int kPfCopies = 16;  // 64 KiB, room for 5 stages
 constexpr int kPfLutBytes = SignedLut<kPfCopies>::kBytes;
 constexpr int kPfStageBytes = kPfTokens * kPfK * 2;
@@ -66,7 +69,7 @@ static_assert(kPfLutBytes % 1024 == 0 && kPfStageBytes % 1024 == 0);
 // bandwidth, not the tensor cores, bounded the one-CTA form: its x~ staging
 // alone took ~115 us of 4096x4096 at 2048 rows).
 constexpr int kPfCluster = 2;
-constexpr int kPfHalfBytes = kPfStageBytes / kPfCluster;
+[[maybe_unused]] constexpr int kPfHalfBytes = kPfStageBytes / kPfCluster;
 
 struct PrefillArgs {
   const uint8_t* trellis;
@@ -482,19 +485,25 @@ void launch_prefill(const kernels::PrefillArgs& a, int64_t pairs,
   config.stream = stream;
   config.attrs = attrs;
   config.numAttrs = 1;
-  static int max_clusters[64] = {};
+  // The clusters that fit at once, queried once per device (a host-side
+  // query, legal during CUDA-graph capture; the grid below needs it).
+  static std::atomic<int> max_clusters[kMaxDevices];
   int dev = 0;
   check_cuda(cudaGetDevice(&dev));
-  if (max_clusters[dev] == 0) {
+  int clusters =
+      dev < kMaxDevices ? max_clusters[dev].load(std::memory_order_relaxed) : 0;
+  if (clusters == 0) {
     config.gridDim = dim3(kernels::kPfCluster * 66);
     check_cuda(cudaOccupancyMaxActiveClusters(
-        &max_clusters[dev], kernels::qtip_prefill_kernel<K>, &config));
+        &clusters, kernels::qtip_prefill_kernel<K>, &config));
     STD_TORCH_CHECK(
-        max_clusters[dev] > 0,
+        clusters > 0,
         "qtip_prefill_gemm: no cluster of two CTAs fits an SM pair");
+    if (dev < kMaxDevices)
+      max_clusters[dev].store(clusters, std::memory_order_relaxed);
   }
   config.gridDim =
-      dim3(kernels::kPfCluster * std::min<int64_t>(pairs, max_clusters[dev]));
+      dim3(kernels::kPfCluster * std::min<int64_t>(pairs, clusters));
   config.numAttrs = 2;
   check_cuda(cudaLaunchKernelEx(&config, kernels::qtip_prefill_kernel<K>, a));
 }
