@@ -45,8 +45,8 @@ namespace kernels {
   #define QTIP_PREFILL_DEVICE 1
 #endif
 
-// [[maybe_unused]]: read only by the sm_90a device code, not by the other
-// architectures' passes.
+// The [[maybe_unused]] constants are read only by the sm_90a device code, not
+// by the other architectures' passes.
 constexpr int kPfTokens = 256;  // x~ rows per tile (wgmma N)
 constexpr int kPfCols = 128;    // W_hat rows per tile (2 warpgroups x m64)
 constexpr int kPfK = 64;        // columns per stage: one 128-byte row
@@ -74,12 +74,12 @@ constexpr int kPfCluster = 2;
 struct PrefillArgs {
   const uint8_t* trellis;
   const __half* tlut;
-  const __half* xt;  // (shards, rows, ld), the GEMM's columns from col0
-  __half* out;       // (rows, m)
-  int64_t shard_stride;
-  int ld, col0, rows, m, nblk, steps, col_pairs, tiles;
+  __half* out;  // (rows, m)
+  int col0, rows, m, nblk, steps, col_pairs, tiles;
   ShardRows shards;
-  CUtensorMap x_map;  // x~ (shards, rows, ld) as boxes of 128 rows x 64 columns
+  // x~ (shards, rows, n_x~) as boxes of 128 rows x 64 columns; the GEMM's
+  // columns from col0.
+  CUtensorMap x_map;
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -91,11 +91,6 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar),
                "r"(count));
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar)
-               : "memory");
 }
 
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -616,10 +611,7 @@ void qtip_prefill_gemm(const Tensor& xt, int64_t col0, const Tensor& trellis,
   kernels::PrefillArgs a{};
   a.trellis = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
   a.tlut = reinterpret_cast<const __half*>(tlut.data_ptr());
-  a.xt = reinterpret_cast<const __half*>(xt.data_ptr());
   a.out = reinterpret_cast<__half*>(out.data_ptr());
-  a.shard_stride = rows * xt.size(2);
-  a.ld = (int)xt.size(2);
   a.col0 = (int)col0;
   a.rows = (int)rows;
   a.m = (int)m;
