@@ -321,8 +321,9 @@ def qtip_matmul(
     spans all n (a row-parallel rank's slice of a whole-matrix checkpoint;
     offset a multiple of 32). Below QTIP_DENSE_MIN_ROWS rows the fused decode +
     GEMM kernel runs, from there on W_hat is decoded to fp16 and multiplied
-    by cuBLAS; the choice happens inside one op, so torch.compile sees no
-    branch.
+    by cuBLAS; on Hopper the prefill GEMM (W_hat decoded into wgmma's
+    operand) takes over from either where its tiles fill the GPU. The choice
+    happens inside one op, so torch.compile sees no branch.
     """
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")

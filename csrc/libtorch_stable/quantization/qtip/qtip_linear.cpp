@@ -9,18 +9,24 @@
 //
 // The batch dispatch lives here, inside one opaque op, so torch.compile
 // never guards on the number of rows:
-//  * rows < dense_min_rows: the input transform writes x~ row-major, one
-//    copy per shard (for one row, with power-of-two blocks or one H_K block
-//    of the whole row, the GEMM kernel does it itself, in shared memory; K x
-//    64 blocks from two rows on in one pass, as on the dense path below),
+//  * on Hopper, where prefill_gemm_splits finds that it pays (from
+//    dense_min_rows on where its tiles fill the GPU, and from 65 rows where
+//    they fill most of their waves), the prefill GEMM, which decodes W_hat
+//    tile by tile into the tensor cores' register operand (split over k into
+//    fp32 partials where its tiles would not fill the GPU, added as on the
+//    fused path below);
+//  * otherwise, rows < dense_min_rows: the input transform writes x~
+//    row-major, one copy per shard (for one row, with power-of-two blocks or
+//    one H_K block of the whole row, the GEMM kernel does it itself, in
+//    shared memory; K x 64 blocks from two rows on in one pass, as on the
+//    dense path below),
 //    the fused trellis-decode GEMM (qtip_mma) writes split-K partial sums,
 //    and the output transform adds them in order (K x 64 blocks from two
 //    rows in one pass, rounded to fp16 first, as on the dense path);
-//  * otherwise, on Hopper where it pays (use_prefill_gemm: enough tiles),
-//    the prefill GEMM, which decodes W_hat tile by tile into the tensor
-//    cores' register operand; elsewhere W_hat decoded to fp16 once
-//    (qtip_decode), then cuBLAS. Both round fp32 sums to fp16, the
-//    reference's fallback-GEMM numerics. Blocks of
+//  * otherwise W_hat decoded to fp16 once (qtip_decode), then cuBLAS. This
+//    and the unsplit prefill GEMM round fp32 sums to fp16, the
+//    reference's fallback-GEMM numerics (the split form's partials are
+//    summed in fp32 by the output transform, within 1e-4 of that). Blocks of
 //    K x 512 columns with K <= 32 (Llama-3's 14336) and K x 64 with
 //    32 < K <= 176 (Llama-2's 11008) are transformed in one pass with H_K on
 //    the tensor cores (hadamard_one_pass). Any other H_K factor is applied
@@ -204,7 +210,10 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                   join(shard_rows));
   check_had_factor(had_in, x, "qtip_linear (had_in)");
   check_had_factor(had_out, x, "qtip_linear (had_out)");
-  if (x.size(0) < dense_min_rows) {
+  const bool fused_rows = x.size(0) < dense_min_rows;
+  const int64_t splits =
+      prefill_gemm_splits(trellis, shard_rows, x.size(0), fused_rows);
+  if (fused_rows && splits == 0) {
     // The GEMM's own input transform has no column window: a call with
     // in_offset != 0 takes the separate transform (and qtip_mma_own_input
     // itself turns down a trellis narrower than SU, a window at offset 0).
@@ -222,8 +231,17 @@ Tensor qtip_linear(const Tensor& x, const Tensor& trellis, const Tensor& tlut,
                                   x.scalar_type());
   }
   Tensor xh = dense_input_transform(x, su, had_in, in_block);
+  if (splits > 1) {
+    // k split over the SMs: fp32 partials, added in order by the fused
+    // path's output transform.
+    Tensor partials =
+        new_tensor({splits, x.size(0), sv.size(0)}, ScalarType::Float, x);
+    qtip_prefill_gemm(xh, in_offset, trellis, tlut, shard_rows, partials);
+    return fused_output_transform(partials, sv, had_out, out_blocks, shard_rows,
+                                  x.scalar_type());
+  }
   Tensor acc = new_tensor({x.size(0), sv.size(0)}, ScalarType::Half, x);
-  if (use_prefill_gemm(trellis, shard_rows, x.size(0))) {
+  if (splits == 1) {
     qtip_prefill_gemm(xh, in_offset, trellis, tlut, shard_rows, acc);
   } else {  // W_hat is freed before the output transform allocates.
     Tensor w = qtip_decode(trellis, tlut, shard_rows);

@@ -142,16 +142,20 @@ Tensor one_pass_output(const Tensor& partials, const Tensor& sv,
 // Hopper's prefill GEMM (sm_90a builds, compute capability 9.0): out (rows,
 // m) fp16 = x~[shard] (columns col0 onwards) @ W_hat^T for every shard, W_hat
 // decoded tile by tile into wgmma's register operand (qtip_prefill.cu).
-// use_prefill_gemm: whether it runs here and beats decode + cuBLAS.
-bool use_prefill_gemm(const Tensor& trellis,
-                      const std::vector<int64_t>& shard_rows, int64_t rows);
+// prefill_gemm_splits: 0 where it does not run or does not pay (against
+// decode + cuBLAS, or against the fused GEMM with against_fused), else its
+// number of k splits. out is fp16 (rows, m), or fp32 split-K partials
+// (splits, rows, m) for the output transform to add in order.
+int64_t prefill_gemm_splits(const Tensor& trellis,
+                            const std::vector<int64_t>& shard_rows,
+                            int64_t rows, bool against_fused);
 void qtip_prefill_gemm(const Tensor& xt, int64_t col0, const Tensor& trellis,
                        const Tensor& tlut,
                        const std::vector<int64_t>& shard_rows, Tensor& out);
 
-// One QTIP linear layer with all its shards (see qtip_linear.cpp): fused
-// GEMM below dense_min_rows rows; from there on the prefill GEMM where
-// use_prefill_gemm, else decode-to-dense + cuBLAS.
+// One QTIP linear layer with all its shards (see qtip_linear.cpp): the
+// prefill GEMM where prefill_gemm_splits > 0; otherwise the fused GEMM below
+// dense_min_rows rows, decode-to-dense + cuBLAS from there on.
 // The trellis may cover only x~'s columns in_offset .. in_offset + n_trellis
 // (a row-parallel rank's slice of a whole-matrix checkpoint, whose input
 // transform spans SU's n >= n_trellis columns).

@@ -8,23 +8,26 @@
 // nor through shared memory (whose generic-proxy stores wgmma could only read
 // after a proxy fence per stage).
 //
-// Persistent, one CTA per SM, 384 threads, CTAs in clusters of two; a tile
-// is 128 W_hat rows x 256 x~ rows with its whole k range (no split-K: the
-// same bits on every run), and the two CTAs of a cluster take neighbouring
-// row tiles against the same x~ rows:
+// Persistent, one CTA per SM, 384 threads, CTAs in clusters of two; a work
+// unit is a tile of 128 W_hat rows x T x~ rows (T = 256, or 128 for calls of
+// at most 128 rows) with its whole k range, or
+// with one of `splits` k ranges where the tiles alone would leave SMs idle
+// (fp32 partials, added in order by the output transform: the same bits on
+// every run), and the two CTAs of a cluster take neighbouring row tiles
+// against the same x~ rows:
 //  * Consumers (warpgroups 1-2, 232 registers), 64 W_hat rows each: warp w
 //    owns rows 16w..16w+15 of its warpgroup's 64, i.e. one 16-row half of a
 //    32x32 trellis block. Per 64-column stage it decodes its two blocks'
 //    halves (decode_half, 16-copy LUT) into four mma.m16n8k16 A fragments,
 //    which are the warp's share of wgmma's register A operand, and the
-//    warpgroup runs 4 wgmma m64n256k16 against the stage's x~ in shared
+//    warpgroup runs 4 wgmma m64nTk16 against the stage's x~ in shared
 //    memory. It decodes the next stage while they run (two A buffers;
 //    wgmma.wait_group 1 frees the older). Trellis words come straight from
-//    global memory into a register ring. The epilogue writes the 64 x 256
+//    global memory into a register ring. The epilogue writes the 64 x T
 //    block of acc^T rounded to fp16 (the numerics of the cuBLAS GEMM it
-//    replaces: fp16 products, fp32 sums).
+//    replaces: fp16 products, fp32 sums), or as fp32 partials.
 //  * Producer (one thread of warpgroup 0): per step, this CTA's half of the
-//    stage (128 x~ rows x 64 columns, one TMA box in the 128-byte swizzle of
+//    stage (T / 2 x~ rows x 64 columns, one TMA box in the 128-byte swizzle of
 //    a K-major wgmma operand, zeros past the last row) multicast into both
 //    CTAs, once both CTAs' consumers released the stage.
 #include <torch/csrc/stable/accelerator.h>
@@ -47,9 +50,8 @@ namespace kernels {
 
 // The [[maybe_unused]] constants are read only by the sm_90a device code, not
 // by the other architectures' passes.
-constexpr int kPfTokens = 256;  // x~ rows per tile (wgmma N)
-constexpr int kPfCols = 128;    // W_hat rows per tile (2 warpgroups x m64)
-constexpr int kPfK = 64;        // columns per stage: one 128-byte row
+constexpr int kPfCols = 128;  // W_hat rows per tile (2 warpgroups x m64)
+constexpr int kPfK = 64;      // columns per stage: one 128-byte row
 constexpr int kPfStages = 5;
 // Stages of trellis words in flight per warp.
 [[maybe_unused]] constexpr int kPfRing = 2;
@@ -57,25 +59,37 @@ constexpr int kPfThreads = 384;
 [[maybe_unused]] constexpr int kPfConsumerThreads = 256;
 constexpr int kPfCopies = 16;  // 64 KiB, room for 5 stages
 constexpr int kPfLutBytes = SignedLut<kPfCopies>::kBytes;
-constexpr int kPfStageBytes = kPfTokens * kPfK * 2;
-// LUT, stages, 2 * kPfStages mbarriers, and slack to align the base to the
-// swizzle pattern's 1024 bytes.
-constexpr int kPfSmemBytes =
-    kPfLutBytes + kPfStages * kPfStageBytes + 16 * kPfStages + 1024;
-static_assert(kPfLutBytes % 1024 == 0 && kPfStageBytes % 1024 == 0);
 // A cluster of two CTAs takes the two W_hat row tiles 2c, 2c + 1 against the
 // same x~ tile; each CTA loads one half of every x~ stage and multicasts it
 // into both, so x~ is read from L2 m / 256 times instead of m / 128 (L2
 // bandwidth, not the tensor cores, bounded the one-CTA form: its x~ staging
 // alone took ~115 us of 4096x4096 at 2048 rows).
 constexpr int kPfCluster = 2;
-[[maybe_unused]] constexpr int kPfHalfBytes = kPfStageBytes / kPfCluster;
+
+// A tile's x~ rows (wgmma N): 256, or 128 where a call has at most 128 rows
+// (half the zero rows; at 256 rows and more, tiles of 128 decode each W_hat
+// tile twice as often and lose by up to 50%, BENCHMARKS.md "twenty-second
+// run").
+template <int kTokens>
+struct PfTile {
+  static_assert(kTokens == 128 || kTokens == 256);
+  static constexpr int kStageBytes = kTokens * kPfK * 2;
+  [[maybe_unused]] static constexpr int kHalfBytes = kStageBytes / kPfCluster;
+  // LUT, stages, 2 * kPfStages mbarriers, and slack to align the base to the
+  // swizzle pattern's 1024 bytes.
+  static constexpr int kSmemBytes =
+      kPfLutBytes + kPfStages * kStageBytes + 16 * kPfStages + 1024;
+  static_assert(kPfLutBytes % 1024 == 0 && kStageBytes % 1024 == 0);
+};
 
 struct PrefillArgs {
   const uint8_t* trellis;
   const __half* tlut;
-  __half* out;  // (rows, m)
-  int col0, rows, m, nblk, steps, col_pairs, tiles;
+  __half* out;      // (rows, m), or nullptr with split-K
+  float* partials;  // (splits, rows, m) with split-K, else nullptr
+  // tiles: (tile pair, k split) work units; steps: 64-column steps of the
+  // k range, split_steps per split (even; the last split may have fewer).
+  int col0, rows, m, nblk, steps, split_steps, col_pairs, pairs, tiles;
   ShardRows shards;
   // x~ (shards, rows, n_x~) as boxes of 128 rows x 64 columns; the GEMM's
   // columns from col0.
@@ -238,22 +252,97 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 }
 
+// The same with N = 128 (this thread's 64 of D).
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64],
+                                                    const uint32_t (&a)[4],
+                                                    uint64_t b,
+                                                    int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+      "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+      "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "
+      "%58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, "
+      "0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+        "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+        "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]),
+        "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
+        "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),
+        "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+template <int kTokens>
+__device__ __forceinline__ void wgmma_rs(float (&d)[kTokens / 2],
+                                         const uint32_t (&a)[4], uint64_t b,
+                                         int accumulate) {
+  if constexpr (kTokens == 256)
+    wgmma_m64n256k16_rs(d, a, b, accumulate);
+  else
+    wgmma_m64n128k16_rs(d, a, b, accumulate);
+}
+
 #endif  // QTIP_PREFILL_DEVICE
 
-// A warp's place in the CTA's walk over (tile, k step); tile-derived values
-// are computed when the tile changes, not per step.
-struct PrefillPos {
-  int tile, step, xrow0, row0, shard, rank;
+#ifdef QTIP_PREFILL_DEVICE
+// A warp's 64 x kTokens share of a tile's sums into out (fp16: the numerics
+// of the cuBLAS GEMM it replaces, fp32 sums rounded once; fp32: a split-K
+// partial). acc[4 j + 2 h + e] is W_hat row 16 w4 + lane / 4 + 8 h of the
+// warpgroup's 64, x~ row 8 j + 2 (lane % 4) + e of the tile's; o points
+// at the first of them, x~ row `row`. The pointer walks the rows (no
+// per-element offsets for ptxas to keep).
+template <int kTokens, typename T>
+__device__ __forceinline__ void store_acc(T* o, const float (&acc)[kTokens / 2],
+                                          int row, int rows, size_t m) {
+  #pragma unroll
+  for (int j = 0; j < kTokens / 8; ++j) {
+  #pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (row + 8 * j + e >= rows) continue;
+      if constexpr (std::is_same_v<T, float>) {
+        o[e * m] = acc[4 * j + e];
+        o[e * m + 8] = acc[4 * j + 2 + e];
+      } else {
+        o[e * m] = __float2half_rn(acc[4 * j + e]);
+        o[e * m + 8] = __float2half_rn(acc[4 * j + 2 + e]);
+      }
+    }
+    o += 8 * m;
+    asm volatile("" : "+l"(o));  // not 32 precomputed pointers
+  }
+}
+#endif
 
-  // t counts tile pairs (one per cluster); this CTA takes row tile
-  // 2 * pair + rank.
+// A warp's place in the CTA's walk over (work unit, k step); unit-derived
+// values are computed when the unit changes, not per step.
+template <int kTokens>
+struct PrefillPos {
+  int tile, step, step_end, split, xrow0, row0, shard, rank;
+
+  // t counts work units (one per cluster): k split t / pairs of tile pair
+  // t % pairs, whose row tile 2 * pair + rank this CTA takes. Units of one
+  // split are neighbours, so a wave reads one k range of x~.
   __device__ __forceinline__ void set_tile(int t, const PrefillArgs& a) {
     tile = t;
-    step = 0;
+    step = step_end = 0;
     if (t >= a.tiles) return;
-    const int tt = t / a.col_pairs;
-    row0 = ((t - tt * a.col_pairs) * kPfCluster + rank) * kPfCols;
-    xrow0 = tt * kPfTokens;
+    split = t / a.pairs;
+    const int pair = t - split * a.pairs;
+    step = split * a.split_steps;
+    step_end = min(step + a.split_steps, a.steps);
+    const int tt = pair / a.col_pairs;
+    row0 = ((pair - tt * a.col_pairs) * kPfCluster + rank) * kPfCols;
+    xrow0 = tt * kTokens;
     // Unrolled, so the parameter array is never indexed at run time.
     shard = 0;
     const int rb = row0 / 32;
@@ -265,14 +354,16 @@ struct PrefillPos {
     return tile < a.tiles;
   }
   __device__ __forceinline__ void advance(const PrefillArgs& a) {
-    if (++step == a.steps) set_tile(tile + gridDim.x / kPfCluster, a);
+    if (++step == step_end) set_tile(tile + gridDim.x / kPfCluster, a);
   }
 };
 
-template <int K>
+template <int K, int kTokens>
 __global__ void __launch_bounds__(kPfThreads, 1)
     qtip_prefill_kernel(const __grid_constant__ PrefillArgs a) {
 #ifdef QTIP_PREFILL_DEVICE
+  using Tile = PfTile<kTokens>;
+  using Pos = PrefillPos<kTokens>;
   using Lut = SignedLut<kPfCopies>;
   using Blk = TrellisBlock<K>;
   extern __shared__ __align__(1024) char smem_raw[];
@@ -280,7 +371,7 @@ __global__ void __launch_bounds__(kPfThreads, 1)
   const uint32_t pad = (1024u - (raw & 1023u)) & 1023u;
   char* lut = smem_raw + pad;
   const uint32_t stages = raw + pad + kPfLutBytes;
-  const uint32_t full = stages + kPfStages * kPfStageBytes;
+  const uint32_t full = stages + kPfStages * Tile::kStageBytes;
   const uint32_t empty = full + 8 * kPfStages;
   constexpr int kConsumerWarps = kPfConsumerThreads / 32;
   const int tid = threadIdx.x, lane = tid & 31;
@@ -305,7 +396,7 @@ __global__ void __launch_bounds__(kPfThreads, 1)
     // CTAs' consumers having released the stage.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid == 0) {
-      PrefillPos pos;
+      Pos pos;
       pos.rank = rank;
       pos.set_tile(first_pair, a);
       wait_for_producer();
@@ -313,11 +404,12 @@ __global__ void __launch_bounds__(kPfThreads, 1)
         const int slot = it % kPfStages;
         if (it >= kPfStages)
           mbar_wait(empty + 8 * slot, ((it / kPfStages) + 1) & 1);
-        mbar_arrive_expect_tx(full + 8 * slot, kPfStageBytes);
+        mbar_arrive_expect_tx(full + 8 * slot, Tile::kStageBytes);
         tma_load_3d_multicast(
-            stages + slot * kPfStageBytes + rank * kPfHalfBytes, &a.x_map,
-            a.col0 + pos.step * kPfK, pos.xrow0 + rank * (kPfTokens / 2),
-            pos.shard, full + 8 * slot, (1u << kPfCluster) - 1);
+            stages + slot * Tile::kStageBytes + rank * Tile::kHalfBytes,
+            &a.x_map, a.col0 + pos.step * kPfK,
+            pos.xrow0 + rank * (kTokens / kPfCluster), pos.shard,
+            full + 8 * slot, (1u << kPfCluster) - 1);
         pos.advance(a);
       }
     }
@@ -329,7 +421,7 @@ __global__ void __launch_bounds__(kPfThreads, 1)
     // This warp's rows of a tile: 64 wg + 16 w4 .. + 15, the 16-row half mr of
     // 32x32 block row rb.
     const int rb = 2 * wg + (w4 >> 1), mr = w4 & 1;
-    PrefillPos cur, far;
+    Pos cur, far;
     cur.rank = rank;
     cur.set_tile(first_pair, a);
     if (cur.valid(a)) {
@@ -340,7 +432,7 @@ __global__ void __launch_bounds__(kPfThreads, 1)
       const uint32_t lane_term = Lut::lane_term(lane);
       // Trellis words of a step: this lane's share of blocks (rb, 2 step) and
       // (rb, 2 step + 1), back to back in memory.
-      auto trellis_words = [&](const PrefillPos& p, uint32_t (&w)[2][K]) {
+      auto trellis_words = [&](const Pos& p, uint32_t (&w)[2][K]) {
         const uint8_t* blk =
             a.trellis +
             ((size_t)(p.row0 / 32 + rb) * a.nblk + p.step * 2) * Blk::kBytes +
@@ -357,7 +449,7 @@ __global__ void __launch_bounds__(kPfThreads, 1)
       }
       consumer_sync();  // the LUT is filled
       wait_for_producer();
-      float acc[128];
+      float acc[kTokens / 2];
       // A operands of two stages: [buffer][column block][kc].
       uint32_t afrag[2][2][2][4];
       // The stage the next step reads and its phase; the stage it released
@@ -380,13 +472,13 @@ __global__ void __launch_bounds__(kPfThreads, 1)
         mbar_wait(full + 8 * slot, phase);
         // The stage's descriptor: stage addresses stay below 256 KiB, so the
         // start-address field (bits 0-13, address / 16) takes the offset.
-        const uint64_t desc = desc0 + slot * (kPfStageBytes >> 4);
+        const uint64_t desc = desc0 + slot * (Tile::kStageBytes >> 4);
         fence_operands(acc);
         wgmma_fence();
   #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-          wgmma_m64n256k16_rs(acc, af[kk >> 1][kk & 1], desc + 2 * kk,
-                              !first || kk != 0);
+          wgmma_rs<kTokens>(acc, af[kk >> 1][kk & 1], desc + 2 * kk,
+                            !first || kk != 0);
         wgmma_commit();
         fence_operands(acc);
         wgmma_wait<1>();  // the previous step's wgmmas are done
@@ -411,40 +503,31 @@ __global__ void __launch_bounds__(kPfThreads, 1)
               a.tlut + lut_shard * kTlutRows * 2, ctid);
           consumer_sync();
         }
-        // Steps in pairs (the host keeps a.steps even): ring slot and A buffer
-        // alternate. A buffer's registers stay live (fence_operands) until the
-        // wgmma.wait_group that retires the wgmmas reading them, so the
-        // compiler cannot reuse them while the tensor cores do.
+        // Steps in pairs (the host keeps them even): ring slot and A
+        // buffer alternate. A buffer's registers stay live (fence_operands)
+        // until the wgmma.wait_group that retires the wgmmas reading them, so
+        // the compiler cannot reuse them while the tensor cores do.
         decode_step(ring[0], afrag[0]);
-        for (int step = 0; step < a.steps; step += 2) {
+        const int unit_steps = cur.step_end - cur.step;
+        for (int step = 0; step < unit_steps; step += 2) {
           mma_step(afrag[0], step == 0);
           fence_operands(afrag[1]);
           decode_step(ring[1], afrag[1]);
           mma_step(afrag[1], false);
           fence_operands(afrag[0]);
-          if (step + 2 < a.steps) decode_step(ring[0], afrag[0]);
+          if (step + 2 < unit_steps) decode_step(ring[0], afrag[0]);
         }
         wgmma_wait<0>();
         fence_operands(acc);
         if (lane < kPfCluster) mbar_arrive_cluster(empty + 8 * prev_slot, lane);
-        // acc[4 j + 2 h + e]: W_hat row 16 w4 + lane / 4 + 8 h of the
-        // warpgroup's 64, x~ row 8 j + 2 (lane % 4) + e of the tile's 256. The
-        // pointer walks the rows (no per-element offsets for ptxas to keep).
         const int row = xrow0 + 2 * (lane & 3);
-        __half* o =
-            a.out + (size_t)row * a.m + row0 + 64 * wg + 16 * w4 + (lane >> 2);
-        const size_t m = a.m;
-  #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-  #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (row + 8 * j + e >= a.rows) continue;
-            o[e * m] = __float2half_rn(acc[4 * j + e]);
-            o[e * m + 8] = __float2half_rn(acc[4 * j + 2 + e]);
-          }
-          o += 8 * m;
-          asm volatile("" : "+l"(o));  // not 32 precomputed pointers
-        }
+        const size_t at =
+            (size_t)row * a.m + row0 + 64 * wg + 16 * w4 + (lane >> 2);
+        if (a.partials != nullptr)
+          store_acc<kTokens>(a.partials + (size_t)cur.split * a.rows * a.m + at,
+                             acc, row, a.rows, a.m);
+        else
+          store_acc<kTokens>(a.out + at, acc, row, a.rows, a.m);
       }
     }  // cur.valid
   }  // consumers
@@ -462,11 +545,12 @@ namespace {
 // Clusters of two CTAs, one CTA per SM, persistent: as many clusters as the
 // GPU holds at once (fewer than SMs / 2 where a GPC has an odd count), so no
 // cluster waits for a second wave.
-template <int K>
+template <int K, int kTokens>
 void launch_prefill(const kernels::PrefillArgs& a, int64_t pairs,
                     cudaStream_t stream) {
+  constexpr auto kernel = kernels::qtip_prefill_kernel<K, kTokens>;
   static DeviceFlags smem_set;
-  ensure_max_dynamic_smem(kernels::qtip_prefill_kernel<K>, smem_set);
+  ensure_max_dynamic_smem(kernel, smem_set);
   cudaLaunchAttribute attrs[2]{};
   attrs[0].id = cudaLaunchAttributeClusterDimension;
   attrs[0].val.clusterDim.x = kernels::kPfCluster;
@@ -476,7 +560,7 @@ void launch_prefill(const kernels::PrefillArgs& a, int64_t pairs,
   attrs[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.blockDim = dim3(kernels::kPfThreads);
-  config.dynamicSmemBytes = kernels::kPfSmemBytes;
+  config.dynamicSmemBytes = kernels::PfTile<kTokens>::kSmemBytes;
   config.stream = stream;
   config.attrs = attrs;
   config.numAttrs = 1;
@@ -489,8 +573,7 @@ void launch_prefill(const kernels::PrefillArgs& a, int64_t pairs,
       dev < kMaxDevices ? max_clusters[dev].load(std::memory_order_relaxed) : 0;
   if (clusters == 0) {
     config.gridDim = dim3(kernels::kPfCluster * 66);
-    check_cuda(cudaOccupancyMaxActiveClusters(
-        &clusters, kernels::qtip_prefill_kernel<K>, &config));
+    check_cuda(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
     STD_TORCH_CHECK(
         clusters > 0,
         "qtip_prefill_gemm: no cluster of two CTAs fits an SM pair");
@@ -500,7 +583,7 @@ void launch_prefill(const kernels::PrefillArgs& a, int64_t pairs,
   config.gridDim =
       dim3(kernels::kPfCluster * std::min<int64_t>(pairs, clusters));
   config.numAttrs = 2;
-  check_cuda(cudaLaunchKernelEx(&config, kernels::qtip_prefill_kernel<K>, a));
+  check_cuda(cudaLaunchKernelEx(&config, kernel, a));
 }
 
 // cuTensorMapEncodeTiled through the runtime, so _qtip_C does not link the
@@ -519,17 +602,17 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
-// x~ (shards, rows, ld) fp16 as TMA boxes of half a stage (128 rows x 64
-// columns), in the 128-byte swizzle wgmma reads; rows past the end read as
+// x~ (shards, rows, ld) fp16 as TMA boxes of half a stage (tokens / 2 rows x
+// 64 columns), in the 128-byte swizzle wgmma reads; rows past the end read as
 // zeros.
-CUtensorMap x_tensor_map(const Tensor& xt) {
+CUtensorMap x_tensor_map(const Tensor& xt, int64_t tokens) {
   CUtensorMap map;
   const cuuint64_t dims[3] = {(cuuint64_t)xt.size(2), (cuuint64_t)xt.size(1),
                               (cuuint64_t)xt.size(0)};
   const cuuint64_t strides[2] = {(cuuint64_t)xt.size(2) * 2,
                                  (cuuint64_t)(xt.size(1) * xt.size(2) * 2)};
   const cuuint32_t box[3] = {kernels::kPfK,
-                             kernels::kPfTokens / kernels::kPfCluster, 1};
+                             (cuuint32_t)(tokens / kernels::kPfCluster), 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
   const CUresult r = tensor_map_encoder()(
       &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, xt.data_ptr(), dims, strides,
@@ -542,40 +625,70 @@ CUtensorMap x_tensor_map(const Tensor& xt) {
   return map;
 }
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// x~ rows per tile for a call of `rows` rows (kernels::PfTile).
+int64_t prefill_tokens(int64_t rows) { return rows <= 128 ? 128 : 256; }
+
+// 64-column steps per k split when `steps` (even) are split `splits` ways:
+// even, so a unit's steps go in pairs; the last split may have fewer.
+int64_t split_steps(int64_t steps, int64_t splits) {
+  return 2 * ceil_div(steps, 2 * splits);
+}
+
 }  // namespace
 
-bool use_prefill_gemm(const Tensor& trellis,
-                      const std::vector<int64_t>& shard_rows, int64_t rows) {
+int64_t prefill_gemm_splits(const Tensor& trellis,
+                            const std::vector<int64_t>& shard_rows,
+                            int64_t rows, bool against_fused) {
 #ifdef QTIP_SM90A
+  // The fused GEMM takes up to 64 rows in one pass over W_hat; at 64 rows
+  // the prefill GEMM won on 2 of 10 Llama shapes (BENCHMARKS.md
+  // "twenty-second run").
+  if (against_fused && rows <= 64) return 0;
   const torch::stable::accelerator::DeviceGuard guard(
       trellis.get_device_index());
   const cudaDeviceProp* prop = get_device_prop();
   if (prop->major != 9 || prop->minor != 0 ||
-      prop->sharedMemPerBlockOptin < (size_t)kernels::kPfSmemBytes)
-    return false;
+      prop->sharedMemPerBlockOptin < (size_t)kernels::PfTile<256>::kSmemBytes)
+    return 0;
   // Steps of 64 columns, in pairs.
-  if (trellis.size(1) == 0 || trellis.size(1) % 4 != 0) return false;
+  if (trellis.size(1) == 0 || trellis.size(1) % 4 != 0) return 0;
+  const int64_t steps = trellis.size(1) / 2;
   // Both CTAs of a cluster read the same x~, so the same shard.
   for (int64_t r : shard_rows)
-    if (r % (kernels::kPfCols * kernels::kPfCluster) != 0) return false;
-  // Where it beats decode + cuBLAS (H200, BENCHMARKS.md "twenty-first
-  // run"): a tile walks the whole k range, so with few tiles the kernel
-  // takes one tile's latency whatever the rows. It pays from about a full
-  // wave of tiles, or from 48 W_hat row tiles (6144 rows), whose decode to
-  // memory alone costs that latency (32 row tiles lose up to 512 rows).
+    if (r % (kernels::kPfCols * kernels::kPfCluster) != 0) return 0;
   // K = 3's decode (more byte shuffles per weight) stops hiding under the
   // MMAs beyond 1024 rows: at 2048, cuBLAS on the decoded W_hat wins by up
-  // to 9% where m >= 11008.
-  if (trellis.size(2) == 3 * 64 && rows > 4 * kernels::kPfTokens) return false;
+  // to 9% where m >= 11008 (BENCHMARKS.md "twenty-first run").
+  if (trellis.size(2) == 3 * 64 && rows > 1024) return 0;
+  // A tile walks its k range alone, so too few tiles leave SMs idle: split
+  // k (partials added in order by the output transform) as long as the
+  // units still fit one wave, each split an even number of steps and at
+  // least 8 (its fixed costs amortised).
+  const int64_t sms = prop->multiProcessorCount;
   const int64_t row_tiles = trellis.size(0) * 32 / kernels::kPfCols;
-  const int64_t tiles =
-      (rows + kernels::kPfTokens - 1) / kernels::kPfTokens * row_tiles;
-  return row_tiles >= 48 || 8 * tiles >= 7 * prop->multiProcessorCount;
+  const int64_t tiles = ceil_div(rows, prefill_tokens(rows)) * row_tiles;
+  int64_t splits = 1;
+  while (2 * tiles * splits <= sms && steps >= 16 * splits) splits *= 2;
+  splits = ceil_div(steps, split_steps(steps, splits));
+  const int64_t units = tiles * splits;
+  if (against_fused) {
+    // The fused GEMM wins where the last wave stays under 70% full: at 96
+    // rows it did with 86 and 172 units on 132 SMs, and lost with 96.
+    const int64_t waves = ceil_div(units, sms);
+    return 10 * units >= 7 * waves * sms ? splits : 0;
+  }
+  // Still under 7/8 of a wave: decode + cuBLAS wins, except from 48 row
+  // tiles, whose decode to memory alone costs one tile's latency.
+  if (8 * units < 7 * sms && row_tiles < 48) return 0;
+  return splits;
 #else
   (void)trellis;
   (void)shard_rows;
   (void)rows;
-  return false;
+  (void)against_fused;
+  return 0;
 #endif
 }
 
@@ -591,11 +704,20 @@ void qtip_prefill_gemm(const Tensor& xt, int64_t col0, const Tensor& trellis,
           col0 + n <= xt.size(2) && xt.size(2) % 8 == 0 && col0 % 8 == 0,
       op, ": x~ ", shape(xt), " must be contiguous fp16 (", shard_rows.size(),
       ", rows, >= ", col0 + n, ")");
-  STD_TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.size(1) == m &&
-                      out.scalar_type() == ScalarType::Half &&
-                      out.is_contiguous(),
-                  op, ": out ", shape(out), " must be contiguous fp16 (", rows,
-                  ", ", m, ")");
+  // fp16 sums (rows, m), or fp32 split-K partials (splits, rows, m).
+  const bool split_k = out.dim() == 3;
+  const int64_t splits = split_k ? out.size(0) : 1, steps = n / kernels::kPfK;
+  STD_TORCH_CHECK(steps > 0 && steps % 2 == 0, op, ": the trellis's ", n,
+                  " columns must be a positive multiple of 128");
+  STD_TORCH_CHECK(
+      out.dim() >= 2 && out.size(-2) == rows && out.size(-1) == m &&
+          out.is_contiguous() &&
+          (split_k ? out.scalar_type() == ScalarType::Float && splits > 0 &&
+                         ceil_div(steps, split_steps(steps, splits)) == splits
+                   : out.dim() == 2 && out.scalar_type() == ScalarType::Half),
+      op, ": out ", shape(out), " must be contiguous fp16 (", rows, ", ", m,
+      ") or fp32 (splits, ", rows, ", ", m, ") with every split of the ", steps,
+      " 64-column steps non-empty");
   const int64_t shards = (int64_t)shard_rows.size();
   STD_TORCH_CHECK(trellis.is_contiguous() &&
                       reinterpret_cast<uintptr_t>(trellis.data_ptr()) % 16 == 0,
@@ -611,32 +733,45 @@ void qtip_prefill_gemm(const Tensor& xt, int64_t col0, const Tensor& trellis,
   kernels::PrefillArgs a{};
   a.trellis = reinterpret_cast<const uint8_t*>(trellis.data_ptr());
   a.tlut = reinterpret_cast<const __half*>(tlut.data_ptr());
-  a.out = reinterpret_cast<__half*>(out.data_ptr());
+  if (split_k)
+    a.partials = reinterpret_cast<float*>(out.data_ptr());
+  else
+    a.out = reinterpret_cast<__half*>(out.data_ptr());
   a.col0 = (int)col0;
   a.rows = (int)rows;
   a.m = (int)m;
   a.nblk = (int)(n / 32);
-  a.steps = (int)(n / kernels::kPfK);
+  a.steps = (int)steps;
+  a.split_steps = (int)split_steps(steps, splits);
   a.col_pairs = (int)(m / (kernels::kPfCols * kernels::kPfCluster));
-  const int64_t tiles =
-      (rows + kernels::kPfTokens - 1) / kernels::kPfTokens * a.col_pairs;
+  const int64_t tokens = prefill_tokens(rows);
+  const int64_t pairs = ceil_div(rows, tokens) * a.col_pairs;
+  const int64_t tiles = pairs * splits;
   STD_TORCH_CHECK(tiles < (int64_t{1} << 30), op, ": ", rows, " rows x ", m,
                   " columns is more tiles than the kernel indexes");
+  a.pairs = (int)pairs;
   a.tiles = (int)tiles;
   a.shards = make_shard_rows(shard_rows, m, op);
   const torch::stable::accelerator::DeviceGuard guard(
       trellis.get_device_index());
-  a.x_map = x_tensor_map(xt);
+  a.x_map = x_tensor_map(xt, tokens);
   auto stream = get_current_cuda_stream();
+  auto run = [&](auto k_tag) {
+    constexpr int kK = decltype(k_tag)::value;
+    if (tokens == 128)
+      launch_prefill<kK, 128>(a, tiles, stream);
+    else
+      launch_prefill<kK, 256>(a, tiles, stream);
+  };
   switch (K) {
     case 2:
-      launch_prefill<2>(a, tiles, stream);
+      run(std::integral_constant<int, 2>{});
       break;
     case 3:
-      launch_prefill<3>(a, tiles, stream);
+      run(std::integral_constant<int, 3>{});
       break;
     case 4:
-      launch_prefill<4>(a, tiles, stream);
+      run(std::integral_constant<int, 4>{});
       break;
     default:
       STD_TORCH_CHECK(false, op, ": K must be 2, 3 or 4, got ", K);

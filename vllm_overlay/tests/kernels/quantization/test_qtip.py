@@ -302,25 +302,32 @@ def _kernel_names(fn) -> set[str]:
     return {e.key for e in prof.key_averages()}
 
 
-# Hopper's prefill GEMM takes a layer from 48 W_hat row tiles of 128 (6144
-# rows) at any dense row count up to 1024 (K = 3) or more, or from about one
-# wave of its 256 x 128 tiles: 128 rows (one partial x~ tile), 300 (two, the
+# Hopper's prefill GEMM, on 132 SMs: 128 rows (one x~ tile of 128, 48 row
+# tiles of 128 W_hat rows, k split 2 ways), 300 (two x~ tiles of 256, the
 # second partial) with a column window, three shards (a LUT refill per shard
 # change) and 1000 rows (96 tile pairs on fewer clusters: several per CTA,
-# across shards).
+# across shards); too few tiles for the SMs split k 4 ways (fp32 partials),
+# the last split shorter where its 86 steps do not split evenly; 96 rows,
+# below QTIP_DENSE_MIN_ROWS, where its tiles fill the GPU.
 @pytest.mark.parametrize("K", (2, 3, 4))
 @pytest.mark.parametrize(
-    "shard_rows, batch, rank",
+    "shard_rows, batch, rank, n_full",
     (
-        ([6144], QTIP_DENSE_MIN_ROWS, 0),
-        ([6144], 300, 1),
-        ([4096, 1024, 1024], 1000, 0),
+        ([6144], QTIP_DENSE_MIN_ROWS, 0, 4096),
+        ([6144], 300, 1, 4096),
+        ([4096, 1024, 1024], 1000, 0, 4096),
+        ([4096], QTIP_DENSE_MIN_ROWS, 0, 4096),
+        ([2048], 300, 1, 4096),
+        ([4096], QTIP_DENSE_MIN_ROWS, 1, 11008),
+        ([4096], 96, 0, 4096),
     ),
 )
-def test_linear_prefill_gemm(shard_rows: list[int], batch: int, rank: int, K: int):
+def test_linear_prefill_gemm(
+    shard_rows: list[int], batch: int, rank: int, n_full: int, K: int
+):
     # Against the same steps as separate ops: the transforms, the decoded
     # W_hat (each shard's own codebook) and an fp32 product rounded to fp16.
-    n_full, ranks = 4096, 2
+    ranks = 2
     n, m = n_full // ranks, sum(shard_rows)
     shards = [random_layer(r, n, K, seed=K + i) for i, r in enumerate(shard_rows)]
     SU = torch.randn(len(shard_rows), n_full, device=DEVICE)
@@ -385,7 +392,7 @@ def test_linear_prefill_gemm(shard_rows: list[int], batch: int, rank: int, K: in
     ],
     ids=["qkv-gqa", "qkv", "gate-up", "k172-input", "blocks", "odd-tiles"],
 )
-@pytest.mark.parametrize("batch", [1, 16, 40, QTIP_DENSE_MIN_ROWS, 600])
+@pytest.mark.parametrize("batch", [1, 16, 40, 100, QTIP_DENSE_MIN_ROWS, 600])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_layer_matches_its_shards(shard_rows, n, out_blocks, batch, dtype):
     # One call for all shards of a fused layer equals each shard's reference
@@ -812,7 +819,12 @@ def test_cuda_graph(layer: str):
         ([11008, 11008], 4096, batch)
         for batch in (1, 7, 16, 40, 64, 100, 2 * QTIP_DENSE_MIN_ROWS)
     ]
-    + [([4096], 11008, 1), ([4096], 11008, 16)],
+    + [
+        ([4096], 11008, 1),
+        ([4096], 11008, 16),
+        ([4096], 4096, 96),
+        ([4096], 4096, 2 * QTIP_DENSE_MIN_ROWS),
+    ],
 )
 def test_deterministic(shard_rows: list[int], n: int, batch: int):
     # Same input, same bits, on every run (no atomics anywhere): a fused
