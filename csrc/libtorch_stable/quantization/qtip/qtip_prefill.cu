@@ -91,8 +91,8 @@ struct PrefillArgs {
   // k range, split_steps per split (even; the last split may have fewer).
   int col0, rows, m, nblk, steps, split_steps, col_pairs, pairs, tiles;
   ShardRows shards;
-  // x~ (shards, rows, n_x~) as boxes of 128 rows x 64 columns; the GEMM's
-  // columns from col0.
+  // x~ (shards, rows, n_x~) as boxes of T / 2 rows x 64 columns (half a
+  // stage); the GEMM's columns from col0.
   CUtensorMap x_map;
 };
 
@@ -318,7 +318,7 @@ __device__ __forceinline__ void store_acc(T* o, const float (&acc)[kTokens / 2],
       }
     }
     o += 8 * m;
-    asm volatile("" : "+l"(o));  // not 32 precomputed pointers
+    asm volatile("" : "+l"(o));  // not kTokens / 8 precomputed pointers
   }
 }
 #endif
@@ -544,9 +544,10 @@ namespace {
 
 // Clusters of two CTAs, one CTA per SM, persistent: as many clusters as the
 // GPU holds at once (fewer than SMs / 2 where a GPC has an odd count), so no
-// cluster waits for a second wave.
+// cluster waits for a second wave; each walks every grid-th of the `units`
+// (tile pair, k split) work units.
 template <int K, int kTokens>
-void launch_prefill(const kernels::PrefillArgs& a, int64_t pairs,
+void launch_prefill(const kernels::PrefillArgs& a, int64_t units,
                     cudaStream_t stream) {
   constexpr auto kernel = kernels::qtip_prefill_kernel<K, kTokens>;
   static DeviceFlags smem_set;
@@ -581,7 +582,7 @@ void launch_prefill(const kernels::PrefillArgs& a, int64_t pairs,
       max_clusters[dev].store(clusters, std::memory_order_relaxed);
   }
   config.gridDim =
-      dim3(kernels::kPfCluster * std::min<int64_t>(pairs, clusters));
+      dim3(kernels::kPfCluster * std::min<int64_t>(units, clusters));
   config.numAttrs = 2;
   check_cuda(cudaLaunchKernelEx(&config, kernel, a));
 }
