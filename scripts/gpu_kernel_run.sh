@@ -10,7 +10,7 @@
 # variant, scripts/ab_kernels.py times the variant and the tree's own kernels
 # (built under another op namespace by ab_base) in turn in one process
 # (AB_ARGS, e.g. "--K 2 --batches 1 16"), so both see the same clocks.
-#   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [ab_base] [variants] [quantize]
+#   usage: scripts/gpu_kernel_run.sh [build] [tests] [ceiling] [bench] [ncu] [ncu_source] [ab_base] [variants] [quantize]
 # variants: for each patch in VARIANTS (default .gpu/exp/*.patch, e.g. the
 # ones of benchmarks/experiments/): apply, build, kernel tests, bench, the
 # comparison with the baseline (scripts/compare_kernels.py), then revert;
@@ -153,6 +153,31 @@ PY
       | tee "$raw/ncu_pipes_b$batch.log" | grep -E "^ +sm__" | sort -k3 -g -r | head -24
   done
   tar czf "$OUT/ncu${NCU_TAG:+_$NCU_TAG}.tgz" -C "$OUT" ncu && rm -rf "$raw"
+}
+
+# Where a kernel's warps wait, instruction by instruction: for each
+# KERNEL:MxN:ROWS[:DENSE_MIN_ROWS] in NCU_SOURCE, one launch of the regex
+# KERNEL with PC sampling (SourceCounters), its SASS with the samples and
+# stall reasons per instruction as CSV, and the hottest instructions printed
+# (scripts/ncu_source_top.py). DENSE_MIN_ROWS routes a row count to the
+# prefill GEMM that the fused GEMM would take.
+step_ncu_source() {
+  local raw=$OUT/ncu_source
+  mkdir -p "$raw"
+  for spec in ${NCU_SOURCE:-qtip_prefill:4096x4096:64:32}; do
+    IFS=: read -r kernel shape rows dense <<< "$spec"
+    local tag=${kernel}_${shape}_b$rows
+    timeout 180 ncu --clock-control none --kernel-name "regex:$kernel" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
+      --section SourceCounters --section WarpStateStats --section SpeedOfLight --import-source no \
+      -o "$raw/$tag" python3 scripts/profile_kernels.py --m "${shape%x*}" --n "${shape#*x}" --batch "$rows" \
+      --K "${NCU_SOURCE_K:-2}" ${dense:+--dense-min-rows "$dense"} > "$raw/$tag.log" 2>&1
+    ncu -i "$raw/$tag.ncu-rep" --print-units base > "$raw/$tag.txt" 2>&1
+    ncu -i "$raw/$tag.ncu-rep" --page source --csv --print-source sass > "$raw/$tag.csv" 2>&1
+    echo "--- $spec"
+    grep -E "Duration|Warp Cycles Per Issued|Compute \(SM\) Throughput" "$raw/$tag.txt" | head -4
+    python3 scripts/ncu_source_top.py "$raw/$tag.csv" --top "${NCU_SOURCE_TOP:-30}" | tee "$raw/${tag}_top.txt"
+  done
+  tar czf "$OUT/ncu_source.tgz" -C "$OUT" ncu_source && rm -rf "$raw"
 }
 
 # The quantizer's scale benchmark (issue 14): torch, triton, safetensors,

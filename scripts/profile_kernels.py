@@ -27,7 +27,15 @@ def main() -> None:
     parser.add_argument("--K", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iters", type=int, default=4)
+    parser.add_argument(
+        "--dense-min-rows",
+        type=int,
+        default=ops.QTIP_DENSE_MIN_ROWS,
+        help="rows from which the dense path runs (lower it to profile the "
+        "prefill GEMM at row counts the fused GEMM takes)",
+    )
     args = parser.parse_args()
+    ops.QTIP_DENSE_MIN_ROWS = args.dense_min_rows
     m, n, K = args.m, args.n, args.K
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
