@@ -10,7 +10,7 @@
 // The batch dispatch lives here, inside one opaque op, so torch.compile
 // never guards on the number of rows:
 //  * on Hopper, where prefill_gemm_splits finds that it pays (from
-//    dense_min_rows on where its tiles fill the GPU, and from 65 rows where
+//    dense_min_rows on where its tiles fill the GPU, and from 49 rows where
 //    they fill most of their waves), the prefill GEMM, which decodes W_hat
 //    tile by tile into the tensor cores' register operand (split over k into
 //    fp32 partials where its tiles would not fill the GPU, added as on the

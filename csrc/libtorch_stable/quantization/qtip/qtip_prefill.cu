@@ -8,14 +8,17 @@
 // nor through shared memory (whose generic-proxy stores wgmma could only read
 // after a proxy fence per stage).
 //
-// Persistent, one CTA per SM, 384 threads, CTAs in clusters of two; a work
-// unit is a tile of 128 W_hat rows x T x~ rows (T = 256, or 128 for calls of
-// at most 128 rows) with its whole k range, or
+// Persistent, one CTA per SM, CTAs in clusters of two; a work unit is a tile
+// of 128 W_hat rows x T x~ rows (T = 256; 128 for calls of at most 128 rows,
+// 64 for at most 64) with its whole k range, or
 // with one of `splits` k ranges where the tiles alone would leave SMs idle
 // (fp32 partials, added in order by the output transform: the same bits on
 // every run), and the two CTAs of a cluster take neighbouring row tiles
 // against the same x~ rows:
-//  * Consumers (warpgroups 1-2, 232 registers), 64 W_hat rows each: warp w
+//  * Consumers: one pair of warpgroups (232 registers), or with T = 64 two
+//    pairs (112 registers; 640 threads), pair p taking steps p, p + 2, ...
+//    of the unit, pair 1's sums added to pair 0's through shared memory
+//    before the store. A pair's warpgroups own 64 W_hat rows each: warp w
 //    owns rows 16w..16w+15 of its warpgroup's 64, i.e. one 16-row half of a
 //    32x32 trellis block. Per 64-column stage it decodes its two blocks'
 //    halves (decode_half, 16-copy LUT) into four mma.m16n8k16 A fragments,
@@ -29,7 +32,7 @@
 //  * Producer (one thread of warpgroup 0): per step, this CTA's half of the
 //    stage (T / 2 x~ rows x 64 columns, one TMA box in the 128-byte swizzle of
 //    a K-major wgmma operand, zeros past the last row) multicast into both
-//    CTAs, once both CTAs' consumers released the stage.
+//    CTAs, once both CTAs' consumers of that step released the stage.
 #include <torch/csrc/stable/accelerator.h>
 
 #include <cuda.h>
@@ -52,12 +55,11 @@ namespace kernels {
 // by the other architectures' passes.
 constexpr int kPfCols = 128;  // W_hat rows per tile (2 warpgroups x m64)
 constexpr int kPfK = 64;      // columns per stage: one 128-byte row
-constexpr int kPfStages = 5;
 // Stages of trellis words in flight per warp.
 [[maybe_unused]] constexpr int kPfRing = 2;
-constexpr int kPfThreads = 384;
-[[maybe_unused]] constexpr int kPfConsumerThreads = 256;
-constexpr int kPfCopies = 16;  // 64 KiB, room for 5 stages
+// Warps of one consumer pair (two warpgroups of m64: a tile's 128 rows).
+[[maybe_unused]] constexpr int kPfPairWarps = 8;
+constexpr int kPfCopies = 16;  // 64 KiB, room for the stages
 constexpr int kPfLutBytes = SignedLut<kPfCopies>::kBytes;
 // A cluster of two CTAs takes the two W_hat row tiles 2c, 2c + 1 against the
 // same x~ tile; each CTA loads one half of every x~ stage and multicasts it
@@ -66,20 +68,40 @@ constexpr int kPfLutBytes = SignedLut<kPfCopies>::kBytes;
 // alone took ~115 us of 4096x4096 at 2048 rows).
 constexpr int kPfCluster = 2;
 
-// A tile's x~ rows (wgmma N): 256, or 128 where a call has at most 128 rows
+// A tile's x~ rows (wgmma N): 256; 128 where a call has at most 128 rows
 // (half the zero rows; at 256 rows and more, tiles of 128 decode each W_hat
 // tile twice as often and lose by up to 50%, BENCHMARKS.md "twenty-second
-// run").
+// run"); 64 where it has at most 64. The decode is latency-bound with two
+// consumer warps per scheduler (ncu, BENCHMARKS.md "twenty-third run"); the
+// 32 accumulators of a 64-row tile leave registers for a second consumer
+// pair, which takes every other 64-column step of the unit, its sums added
+// to the first pair's in the epilogue.
 template <int kTokens>
 struct PfTile {
-  static_assert(kTokens == 128 || kTokens == 256);
+  static_assert(kTokens == 64 || kTokens == 128 || kTokens == 256);
+  static constexpr int kPairs = kTokens == 64 ? 2 : 1;
+  static constexpr int kConsumerThreads = 32 * kPfPairWarps * kPairs;
+  static constexpr int kThreads = 128 + kConsumerThreads;
+  // setmaxnreg: the producer warpgroup gives its registers to the consumers
+  // (together at most the launch's 65536 / kThreads, rounded down to 8).
+  static constexpr int kProducerRegs = kPairs == 2 ? 24 : 40;
+  static constexpr int kConsumerRegs = kPairs == 2 ? 112 : 232;
+  static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <=
+                kThreads * (65536 / kThreads / 8 * 8));
+  // A multiple of kPairs: pair p always finds its steps in slots p, p +
+  // kPairs, ...
+  static constexpr int kStages = kPairs == 2 ? 6 : 5;
   static constexpr int kStageBytes = kTokens * kPfK * 2;
   [[maybe_unused]] static constexpr int kHalfBytes = kStageBytes / kPfCluster;
-  // LUT, stages, 2 * kPfStages mbarriers, and slack to align the base to the
-  // swizzle pattern's 1024 bytes.
+  // The second pair's sums for the first to add.
+  static constexpr int kReduceBytes =
+      (kPairs - 1) * 32 * kPfPairWarps * (kTokens / 2) * 4;
+  // LUT, stages, the reduction buffer, 2 * kStages mbarriers, and slack to
+  // align the base to the swizzle pattern's 1024 bytes.
   static constexpr int kSmemBytes =
-      kPfLutBytes + kPfStages * kStageBytes + 16 * kPfStages + 1024;
-  static_assert(kPfLutBytes % 1024 == 0 && kStageBytes % 1024 == 0);
+      kPfLutBytes + kStages * kStageBytes + kReduceBytes + 16 * kStages + 1024;
+  static_assert(kStages % kPairs == 0 && kPfLutBytes % 1024 == 0 &&
+                kStageBytes % 1024 == 0);
 };
 
 struct PrefillArgs {
@@ -164,8 +186,10 @@ __device__ __forceinline__ void cluster_sync() {
           : "memory");
 }
 
-__device__ __forceinline__ void consumer_sync() {
-  asm volatile("barrier.sync 1, %0;" ::"n"(kPfConsumerThreads) : "memory");
+// Named barrier `id` (0 is __syncthreads') of kThreads threads.
+template <int id, int kThreads>
+__device__ __forceinline__ void named_sync() {
+  asm volatile("barrier.sync %0, %1;" ::"n"(id), "n"(kThreads) : "memory");
 }
 
 // K-major operand with the 128-byte swizzle: 8-row groups 1024 bytes apart
@@ -282,14 +306,36 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 }
 
+// The same with N = 64 (this thread's 32 of D).
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32],
+                                                   const uint32_t (&a)[4],
+                                                   uint64_t b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+      "%30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+        "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+        "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
 template <int kTokens>
 __device__ __forceinline__ void wgmma_rs(float (&d)[kTokens / 2],
                                          const uint32_t (&a)[4], uint64_t b,
                                          int accumulate) {
   if constexpr (kTokens == 256)
     wgmma_m64n256k16_rs(d, a, b, accumulate);
-  else
+  else if constexpr (kTokens == 128)
     wgmma_m64n128k16_rs(d, a, b, accumulate);
+  else
+    wgmma_m64n64k16_rs(d, a, b, accumulate);
 }
 
 #endif  // QTIP_PREFILL_DEVICE
@@ -328,6 +374,8 @@ __device__ __forceinline__ void store_acc(T* o, const float (&acc)[kTokens / 2],
 template <int kTokens>
 struct PrefillPos {
   int tile, step, step_end, split, xrow0, row0, shard, rank;
+  // The steps of a unit this walk takes: first, first + stride, ...
+  int first = 0, stride = 1;
 
   // t counts work units (one per cluster): k split t / pairs of tile pair
   // t % pairs, whose row tile 2 * pair + rank this CTA takes. Units of one
@@ -340,6 +388,7 @@ struct PrefillPos {
     const int pair = t - split * a.pairs;
     step = split * a.split_steps;
     step_end = min(step + a.split_steps, a.steps);
+    step += first;
     const int tt = pair / a.col_pairs;
     row0 = ((pair - tt * a.col_pairs) * kPfCluster + rank) * kPfCols;
     xrow0 = tt * kTokens;
@@ -354,12 +403,13 @@ struct PrefillPos {
     return tile < a.tiles;
   }
   __device__ __forceinline__ void advance(const PrefillArgs& a) {
-    if (++step == step_end) set_tile(tile + gridDim.x / kPfCluster, a);
+    if ((step += stride) >= step_end)
+      set_tile(tile + gridDim.x / kPfCluster, a);
   }
 };
 
 template <int K, int kTokens>
-__global__ void __launch_bounds__(kPfThreads, 1)
+__global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
     qtip_prefill_kernel(const __grid_constant__ PrefillArgs a) {
 #ifdef QTIP_PREFILL_DEVICE
   using Tile = PfTile<kTokens>;
@@ -371,19 +421,26 @@ __global__ void __launch_bounds__(kPfThreads, 1)
   const uint32_t pad = (1024u - (raw & 1023u)) & 1023u;
   char* lut = smem_raw + pad;
   const uint32_t stages = raw + pad + kPfLutBytes;
-  const uint32_t full = stages + kPfStages * Tile::kStageBytes;
-  const uint32_t empty = full + 8 * kPfStages;
-  constexpr int kConsumerWarps = kPfConsumerThreads / 32;
+  constexpr int kStages = Tile::kStages, kPairs = Tile::kPairs;
+  float* const reduce =
+      reinterpret_cast<float*>(lut + kPfLutBytes + kStages * Tile::kStageBytes);
+  const uint32_t full =
+      stages + kStages * Tile::kStageBytes + Tile::kReduceBytes;
+  const uint32_t empty = full + 8 * kStages;
   const int tid = threadIdx.x, lane = tid & 31;
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   const int rank = (int)cluster_rank();
   const int first_pair = blockIdx.x / kPfCluster;
   if (tid == 0) {
+    // The x~ descriptor's fetch overlaps the set-up instead of delaying the
+    // first TMA (a wait of ~2 us before the first stage under ncu).
+    asm volatile("prefetch.tensormap [%0];" ::"l"(&a.x_map) : "memory");
   #pragma unroll
-    for (int s = 0; s < kPfStages; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       mbar_init(full + 8 * s, 1);  // this CTA's producer thread (+ bytes)
-      // The stage is written in both CTAs: both CTAs' consumers release it.
-      mbar_init(empty + 8 * s, kPfCluster * kConsumerWarps);
+      // The stage is written in both CTAs: the consumer pair whose step it
+      // holds releases it in both CTAs.
+      mbar_init(empty + 8 * s, kPfCluster * kPfPairWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -394,16 +451,17 @@ __global__ void __launch_bounds__(kPfThreads, 1)
   if (warp < 4) {
     // Producer: one thread issues this CTA's half of every x~ stage, both
     // CTAs' consumers having released the stage.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    asm volatile(
+        "setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Tile::kProducerRegs));
     if (tid == 0) {
       Pos pos;
       pos.rank = rank;
       pos.set_tile(first_pair, a);
       wait_for_producer();
       for (int it = 0; pos.valid(a); ++it) {
-        const int slot = it % kPfStages;
-        if (it >= kPfStages)
-          mbar_wait(empty + 8 * slot, ((it / kPfStages) + 1) & 1);
+        const int slot = it % kStages;
+        if (it >= kStages)
+          mbar_wait(empty + 8 * slot, ((it / kStages) + 1) & 1);
         mbar_arrive_expect_tx(full + 8 * slot, Tile::kStageBytes);
         tma_load_3d_multicast(
             stages + slot * Tile::kStageBytes + rank * Tile::kHalfBytes,
@@ -414,21 +472,27 @@ __global__ void __launch_bounds__(kPfThreads, 1)
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-    const int ctid = tid - 128;      // 0..255
-    const int wg = (warp - 4) >> 2;  // 0 or 1
+    asm volatile(
+        "setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(Tile::kConsumerRegs));
+    const int ctid = tid - 128;
+    // The pair takes steps pair, pair + kPairs, ... of every unit (a
+    // constant 0 with one pair, so the walk stays in uniform registers).
+    const int pair = kPairs == 1 ? 0 : ctid / (32 * kPfPairWarps);
+    const int wg = (warp >> 2) & 1;  // warpgroup of the pair: 0 or 1
     const int w4 = warp & 3;
     // This warp's rows of a tile: 64 wg + 16 w4 .. + 15, the 16-row half mr of
     // 32x32 block row rb.
     const int rb = 2 * wg + (w4 >> 1), mr = w4 & 1;
     Pos cur, far;
     cur.rank = rank;
+    cur.first = pair;
+    cur.stride = kPairs;
     cur.set_tile(first_pair, a);
     if (cur.valid(a)) {
       int lut_shard = cur.shard;
-      Lut::template fill<kPfConsumerThreads>(reinterpret_cast<uint32_t*>(lut),
-                                             a.tlut + lut_shard * kTlutRows * 2,
-                                             ctid);
+      Lut::template fill<Tile::kConsumerThreads>(
+          reinterpret_cast<uint32_t*>(lut), a.tlut + lut_shard * kTlutRows * 2,
+          ctid);
       const uint32_t lane_term = Lut::lane_term(lane);
       // Trellis words of a step: this lane's share of blocks (rb, 2 step) and
       // (rb, 2 step + 1), back to back in memory.
@@ -447,14 +511,14 @@ __global__ void __launch_bounds__(kPfThreads, 1)
         if (far.valid(a)) trellis_words(far, ring[i]);
         far.advance(a);
       }
-      consumer_sync();  // the LUT is filled
+      named_sync<1, Tile::kConsumerThreads>();  // the LUT is filled
       wait_for_producer();
       float acc[kTokens / 2];
       // A operands of two stages: [buffer][column block][kc].
       uint32_t afrag[2][2][2][4];
       // The stage the next step reads and its phase; the stage it released
       // last.
-      uint32_t slot = 0, phase = 0, prev_slot = 0;
+      uint32_t slot = pair, phase = 0, prev_slot = 0;
       const uint64_t desc0 = sw128_desc(stages);
       // Decodes the current step's trellis words (a ring slot) into an A buffer
       // and refills the ring slot kPfRing steps ahead.
@@ -485,8 +549,8 @@ __global__ void __launch_bounds__(kPfThreads, 1)
         if (!first && lane < kPfCluster)
           mbar_arrive_cluster(empty + 8 * prev_slot, lane);
         prev_slot = slot;
-        if (++slot == kPfStages) {
-          slot = 0;
+        if ((slot += kPairs) >= kStages) {
+          slot -= kStages;
           phase ^= 1;
         }
       };
@@ -497,18 +561,20 @@ __global__ void __launch_bounds__(kPfThreads, 1)
           // Another shard's codebook: both warpgroups are past their lookups of
           // the previous one (their last decode precedes this).
           lut_shard = cur.shard;
-          consumer_sync();
-          Lut::template fill<kPfConsumerThreads>(
+          named_sync<1, Tile::kConsumerThreads>();
+          Lut::template fill<Tile::kConsumerThreads>(
               reinterpret_cast<uint32_t*>(lut),
               a.tlut + lut_shard * kTlutRows * 2, ctid);
-          consumer_sync();
+          named_sync<1, Tile::kConsumerThreads>();
         }
         // Steps in pairs (the host keeps them even): ring slot and A
         // buffer alternate. A buffer's registers stay live (fence_operands)
         // until the wgmma.wait_group that retires the wgmmas reading them, so
         // the compiler cannot reuse them while the tensor cores do.
         decode_step(ring[0], afrag[0]);
-        const int unit_steps = cur.step_end - cur.step;
+        // This pair's steps of the unit (an even count: the host keeps
+        // split_steps a multiple of 2 * kPairs).
+        const int unit_steps = (cur.step_end - cur.step + kPairs - 1) / kPairs;
         for (int step = 0; step < unit_steps; step += 2) {
           mma_step(afrag[0], step == 0);
           fence_operands(afrag[1]);
@@ -520,6 +586,26 @@ __global__ void __launch_bounds__(kPfThreads, 1)
         wgmma_wait<0>();
         fence_operands(acc);
         if (lane < kPfCluster) mbar_arrive_cluster(empty + 8 * prev_slot, lane);
+        if constexpr (kPairs == 2) {
+          // Pair 1's sums through shared memory (element-major: each store
+          // and load conflict-free), added to pair 0's in the same order on
+          // every run.
+          float* red = reduce + (ctid & (32 * kPfPairWarps - 1));
+          if (pair == 1) {
+  #pragma unroll
+            for (int i = 0; i < kTokens / 2; ++i)
+              red[i * 32 * kPfPairWarps] = acc[i];
+          }
+          named_sync<2, Tile::kConsumerThreads>();
+          if (pair == 0) {
+  #pragma unroll
+            for (int i = 0; i < kTokens / 2; ++i)
+              acc[i] += red[i * 32 * kPfPairWarps];
+          }
+          // Pair 1 writes the buffer again only after pair 0 read it.
+          named_sync<3, Tile::kConsumerThreads>();
+          if (pair != 0) continue;
+        }
         const int row = xrow0 + 2 * (lane & 3);
         const size_t at =
             (size_t)row * a.m + row0 + 64 * wg + 16 * w4 + (lane >> 2);
@@ -560,7 +646,7 @@ void launch_prefill(const kernels::PrefillArgs& a, int64_t units,
   attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attrs[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
-  config.blockDim = dim3(kernels::kPfThreads);
+  config.blockDim = dim3(kernels::PfTile<kTokens>::kThreads);
   config.dynamicSmemBytes = kernels::PfTile<kTokens>::kSmemBytes;
   config.stream = stream;
   config.attrs = attrs;
@@ -629,12 +715,18 @@ CUtensorMap x_tensor_map(const Tensor& xt, int64_t tokens) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // x~ rows per tile for a call of `rows` rows (kernels::PfTile).
-int64_t prefill_tokens(int64_t rows) { return rows <= 128 ? 128 : 256; }
+int64_t prefill_tokens(int64_t rows) {
+  return rows <= 64 ? 64 : rows <= 128 ? 128 : 256;
+}
 
-// 64-column steps per k split when `steps` (even) are split `splits` ways:
-// even, so a unit's steps go in pairs; the last split may have fewer.
-int64_t split_steps(int64_t steps, int64_t splits) {
-  return 2 * ceil_div(steps, 2 * splits);
+// Steps of a unit go in pairs per consumer pair (kernels::PfTile::kPairs):
+// the unit's step count is a multiple of this.
+int64_t step_multiple(int64_t tokens) { return tokens == 64 ? 4 : 2; }
+
+// 64-column steps per k split when `steps` (a multiple of `multiple`) are
+// split `splits` ways: a multiple of it too; the last split may have fewer.
+int64_t split_steps(int64_t steps, int64_t splits, int64_t multiple) {
+  return multiple * ceil_div(steps, multiple * splits);
 }
 
 }  // namespace
@@ -643,19 +735,23 @@ int64_t prefill_gemm_splits(const Tensor& trellis,
                             const std::vector<int64_t>& shard_rows,
                             int64_t rows, bool against_fused) {
 #ifdef QTIP_SM90A
-  // The fused GEMM takes up to 64 rows in one pass over W_hat; at 64 rows
-  // the prefill GEMM won on 2 of 10 Llama shapes (BENCHMARKS.md
-  // "twenty-second run").
-  if (against_fused && rows <= 64) return 0;
+  // Up to 48 rows the fused GEMM, whose time grows with the rows, still
+  // wins where the prefill GEMM's, nearly flat, does not: at 48 rows the
+  // 64-row tiles won on 4 of 7 shapes (-4 to -27%) but lost by up to 28% on
+  // the q/k/v layers, at 24-32 rows they lost on most; at 56 rows the fused
+  // GEMM takes about its 64-row time, where they won on all 7 (-4 to -34%;
+  // BENCHMARKS.md "twenty-third run").
+  if (against_fused && rows <= 48) return 0;
   const torch::stable::accelerator::DeviceGuard guard(
       trellis.get_device_index());
   const cudaDeviceProp* prop = get_device_prop();
   if (prop->major != 9 || prop->minor != 0 ||
       prop->sharedMemPerBlockOptin < (size_t)kernels::PfTile<256>::kSmemBytes)
     return 0;
-  // Steps of 64 columns, in pairs.
-  if (trellis.size(1) == 0 || trellis.size(1) % 4 != 0) return 0;
+  // Steps of 64 columns, in pairs per consumer pair.
   const int64_t steps = trellis.size(1) / 2;
+  const int64_t multiple = step_multiple(prefill_tokens(rows));
+  if (steps == 0 || trellis.size(1) % 2 != 0 || steps % multiple != 0) return 0;
   // Both CTAs of a cluster read the same x~, so the same shard.
   for (int64_t r : shard_rows)
     if (r % (kernels::kPfCols * kernels::kPfCluster) != 0) return 0;
@@ -672,7 +768,7 @@ int64_t prefill_gemm_splits(const Tensor& trellis,
   const int64_t tiles = ceil_div(rows, prefill_tokens(rows)) * row_tiles;
   int64_t splits = 1;
   while (2 * tiles * splits <= sms && steps >= 16 * splits) splits *= 2;
-  splits = ceil_div(steps, split_steps(steps, splits));
+  splits = ceil_div(steps, split_steps(steps, splits, multiple));
   const int64_t units = tiles * splits;
   if (against_fused) {
     // The fused GEMM wins where the last wave stays under 70% full: at 96
@@ -708,13 +804,18 @@ void qtip_prefill_gemm(const Tensor& xt, int64_t col0, const Tensor& trellis,
   // fp16 sums (rows, m), or fp32 split-K partials (splits, rows, m).
   const bool split_k = out.dim() == 3;
   const int64_t splits = split_k ? out.size(0) : 1, steps = n / kernels::kPfK;
-  STD_TORCH_CHECK(steps > 0 && steps % 2 == 0, op, ": the trellis's ", n,
-                  " columns must be a positive multiple of 128");
+  const int64_t tokens = prefill_tokens(rows);
+  const int64_t multiple = step_multiple(tokens);
+  STD_TORCH_CHECK(steps > 0 && n % kernels::kPfK == 0 && steps % multiple == 0,
+                  op, ": the trellis's ", n, " columns must be a positive ",
+                  "multiple of ", multiple * kernels::kPfK, " at ", rows,
+                  " rows");
   STD_TORCH_CHECK(
       out.dim() >= 2 && out.size(-2) == rows && out.size(-1) == m &&
           out.is_contiguous() &&
           (split_k ? out.scalar_type() == ScalarType::Float && splits > 0 &&
-                         ceil_div(steps, split_steps(steps, splits)) == splits
+                         ceil_div(steps, split_steps(steps, splits,
+                                                     multiple)) == splits
                    : out.dim() == 2 && out.scalar_type() == ScalarType::Half),
       op, ": out ", shape(out), " must be contiguous fp16 (", rows, ", ", m,
       ") or fp32 (splits, ", rows, ", ", m, ") with every split of the ", steps,
@@ -743,9 +844,8 @@ void qtip_prefill_gemm(const Tensor& xt, int64_t col0, const Tensor& trellis,
   a.m = (int)m;
   a.nblk = (int)(n / 32);
   a.steps = (int)steps;
-  a.split_steps = (int)split_steps(steps, splits);
+  a.split_steps = (int)split_steps(steps, splits, multiple);
   a.col_pairs = (int)(m / (kernels::kPfCols * kernels::kPfCluster));
-  const int64_t tokens = prefill_tokens(rows);
   const int64_t pairs = ceil_div(rows, tokens) * a.col_pairs;
   const int64_t tiles = pairs * splits;
   STD_TORCH_CHECK(tiles < (int64_t{1} << 30), op, ": ", rows, " rows x ", m,
@@ -759,7 +859,9 @@ void qtip_prefill_gemm(const Tensor& xt, int64_t col0, const Tensor& trellis,
   auto stream = get_current_cuda_stream();
   auto run = [&](auto k_tag) {
     constexpr int kK = decltype(k_tag)::value;
-    if (tokens == 128)
+    if (tokens == 64)
+      launch_prefill<kK, 64>(a, tiles, stream);
+    else if (tokens == 128)
       launch_prefill<kK, 128>(a, tiles, stream);
     else
       launch_prefill<kK, 256>(a, tiles, stream);

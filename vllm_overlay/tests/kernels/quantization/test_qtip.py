@@ -308,7 +308,9 @@ def _kernel_names(fn) -> set[str]:
 # change) and 1000 rows (96 tile pairs on fewer clusters: several per CTA,
 # across shards); too few tiles for the SMs split k 4 ways (fp32 partials),
 # the last split shorter where its 86 steps do not split evenly; 96 rows,
-# below QTIP_DENSE_MIN_ROWS, where its tiles fill the GPU.
+# below QTIP_DENSE_MIN_ROWS, where its tiles fill the GPU; 64 and 60 rows,
+# tiles of 64 x~ rows with two consumer pairs (the second's sums added in the
+# epilogue), the latter across three shards.
 @pytest.mark.parametrize("K", (2, 3, 4))
 @pytest.mark.parametrize(
     "shard_rows, batch, rank, n_full",
@@ -320,6 +322,8 @@ def _kernel_names(fn) -> set[str]:
         ([2048], 300, 1, 4096),
         ([4096], QTIP_DENSE_MIN_ROWS, 1, 11008),
         ([4096], 96, 0, 4096),
+        ([4096], 64, 0, 4096),
+        ([4096, 1024, 1024], 60, 1, 4096),
     ),
 )
 def test_linear_prefill_gemm(
@@ -822,6 +826,7 @@ def test_cuda_graph(layer: str):
     + [
         ([4096], 11008, 1),
         ([4096], 11008, 16),
+        ([4096], 4096, 64),
         ([4096], 4096, 96),
         ([4096], 4096, 2 * QTIP_DENSE_MIN_ROWS),
     ],
