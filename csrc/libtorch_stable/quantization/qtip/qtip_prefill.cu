@@ -402,9 +402,11 @@ struct PrefillPos {
   __device__ __forceinline__ bool valid(const PrefillArgs& a) const {
     return tile < a.tiles;
   }
-  __device__ __forceinline__ void advance(const PrefillArgs& a) {
-    if ((step += stride) >= step_end)
-      set_tile(tile + gridDim.x / kPfCluster, a);
+  // True where the walk moved to another unit.
+  __device__ __forceinline__ bool advance(const PrefillArgs& a) {
+    if ((step += stride) < step_end) return false;
+    set_tile(tile + gridDim.x / kPfCluster, a);
+    return true;
   }
 };
 
@@ -458,7 +460,8 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
       pos.rank = rank;
       pos.set_tile(first_pair, a);
       wait_for_producer();
-      for (int it = 0; pos.valid(a); ++it) {
+      int it = 0;
+      for (; pos.valid(a); ++it) {
         const int slot = it % kStages;
         if (it >= kStages)
           mbar_wait(empty + 8 * slot, ((it / kStages) + 1) & 1);
@@ -470,6 +473,13 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
             full + 8 * slot, (1u << kPfCluster) - 1);
         pos.advance(a);
       }
+      // This CTA leaves only once the consumers of both CTAs released its
+      // last stages: their remote arrivals have landed on its barriers (and
+      // the peer's multicasts into it, which its own consumers waited for).
+      // Cheaper than a final cluster barrier, whose release waits for the
+      // epilogue's global stores.
+      for (int j = max(0, it - kStages); j < it; ++j)
+        mbar_wait(empty + 8 * (j % kStages), (j / kStages) & 1);
     }
   } else {
     asm volatile(
@@ -494,23 +504,32 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
           reinterpret_cast<uint32_t*>(lut), a.tlut + lut_shard * kTlutRows * 2,
           ctid);
       const uint32_t lane_term = Lut::lane_term(lane);
-      // Trellis words of a step: this lane's share of blocks (rb, 2 step) and
-      // (rb, 2 step + 1), back to back in memory.
-      auto trellis_words = [&](const Pos& p, uint32_t (&w)[2][K]) {
-        const uint8_t* blk =
-            a.trellis +
-            ((size_t)(p.row0 / 32 + rb) * a.nblk + p.step * 2) * Blk::kBytes +
-            lane * Blk::kLaneBytes;
-        load_lane<K>(blk, w[0]);
-        load_lane<K>(blk + Blk::kBytes, w[1]);
+      // This lane's share of trellis blocks (rb, 2 step) and (rb, 2 step + 1)
+      // of the step `far` is at, back to back in memory: computed per unit,
+      // then advanced by a constant per step.
+      auto far_block = [&]() {
+        return a.trellis +
+               ((size_t)(far.row0 / 32 + rb) * a.nblk + far.step * 2) *
+                   Blk::kBytes +
+               lane * Blk::kLaneBytes;
+      };
+      far = cur;
+      const uint8_t* far_blk = far_block();
+      // The trellis words of `far`'s step into w, then `far` one step of
+      // this pair on.
+      auto load_far = [&](uint32_t (&w)[2][K]) {
+        if (far.valid(a)) {
+          load_lane<K>(far_blk, w[0]);
+          load_lane<K>(far_blk + Blk::kBytes, w[1]);
+        }
+        if (far.advance(a))
+          far_blk = far_block();
+        else
+          far_blk += kPairs * 2 * Blk::kBytes;
       };
       uint32_t ring[kPfRing][2][K];
-      far = cur;
   #pragma unroll
-      for (int i = 0; i < kPfRing; ++i) {
-        if (far.valid(a)) trellis_words(far, ring[i]);
-        far.advance(a);
-      }
+      for (int i = 0; i < kPfRing; ++i) load_far(ring[i]);
       named_sync<1, Tile::kConsumerThreads>();  // the LUT is filled
       wait_for_producer();
       float acc[kTokens / 2];
@@ -526,8 +545,7 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
   #pragma unroll
         for (int cb = 0; cb < 2; ++cb)
           decode_half<K, kPfCopies>(w[cb], mr, lut, lane_term, lane, af[cb]);
-        if (far.valid(a)) trellis_words(far, w);
-        far.advance(a);
+        load_far(w);
       };
       // One step: its 4 wgmmas from A buffer af (first: the tile's first step,
       // which starts the accumulators), then the previous step's stage
@@ -617,8 +635,6 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
       }
     }  // cur.valid
   }  // consumers
-  // No CTA leaves while its peer may still arrive on its barriers.
-  cluster_sync();
 #else
   __trap();
 #endif
