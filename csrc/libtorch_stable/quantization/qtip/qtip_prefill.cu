@@ -32,7 +32,11 @@
 //  * Producer (one thread of warpgroup 0): per step, this CTA's half of the
 //    stage (T / 2 x~ rows x 64 columns, one TMA box in the 128-byte swizzle of
 //    a K-major wgmma operand, zeros past the last row) multicast into both
-//    CTAs, once both CTAs' consumers of that step released the stage.
+//    CTAs, once both CTAs' consumers of that step released the stage; at
+//    the end it waits for the releases of its last stages, after which no
+//    access of the peer to this CTA's shared memory is outstanding (so no
+//    final cluster barrier, whose release would wait for the epilogue's
+//    stores).
 #include <torch/csrc/stable/accelerator.h>
 
 #include <cuda.h>
