@@ -175,7 +175,8 @@ step_ncu_source() {
     ncu -i "$raw/$tag.ncu-rep" --page source --csv --print-source sass > "$raw/$tag.csv" 2>&1
     echo "--- $spec"
     grep -E "Duration|Warp Cycles Per Issued|Compute \(SM\) Throughput" "$raw/$tag.txt" | head -4
-    python3 scripts/ncu_source_top.py "$raw/$tag.csv" --top "${NCU_SOURCE_TOP:-30}" | tee "$raw/${tag}_top.txt"
+    python3 scripts/ncu_source_top.py "$raw/$tag.csv" --top "${NCU_SOURCE_TOP:-30}" \
+      --listing "$raw/${tag}_listing.txt" | tee "$raw/${tag}_top.txt"
   done
   tar czf "$OUT/ncu_source.tgz" -C "$OUT" ncu_source && rm -rf "$raw"
 }

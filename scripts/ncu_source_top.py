@@ -26,6 +26,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("csv_file")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument(
+        "--listing",
+        help="also write every instruction in address order (offset from the "
+        "kernel's start, times executed, samples, top stalls, SASS) to this "
+        "file, to read a loop's share of the samples",
+    )
     args = parser.parse_args()
     with open(args.csv_file) as f:
         lines = f.read().splitlines()
@@ -40,7 +46,8 @@ def main() -> None:
     rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
     columns = list(rows[0].keys()) if rows else []
     samples = next((c for c in columns if "All Samples" in c), None)
-    stalls = [c for c in columns if "stall" in c.lower() and c != samples]
+    # One column per stall reason (each also has a "(Not Issued)" twin).
+    stalls = [c for c in columns if c.startswith("stall_") and "Not Issued" not in c]
     if samples is None:
         print(f"{args.csv_file}: no sample column; columns: {columns}")
         return
@@ -51,6 +58,18 @@ def main() -> None:
         if v:
             print(f"  {v / total:7.1%}  {c}")
     address = next((c for c in columns if "Address" in c), columns[0])
+    if args.listing:
+        executed = next((c for c in columns if c == "Instructions Executed"), None)
+        base = int(rows[0][address], 16)
+        with open(args.listing, "w") as out:
+            for r in rows:
+                top = sorted(((number(r[c]), c) for c in stalls), reverse=True)[:2]
+                why = " ".join(f"{c}:{v:.0f}" for v, c in top if v)
+                runs = number(r[executed]) if executed else 0
+                out.write(
+                    f"{int(r[address], 16) - base:6x} {runs:8.0f} "
+                    f"{number(r[samples]):5.0f}  {r['Source'].strip()[:60]:60} {why}\n"
+                )
     print(f"\nhottest {args.top} instructions (share of samples, top stalls):")
     for r in sorted(rows, key=lambda r: -number(r[samples]))[: args.top]:
         top = sorted(((number(r[c]), c) for c in stalls), reverse=True)[:3]
