@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
     // The pair takes steps pair, pair + kPairs, ... of every unit (a
     // constant 0 with one pair, so the walk stays in uniform registers).
     const int pair = kPairs == 1 ? 0 : ctid / (32 * kPfPairWarps);
-    const int wg = (warp >> 2) & 1;  // warpgroup of the pair: 0 or 1
+    const int wg = ((warp - 4) >> 2) & 1;  // warpgroup of the pair: 0 or 1
     const int w4 = warp & 3;
     // This warp's rows of a tile: 64 wg + 16 w4 .. + 15, the 16-row half mr of
     // 32x32 block row rb.
