@@ -580,8 +580,8 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
       for (; cur.valid(a); cur.set_tile(cur.tile + gridDim.x / kPfCluster, a)) {
         const int row0 = cur.row0, xrow0 = cur.xrow0;
         if (cur.shard != lut_shard) {
-          // Another shard's codebook: both warpgroups are past their lookups of
-          // the previous one (their last decode precedes this).
+          // Another shard's codebook: every consumer warpgroup is past its
+          // lookups of the previous one (its last decode precedes this).
           lut_shard = cur.shard;
           named_sync<1, Tile::kConsumerThreads>();
           Lut::template fill<Tile::kConsumerThreads>(
@@ -589,10 +589,11 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
               a.tlut + lut_shard * kTlutRows * 2, ctid);
           named_sync<1, Tile::kConsumerThreads>();
         }
-        // Steps in pairs (the host keeps them even): ring slot and A
-        // buffer alternate. A buffer's registers stay live (fence_operands)
-        // until the wgmma.wait_group that retires the wgmmas reading them, so
-        // the compiler cannot reuse them while the tensor cores do.
+        // A pair's steps two at a time (the host keeps their count even):
+        // ring slot and A buffer alternate. A buffer's registers stay live
+        // (fence_operands) until the wgmma.wait_group that retires the wgmmas
+        // reading them, so the compiler cannot reuse them while the tensor
+        // cores do.
         decode_step(ring[0], afrag[0]);
         // This pair's steps of the unit (an even count: the host keeps
         // split_steps a multiple of 2 * kPairs).
