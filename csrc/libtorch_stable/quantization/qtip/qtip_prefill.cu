@@ -80,10 +80,12 @@ constexpr int kPfCluster = 2;
 // 32 accumulators of a 64-row tile leave registers for a second consumer
 // pair, which takes every other 64-column step of the unit, its sums added
 // to the first pair's in the epilogue.
+constexpr int pf_consumer_pairs(int tokens) { return tokens == 64 ? 2 : 1; }
+
 template <int kTokens>
 struct PfTile {
   static_assert(kTokens == 64 || kTokens == 128 || kTokens == 256);
-  static constexpr int kPairs = kTokens == 64 ? 2 : 1;
+  static constexpr int kPairs = pf_consumer_pairs(kTokens);
   static constexpr int kConsumerThreads = 32 * kPfPairWarps * kPairs;
   static constexpr int kThreads = 128 + kConsumerThreads;
   // setmaxnreg: the producer warpgroup gives its registers to the consumers
@@ -114,7 +116,8 @@ struct PrefillArgs {
   __half* out;      // (rows, m), or nullptr with split-K
   float* partials;  // (splits, rows, m) with split-K, else nullptr
   // tiles: (tile pair, k split) work units; steps: 64-column steps of the
-  // k range, split_steps per split (even; the last split may have fewer).
+  // k range, split_steps per split (a multiple of 2 * kPairs; the last split
+  // may have fewer).
   int col0, rows, m, nblk, steps, split_steps, col_pairs, pairs, tiles;
   ShardRows shards;
   // x~ (shards, rows, n_x~) as boxes of T / 2 rows x 64 columns (half a
@@ -740,9 +743,11 @@ int64_t prefill_tokens(int64_t rows) {
   return rows <= 64 ? 64 : rows <= 128 ? 128 : 256;
 }
 
-// Steps of a unit go in pairs per consumer pair (kernels::PfTile::kPairs):
-// the unit's step count is a multiple of this.
-int64_t step_multiple(int64_t tokens) { return tokens == 64 ? 4 : 2; }
+// Each consumer pair takes a unit's steps two at a time: the unit's step
+// count is a multiple of this.
+int64_t step_multiple(int64_t tokens) {
+  return 2 * kernels::pf_consumer_pairs((int)tokens);
+}
 
 // 64-column steps per k split when `steps` (a multiple of `multiple`) are
 // split `splits` ways: a multiple of it too; the last split may have fewer.
