@@ -17,6 +17,13 @@ median of the per-round ratios, with their range; the outputs of the two
 builds on the same input are compared too (a variant may legitimately sum in
 another order, but not by much).
 
+With ``--isolate`` every call is followed by a one-element kernel launched
+without programmatic dependent launch, as vLLM's norms, activations and
+attention sit between its QTIP layers: otherwise the graph chains each call's
+output transform into the next call's kernels, so a change in when a kernel
+lets its dependents launch is measured against neighbours vLLM never runs it
+next to. The time includes that small kernel, the same for both builds.
+
 Only the op is timed: a patch that changes ``vllm/_qtip_ops.py`` or the op
 schema is not measured as vLLM would run it. A patch that moves the dense
 crossover is, with ``--variant-dense-min-rows`` (the base keeps
@@ -101,8 +108,10 @@ def ab_layer(
     dtype,
     rounds: int,
     variant_dense_min_rows: int,
+    isolate: bool,
 ) -> list[dict]:
     m, shards = sum(shard_rows), len(shard_rows)
+    fence = torch.zeros(1, device="cuda")
     trellises = [t.view(m // 32, n // 32, 64 * K) for t in random_trellises(m, n, K)]
     tlut = torch.randn(shards, *QTIP_TLUT_SHAPE, device="cuda").half()
     SU = torch.randn(shards, n, device="cuda")
@@ -116,10 +125,13 @@ def ab_layer(
             dense_min_rows = (
                 variant_dense_min_rows if ns == VARIANT_NS else QTIP_DENSE_MIN_ROWS
             )
-            return linear_op(ns)(
+            y = linear_op(ns)(
                 x, t, tlut, SU, SV, had_in, had_out, n, shard_rows, shard_rows,
                 dense_min_rows, 0,
             )  # fmt: skip
+            if isolate:
+                fence.add_(1)
+            return y
 
         base_y, variant_y = call(BASE_NS, trellises[0]), call(VARIANT_NS, trellises[0])
         max_rel_diff = (
@@ -186,6 +198,12 @@ def main() -> None:
         help="the variant's dense_min_rows (the base keeps QTIP_DENSE_MIN_ROWS): "
         "a dense-path kernel against the fused path below it",
     )
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="a kernel without programmatic dependent launch after every call, "
+        "as between vLLM's QTIP layers",
+    )
     args = parser.parse_args()
     if not qtip_kernels_available():
         raise SystemExit("the variant's QTIP kernels (vllm._qtip_C) are not available")
@@ -197,6 +215,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "rounds": args.rounds,
+        "isolate": args.isolate,
         "rows": [],
     }
     print(markdown([]), flush=True)
@@ -212,6 +231,7 @@ def main() -> None:
                     dtype,
                     args.rounds,
                     args.variant_dense_min_rows,
+                    args.isolate,
                 )
             except RuntimeError as e:  # report and go on with the next layer
                 print(f"| {name} | {K} | - | failed: {e} |", flush=True)
