@@ -762,11 +762,10 @@ int64_t prefill_gemm_splits(const Tensor& trellis,
                             int64_t rows, bool against_fused) {
 #ifdef QTIP_SM90A
   // Up to 48 rows the fused GEMM, whose time grows with the rows, still
-  // wins where the prefill GEMM's, nearly flat, does not: at 48 rows the
-  // 64-row tiles won on 4 of 7 shapes (-4 to -27%) but lost by up to 28% on
-  // the q/k/v layers, at 24-32 rows they lost on most; at 56 rows the fused
-  // GEMM takes about its 64-row time, where they won on all 7 (-4 to -34%;
-  // BENCHMARKS.md "twenty-third run").
+  // wins where the prefill GEMM's, flat up to its tile's rows, does not: at
+  // 48 rows it won on the fused q/k/v and gate/up layers (by 3-16%); from
+  // 52 rows the prefill GEMM, split as below, tied or won on all 10 shapes
+  // timed, by up to 35% (BENCHMARKS.md "twenty-fourth run").
   if (against_fused && rows <= 48) return 0;
   const torch::stable::accelerator::DeviceGuard guard(
       trellis.get_device_index());
@@ -785,27 +784,45 @@ int64_t prefill_gemm_splits(const Tensor& trellis,
   // MMAs beyond 1024 rows: at 2048, cuBLAS on the decoded W_hat wins by up
   // to 9% where m >= 11008 (BENCHMARKS.md "twenty-first run").
   if (trellis.size(2) == 3 * 64 && rows > 1024) return 0;
-  // A tile walks its k range alone, so too few tiles leave SMs idle: split
-  // k (partials added in order by the output transform) as long as the
-  // units still fit one wave, each split an even number of steps and at
-  // least 8 (its fixed costs amortised).
+  // A tile walks its k range alone, so whole tiles quantise the SMs' work
+  // into waves: k is split (partials added in order by the output
+  // transform), each split at least 8 steps, where a plan's cost is least:
+  // per wave, a unit's steps (0.35 / 0.51 / 0.57 us each at T = 64 / 128 /
+  // 256) and ~1 us of fixed work (the stages' refill, the epilogue); plus
+  // ~0.3 us per MB of partials (fp32 per split, or the unsplit fp16 sums)
+  // written and read back by the output transform. Fitted to the layer
+  // times of 1 to 8 splits on 10 Llama shapes at 48-256 rows on an H200
+  // (BENCHMARKS.md "twenty-fourth run"), it picks within 2.4% of the best
+  // split everywhere. The best split beat the fused GEMM from 52 rows and
+  // decode + cuBLAS at 128 and 256 rows on every shape, so it always runs.
+  // The partials stay within 32 MB: beyond, they leave the 50 MB L2 for
+  // DRAM, which the model does not count (Llama-2's q/k/v at 512 rows, 50
+  // MB in 2 splits: +6.7%).
+  const int64_t tokens = prefill_tokens(rows);
+  const int64_t tiles =
+      ceil_div(rows, tokens) * trellis.size(0) * 32 / kernels::kPfCols;
   const int64_t sms = prop->multiProcessorCount;
-  const int64_t row_tiles = trellis.size(0) * 32 / kernels::kPfCols;
-  const int64_t tiles = ceil_div(rows, prefill_tokens(rows)) * row_tiles;
-  int64_t splits = 1;
-  while (2 * tiles * splits <= sms && steps >= 16 * splits) splits *= 2;
-  splits = ceil_div(steps, split_steps(steps, splits, multiple));
-  const int64_t units = tiles * splits;
-  if (against_fused) {
-    // The fused GEMM wins where the last wave stays under 70% full: at 96
-    // rows it did with 86 and 172 units on 132 SMs, and lost with 96.
-    const int64_t waves = ceil_div(units, sms);
-    return 10 * units >= 7 * waves * sms ? splits : 0;
+  const double step_us = tokens == 64 ? 0.35 : tokens == 128 ? 0.51 : 0.57;
+  // Millions of outputs: 4 MB of fp32 partials per split, or 2 MB of fp16.
+  const double outputs_m = 1e-6 * (double)(rows * trellis.size(0) * 32);
+  constexpr double kMaxPartialsMb = 32;
+  int64_t best_splits = 1;
+  double best_us = 0;
+  for (int64_t s = 1; s == 1 || steps >= 8 * s; s *= 2) {
+    const int64_t s_steps = split_steps(steps, s, multiple);
+    const int64_t splits = ceil_div(steps, s_steps);
+    const double partials_mb =
+        outputs_m * (splits > 1 ? 4.0 * (double)splits : 2.0);
+    if (splits > 1 && partials_mb > kMaxPartialsMb) break;
+    const double waves = (double)ceil_div(tiles * splits, sms);
+    const double us =
+        waves * ((double)s_steps * step_us + 1) + 0.3 * partials_mb;
+    if (s == 1 || us < best_us) {
+      best_us = us;
+      best_splits = splits;
+    }
   }
-  // Still under 7/8 of a wave: decode + cuBLAS wins, except from 48 row
-  // tiles, whose decode to memory alone costs one tile's latency.
-  if (8 * units < 7 * sms && row_tiles < 48) return 0;
-  return splits;
+  return best_splits;
 #else
   (void)trellis;
   (void)shard_rows;

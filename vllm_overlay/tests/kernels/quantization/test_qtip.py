@@ -310,7 +310,9 @@ def _kernel_names(fn) -> set[str]:
 # the last split shorter where its 86 steps do not split evenly; 96 rows,
 # below QTIP_DENSE_MIN_ROWS, where its tiles fill the GPU; 64 and 60 rows,
 # tiles of 64 x~ rows with two consumer pairs (the second's sums added in the
-# epilogue), the latter across three shards.
+# epilogue), the latter across three shards; 56 rows of a 1024-row layer, k
+# split 8 ways (each pair 4 steps of a split); 80 rows of Llama-2's gate/up,
+# 172 tiles split 2 ways in 3 waves.
 @pytest.mark.parametrize("K", (2, 3, 4))
 @pytest.mark.parametrize(
     "shard_rows, batch, rank, n_full",
@@ -324,6 +326,8 @@ def _kernel_names(fn) -> set[str]:
         ([4096], 96, 0, 4096),
         ([4096], 64, 0, 4096),
         ([4096, 1024, 1024], 60, 1, 4096),
+        ([1024], 56, 0, 8192),
+        ([11008, 11008], 80, 1, 8192),
     ),
 )
 def test_linear_prefill_gemm(
