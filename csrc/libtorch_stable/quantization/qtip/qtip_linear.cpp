@@ -9,12 +9,10 @@
 //
 // The batch dispatch lives here, inside one opaque op, so torch.compile
 // never guards on the number of rows:
-//  * on Hopper, where prefill_gemm_splits finds that it pays (from
-//    dense_min_rows on where its tiles fill the GPU, and from 49 rows where
-//    they fill most of their waves), the prefill GEMM, which decodes W_hat
-//    tile by tile into the tensor cores' register operand (split over k into
-//    fp32 partials where its tiles would not fill the GPU, added as on the
-//    fused path below);
+//  * on Hopper, from 49 rows, wherever prefill_gemm_splits finds that it
+//    can run, the prefill GEMM, which decodes W_hat tile by tile into the
+//    tensor cores' register operand (split over k into fp32 partials where
+//    whole tiles would leave SMs idle, added as on the fused path below);
 //  * otherwise, rows < dense_min_rows: the input transform writes x~
 //    row-major, one copy per shard (for one row, with power-of-two blocks or
 //    one H_K block of the whole row, the GEMM kernel does it itself, in
