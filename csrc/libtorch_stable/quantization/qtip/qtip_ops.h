@@ -143,8 +143,9 @@ Tensor one_pass_output(const Tensor& partials, const Tensor& sv,
 // m) fp16 = x~[shard] (columns col0 onwards) @ W_hat^T for every shard, W_hat
 // decoded tile by tile into wgmma's register operand (qtip_prefill.cu).
 // prefill_gemm_splits: 0 where it does not run (or, with against_fused, up
-// to 48 rows, where the fused GEMM wins), else its number of k splits. out is fp16 (rows, m), or fp32 split-K partials
-// (splits, rows, m) for the output transform to add in order.
+// to 48 rows, where the fused GEMM wins), else its number of k splits. out is
+// fp16 (rows, m), or fp32 split-K partials (splits, rows, m) for the output
+// transform to add in order.
 int64_t prefill_gemm_splits(const Tensor& trellis,
                             const std::vector<int64_t>& shard_rows,
                             int64_t rows, bool against_fused);
