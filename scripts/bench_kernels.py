@@ -5,9 +5,9 @@
     python scripts/bench_kernels.py OUT.json [--K 2 3 4] [--batches 1 4 16]
 
 For the linear shapes of Llama-2-7B and Llama-3.1-8B, every K and batch size,
-it times one whole QTIP linear (qtip_matmul: input Hadamard, fused GEMM or
-decode + cuBLAS, output Hadamard), the trellis GEMM alone (batches below the
-dense crossover), the same layer as three separate ops (qtip_hadamard,
+it times one whole QTIP linear (qtip_matmul: input Hadamard, fused GEMM,
+Hopper's prefill GEMM or decode + cuBLAS, output Hadamard), the trellis GEMM
+kernel it ran (gemm_us), the same layer as three separate ops (qtip_hadamard,
 qtip_gemm, qtip_hadamard: the baseline a fusion inside qtip_matmul must beat;
 BENCHMARKS.md has the measured fused-prologue experiment), and torch.matmul
 with an fp16 weight of the same shape. Fused layers (q/k/v, gate/up) are
@@ -22,7 +22,7 @@ Writes {"gpu", "date", "copy_gbs", "rows": [{"m", "n", "K", "batch", "qtip_us",
 "fp16_us", "qtip_gbs", "kernels_us", ...}], "fused_layers": [...]} and prints
 Markdown tables. qtip_gbs is the compressed weight bytes (m*n*K/8) over
 qtip_us; kernels_us is the layer's device time per kernel kind (hadamard, mma,
-decode, cublas, other) from the torch profiler, outside a CUDA graph (a
+prefill, decode, cublas, other) from the torch profiler, outside a CUDA graph (a
 kernel launched early by programmatic dependent launch counts its wait too).
 """
 
@@ -115,6 +115,7 @@ def copy_bandwidth() -> float:
 KERNEL_KINDS = (
     ("hadamard", QTIP_TRANSFORM_KERNELS),
     ("mma", ("qtip_mma_kernel",)),
+    ("prefill", ("qtip_prefill_kernel",)),
     ("decode", ("qtip_decode_kernel",)),
     ("cublas", ("gemm", "xmma", "nvjet")),
 )
@@ -214,9 +215,10 @@ def bench_shape(m: int, n: int, K: int, batches, dtype, split: int) -> list[dict
             ),
             trellises,
         )
-        gemm_us = unfused_us = dense_us = None
+        # The GEMM kernel the layer ran: the fused one, or Hopper's prefill GEMM.
+        gemm_us = kernels.get("mma", kernels.get("prefill"))
+        unfused_us = dense_us = None
         if batch < QTIP_DENSE_MIN_ROWS:
-            gemm_us = kernels.get("mma")
 
             def unfused(t, x=x):
                 xh = qtip_hadamard(

@@ -5,15 +5,15 @@
         --batch 1 --out decode_profile.json
 
 Builds the same dummy-weight model as bench_e2e.py in this process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0, so the profiler sees the engine's
-kernels), decodes ``--steps`` tokens for ``--batch`` sequences, and sums the
-CUDA kernels by kind: QTIP GEMM / decode / Hadamard, attention, other GEMMs
-(cuBLAS/CUTLASS: lm_head, AWQ, FP16 layers) and the rest (norms, rotary,
-activation, sampling, copies). Per decode step it reports kernel time and
-launches per kind, and the wall time of a step measured without the profiler
-(the gap is launch/host time). With CUDA graphs (the default) the kernels of
-a replayed graph are still traced one by one; ``--eager`` profiles without
-graphs or torch.compile for comparison.
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, so the profiler sees the engine's kernels),
+decodes ``--steps`` tokens for ``--batch`` sequences, and sums the CUDA
+kernels by kind: QTIP GEMMs (fused, prefill) / decode / Hadamard, attention,
+other GEMMs (cuBLAS/CUTLASS: lm_head, AWQ, FP16 layers) and the rest (norms,
+rotary, activation, sampling, copies). Per decode step it reports kernel time
+and launches per kind, and the wall time of a step measured without the
+profiler (the gap is launch/host time). With CUDA graphs (the default) the
+kernels of a replayed graph are still traced one by one; ``--eager`` profiles
+without graphs or torch.compile for comparison.
 
 With ``--tp N`` (N > 1) the workers are other processes, so vLLM's own
 profiler (``profiler_config``) traces each rank; its Chrome traces are summed
@@ -43,6 +43,7 @@ WEIGHTS = {**E2E_WEIGHTS, "qtip2-split": SCALE_WEIGHTS["qtip2-split"]}
 # (kind, substrings of the kernel name), first match wins.
 KINDS = (
     ("qtip_mma", ("qtip_mma_kernel",)),
+    ("qtip_prefill", ("qtip_prefill_kernel",)),
     ("qtip_decode", ("qtip_decode_kernel",)),
     ("qtip_hadamard", QTIP_TRANSFORM_KERNELS),
     ("collective", ("cross_device_reduce", "allreduce", "all_reduce", "nccl")),

@@ -13,6 +13,7 @@ import profile_decode  # noqa: E402
 
 KERNELS = {
     "void vllm::qtip::kernels::qtip_mma_kernel<2, 6, 32, void, false>": 10.0,
+    "void vllm::qtip::kernels::qtip_prefill_kernel<2, 64>": 7.0,
     "void vllm::qtip::kernels::qtip_hk64_in_kernel<__half>": 3.0,
     "void vllm::qtip::kernels::qtip_hk512_kernel<float, __half>": 2.5,
     "void vllm::cross_device_reduce_1stage<float, 2>": 4.0,
@@ -40,11 +41,12 @@ def test_per_step_from_traces(tmp_path):
     rows = {r["kind"]: (r["us"], r["launches"]) for r in result["rows"]}
     # 8 more launches of each kernel over 4 steps: 2 per step.
     assert rows["qtip_mma"] == (20.0, 2.0)
+    assert rows["qtip_prefill"] == (14.0, 2.0)
     assert rows["qtip_hadamard"] == (11.0, 4.0)
     assert rows["collective"] == (20.0, 4.0)
     assert rows["other"] == (2.0, 2.0)
     assert rows["attention"] == (0.0, 0.0)
-    assert result["kernel_ms"] == 0.053
+    assert result["kernel_ms"] == 0.067
     assert result["top_kernels"][0]["name"].endswith(
         "qtip_mma_kernel<2, 6, 32, void, false>"
     )
