@@ -409,10 +409,14 @@ struct PrefillPos {
   __device__ __forceinline__ bool valid(const PrefillArgs& a) const {
     return tile < a.tiles;
   }
+  // The cluster's next unit (every grid-th).
+  __device__ __forceinline__ int next_tile() const {
+    return tile + gridDim.x / kPfCluster;
+  }
   // True where the walk moved to another unit.
   __device__ __forceinline__ bool advance(const PrefillArgs& a) {
     if ((step += stride) < step_end) return false;
-    set_tile(tile + gridDim.x / kPfCluster, a);
+    set_tile(next_tile(), a);
     return true;
   }
 };
@@ -580,7 +584,7 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
         }
       };
       static_assert(kPfRing == 2, "the walk below alternates two ring slots");
-      for (; cur.valid(a); cur.set_tile(cur.tile + gridDim.x / kPfCluster, a)) {
+      for (; cur.valid(a); cur.set_tile(cur.next_tile(), a)) {
         const int row0 = cur.row0, xrow0 = cur.xrow0;
         if (cur.shard != lut_shard) {
           // Another shard's codebook: every consumer warpgroup is past its
@@ -616,7 +620,7 @@ __global__ void __launch_bounds__(PfTile<kTokens>::kThreads, 1)
         // take the SMs as this grid drains (-4 to -7% on most layers at
         // 52-64 rows). At kernel start instead, its CTAs waited on the SMs
         // this grid leaves idle from the outset (+7% on 14336x4096).
-        if (cur.tile + gridDim.x / kPfCluster >= a.tiles) allow_dependents();
+        if (cur.next_tile() >= a.tiles) allow_dependents();
         if constexpr (kPairs == 2) {
           // Pair 1's sums through shared memory (element-major: each store
           // and load conflict-free), added to pair 0's in the same order on
@@ -780,7 +784,8 @@ int64_t prefill_gemm_splits(const Tensor& trellis,
     return 0;
   // Steps of 64 columns, in pairs per consumer pair.
   const int64_t steps = trellis.size(1) / 2;
-  const int64_t multiple = step_multiple(prefill_tokens(rows));
+  const int64_t tokens = prefill_tokens(rows);
+  const int64_t multiple = step_multiple(tokens);
   if (steps == 0 || trellis.size(1) % 2 != 0 || steps % multiple != 0) return 0;
   // Both CTAs of a cluster read the same x~, so the same shard.
   for (int64_t r : shard_rows)
@@ -803,13 +808,12 @@ int64_t prefill_gemm_splits(const Tensor& trellis,
   // The partials stay within 32 MB: beyond, they leave the 50 MB L2 for
   // DRAM, which the model does not count (Llama-2's q/k/v at 512 rows, 50
   // MB in 2 splits: +6.7%).
-  const int64_t tokens = prefill_tokens(rows);
-  const int64_t tiles =
-      ceil_div(rows, tokens) * trellis.size(0) * 32 / kernels::kPfCols;
+  const int64_t m = trellis.size(0) * 32;
+  const int64_t tiles = ceil_div(rows, tokens) * m / kernels::kPfCols;
   const int64_t sms = prop->multiProcessorCount;
   const double step_us = tokens == 64 ? 0.35 : tokens == 128 ? 0.51 : 0.57;
   // Millions of outputs: 4 MB of fp32 partials per split, or 2 MB of fp16.
-  const double outputs_m = 1e-6 * (double)(rows * trellis.size(0) * 32);
+  const double outputs_m = 1e-6 * (double)(rows * m);
   constexpr double kMaxPartialsMb = 32;
   int64_t best_splits = 1;
   double best_us = 0;
