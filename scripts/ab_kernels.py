@@ -99,6 +99,17 @@ def linear_op(ns: str):
     return getattr(torch.ops, ns).qtip_linear
 
 
+def layer_inputs(shard_rows: list[int], n: int, K: int):
+    """Random trellis copies (rotated through, more bytes than L2), per-shard
+    tables and SU, SV and the Hadamard factors of one layer."""
+    m, shards = sum(shard_rows), len(shard_rows)
+    trellises = [t.view(m // 32, n // 32, 64 * K) for t in random_trellises(m, n, K)]
+    tlut = torch.randn(shards, *QTIP_TLUT_SHAPE, device="cuda").half()
+    SU = torch.randn(shards, n, device="cuda")
+    SV = torch.rand(m, device="cuda") * 0.01
+    return trellises, tlut, SU, SV, factor(n), factor(shard_rows[0])
+
+
 def ab_layer(
     name: str,
     shard_rows: list[int],
@@ -110,13 +121,8 @@ def ab_layer(
     variant_dense_min_rows: int,
     isolate: bool,
 ) -> list[dict]:
-    m, shards = sum(shard_rows), len(shard_rows)
     fence = torch.zeros(1, device="cuda")
-    trellises = [t.view(m // 32, n // 32, 64 * K) for t in random_trellises(m, n, K)]
-    tlut = torch.randn(shards, *QTIP_TLUT_SHAPE, device="cuda").half()
-    SU = torch.randn(shards, n, device="cuda")
-    SV = torch.rand(m, device="cuda") * 0.01
-    had_in, had_out = factor(n), factor(shard_rows[0])
+    trellises, tlut, SU, SV, had_in, had_out = layer_inputs(shard_rows, n, K)
     rows = []
     for batch in batches:
         x = torch.randn(batch, n, device="cuda").to(dtype)

@@ -22,6 +22,15 @@ def number(text: str) -> float:
         return 0.0
 
 
+def top_stalls(row: dict, stalls: list[str], k: int) -> list[tuple[float, str]]:
+    """The k stall columns with the most samples at one instruction."""
+    return [
+        vc
+        for vc in sorted(((number(row[c]), c) for c in stalls), reverse=True)[:k]
+        if vc[0]
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("csv_file")
@@ -63,8 +72,7 @@ def main() -> None:
         base = int(rows[0][address], 16)
         with open(args.listing, "w") as out:
             for r in rows:
-                top = sorted(((number(r[c]), c) for c in stalls), reverse=True)[:2]
-                why = " ".join(f"{c}:{v:.0f}" for v, c in top if v)
+                why = " ".join(f"{c}:{v:.0f}" for v, c in top_stalls(r, stalls, 2))
                 runs = number(r[executed]) if executed else 0
                 out.write(
                     f"{int(r[address], 16) - base:6x} {runs:8.0f} "
@@ -72,8 +80,7 @@ def main() -> None:
                 )
     print(f"\nhottest {args.top} instructions (share of samples, top stalls):")
     for r in sorted(rows, key=lambda r: -number(r[samples]))[: args.top]:
-        top = sorted(((number(r[c]), c) for c in stalls), reverse=True)[:3]
-        why = ", ".join(f"{c} {v:.0f}" for v, c in top if v)
+        why = ", ".join(f"{c} {v:.0f}" for v, c in top_stalls(r, stalls, 3))
         share = number(r[samples]) / total
         print(f"{share:6.1%} {r[address]:>6} {r['Source'][:60]:60} {why}")
 

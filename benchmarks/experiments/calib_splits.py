@@ -26,10 +26,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from ab_kernels import BASE_NS, VARIANT_NS, layers, linear_op, time_rounds  # noqa: E402
-from bench_kernels import capture_graph, factor, random_trellises  # noqa: E402
+from ab_kernels import (  # noqa: E402
+    BASE_NS,
+    VARIANT_NS,
+    layer_inputs,
+    layers,
+    linear_op,
+    time_rounds,
+)
+from bench_kernels import capture_graph  # noqa: E402
 
-from vllm._qtip_ops import QTIP_DENSE_MIN_ROWS, QTIP_TLUT_SHAPE  # noqa: E402
+from vllm._qtip_ops import QTIP_DENSE_MIN_ROWS  # noqa: E402
 
 FORCED = (0, 1, 2, 4, 8)
 
@@ -50,15 +57,7 @@ def main() -> None:
     result = []
     print("| layer | rows | " + " | ".join(c[0] for c in configs) + " |")
     for name, shard_rows, n in layers():
-        m, shards = sum(shard_rows), len(shard_rows)
-        trellises = [
-            t.view(m // 32, n // 32, 64 * args.K)
-            for t in random_trellises(m, n, args.K)
-        ]
-        tlut = torch.randn(shards, *QTIP_TLUT_SHAPE, device="cuda").half()
-        SU = torch.randn(shards, n, device="cuda")
-        SV = torch.rand(m, device="cuda") * 0.01
-        had_in, had_out = factor(n), factor(shard_rows[0])
+        trellises, tlut, SU, SV, had_in, had_out = layer_inputs(shard_rows, n, args.K)
         for rows in args.rows:
             x = torch.randn(rows, n, device="cuda").to(torch.bfloat16)
             graphs, names = [], []
