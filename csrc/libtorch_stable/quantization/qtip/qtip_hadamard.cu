@@ -289,11 +289,14 @@ __global__ void __launch_bounds__(kHadMaxThreads)
 // same bits.
 constexpr int kSyl16Cols = 4096;
 constexpr int kSyl16Threads = kSyl16Cols / 16;
-// Rows from which it is taken: the dense path's (QTIP_DENSE_MIN_ROWS). H200,
-// 2048 rows: 4096x4096 layers -24%, 11008x4096 -8%; at 64 rows, where its
-// one CTA per row meets the fused GEMM's early launch, layers measured up to
-// 17% slower (BENCHMARKS.md, tenth run).
-constexpr int64_t kSyl16MinRows = 128;
+// Rows of x from which it is taken: the prefill GEMM's (prefill_gemm_splits),
+// which follows it from 49 rows (H200, 52-112 rows: 4096x4096 and 1024x4096
+// layers -6 to -8%, 11008x4096 and 14336x4096 -2 to -4%; twenty-fifth run),
+// as at 2048 (4096x4096 -24%, tenth run). Before the fused GEMM it is taken
+// only where a fused layer's copies make 128 rows: there, against one CTA
+// per row, the GEMM's early launch made layers up to 17% slower at 64 rows.
+constexpr int64_t kSyl16MinRows = 49;
+constexpr int64_t kSyl16MinCopyRows = 128;
 
 // The exchanges keep column e in shared-memory slot
 //   syl16_slot(e) = e ^ (((e >> 5) & 3) << 2) ^ (((e >> 8) & 1) << 4),
@@ -1166,6 +1169,8 @@ bool hk512_blocks(int64_t K, int64_t block) {
 
 bool hadamard_one_pass(int64_t K, int64_t block, int64_t rows) {
   if (hk512_blocks(K, block)) return rows >= kernels::kHk512MinRows;
+  // K x 64 blocks take it on the dense path's fp16 output, as the radix-16
+  // kernel from the prefill GEMM's rows on.
   return hk64_blocks(K, block) && rows >= kernels::kSyl16MinRows;
 }
 
@@ -1338,8 +1343,9 @@ Tensor qtip_hadamard(const Tensor& x, const std::optional<Tensor>& in_scale,
   a.transpose = transpose;
   a.in_splits = (int)in_splits;
   // Whole rows in 4096-column blocks, K = 1, many rows: the radix-16 kernel.
-  bool all_4096 =
-      K == 1 && in_splits == 1 && copies * rows >= kernels::kSyl16MinRows;
+  bool all_4096 = K == 1 && in_splits == 1 &&
+                  (rows >= kernels::kSyl16MinRows ||
+                   copies * rows >= kernels::kSyl16MinCopyRows);
   for (int s = 0; s < segs.count; ++s)
     all_4096 &= (1 << segs.log2P[s]) == kernels::kSyl16Cols;
   if (all_4096) {

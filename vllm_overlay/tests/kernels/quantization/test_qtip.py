@@ -613,10 +613,9 @@ def test_hadamard_grouped_blocks(blocks: int, block: int, rows: int):
 @pytest.mark.parametrize("in_dtype", (torch.float16, torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16, torch.float32))
 def test_hadamard_4096_blocks(rows: int, in_dtype: torch.dtype, out_dtype: torch.dtype):
-    # Blocks of 4096 columns with K = 1, no split-K partials and from 128 rows
-    # (copies x rows) on take the radix-16 kernel: two blocks per row, with and
-    # without scales, one copy per row of SU (64 rows: only these 128 copies
-    # reach it), two segments.
+    # Blocks of 4096 columns with K = 1, no split-K partials and from 49 rows
+    # (or 128 copies x rows) on take the radix-16 kernel: two blocks per row,
+    # with and without scales, one copy per row of SU, two segments.
     n = 8192
     op = torch.ops._qtip_C.qtip_hadamard
     x = torch.randn(rows, n, device=DEVICE).to(in_dtype)
