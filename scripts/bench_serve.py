@@ -135,6 +135,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--start-timeout", type=float, default=300)
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        help="keep each server's log there (its graph sizes, KV cache, timings)",
+    )
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -194,6 +199,9 @@ def main() -> None:
                     finally:
                         os.killpg(server.pid, signal.SIGTERM)
                         server.wait(timeout=60)
+                        if args.log_dir:
+                            args.log_dir.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(log_path, args.log_dir / log_path.name)
     print(f"\n{result['gpu']}, {result['date']}, vLLM {result['vllm']}")
     print("| model | weights | concurrency | output tok/s | median TTFT ms |")
     print("| --- | --- | --- | --- | --- |")

@@ -19,7 +19,8 @@
 #           (resumes: rerun the step on the same machine to finish the table;
 #           E2E_ARGS narrows it, E2E_JSON names another file, e.g. one per GPU)
 #   serve   scripts/bench_serve.py (vllm serve + vllm bench serve, tokenizer
-#           from .gpu/tokenizer) -> /tmp/serve_h200.json, copied to $OUT
+#           from .gpu/tokenizer) -> /tmp/serve_h200.json, copied to $OUT, and
+#           each server's log in $OUT/serve_logs
 #           (resumes like e2e; SERVE_ARGS narrows it)
 #   parallel  the TP=2 / PP=2 model tests (two GPUs) and the one-GPU test of
 #           their kernel path; PARALLEL_K selects with pytest -k, e.g.
@@ -142,7 +143,8 @@ step_e2e() {
 
 step_serve() {
   timeout "${SERVE_TIMEOUT:-420}" python3 scripts/bench_serve.py --tokenizer .gpu/tokenizer \
-    --out /tmp/serve_h200.json --resume ${SERVE_ARGS:-} 2>&1 | tee -a "$OUT/bench_serve.log" | tail -30
+    --out /tmp/serve_h200.json --resume --log-dir "$OUT/serve_logs" ${SERVE_ARGS:-} 2>&1 |
+    tee -a "$OUT/bench_serve.log" | tail -30
   cp /tmp/serve_h200.json "$OUT/" 2>/dev/null
 }
 
