@@ -258,6 +258,13 @@ step_variants() {
   [ "${VARIANTS_RESTORE:-1}" = 0 ] || OUT=$base step_build
 }
 
+# Every step but a bare build needs .gpu/ref (the H_K factors, goldens):
+# without it the tests and benchmarks stop at the first H_K factor, after the
+# builds have spent the call's time.
+if [ "$*" != build ] && [ ! -f .gpu/ref/hadamards.safetensors ]; then
+  echo "error: .gpu/ref/hadamards.safetensors is missing: carry .gpu/ref" >&2
+  exit 1
+fi
 for step in "$@"; do
   echo "=== $step ==="
   "step_$step" || echo "step $step failed"
