@@ -291,7 +291,7 @@ constexpr int kSyl16Cols = 4096;
 constexpr int kSyl16Threads = kSyl16Cols / 16;
 // Rows of x from which it is taken: the prefill GEMM's (prefill_gemm_splits),
 // which follows it from 49 rows (H200, 52-112 rows: 4096x4096 and 1024x4096
-// layers -6 to -8%, 11008x4096 and 14336x4096 -2 to -4%; twenty-fifth run),
+// layers -3 to -8%, 11008x4096 and 14336x4096 -2 to -4%; twenty-fifth run),
 // as at 2048 (4096x4096 -24%, tenth run). Before the fused GEMM it is taken
 // only where a fused layer's copies make 128 rows: there, against one CTA
 // per row, the GEMM's early launch made layers up to 17% slower at 64 rows.
