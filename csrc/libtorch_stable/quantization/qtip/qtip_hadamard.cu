@@ -295,7 +295,7 @@ constexpr int kSyl16Threads = kSyl16Cols / 16;
 // as at 2048 (4096x4096 -24%, tenth run). Before the fused GEMM it is taken
 // only where a fused layer's copies make 128 rows: there, against one CTA
 // per row, the GEMM's early launch made layers up to 17% slower at 64 rows.
-constexpr int64_t kSyl16MinRows = 49;
+constexpr int64_t kSyl16MinRows = kPrefillGemmMinRows;
 constexpr int64_t kSyl16MinCopyRows = 128;
 
 // The exchanges keep column e in shared-memory slot

@@ -139,13 +139,17 @@ bool output_one_pass(int64_t K, int64_t block, int64_t rows);
 Tensor one_pass_output(const Tensor& partials, const Tensor& sv,
                        const Tensor& had, int64_t block, ScalarType out_dtype);
 
+// Rows from which Hopper's prefill GEMM takes over from the fused GEMM
+// (prefill_gemm_splits); the transforms around it follow the same bound.
+constexpr int64_t kPrefillGemmMinRows = 49;
+
 // Hopper's prefill GEMM (sm_90a builds, compute capability 9.0): out (rows,
 // m) fp16 = x~[shard] (columns col0 onwards) @ W_hat^T for every shard, W_hat
 // decoded tile by tile into wgmma's register operand (qtip_prefill.cu).
-// prefill_gemm_splits: 0 where it does not run (or, with against_fused, up
-// to 48 rows, where the fused GEMM wins), else its number of k splits. out is
-// fp16 (rows, m), or fp32 split-K partials (splits, rows, m) for the output
-// transform to add in order.
+// prefill_gemm_splits: 0 where it does not run (or, with against_fused, below
+// kPrefillGemmMinRows, where the fused GEMM wins), else its number of k splits.
+// out is fp16 (rows, m), or fp32 split-K partials (splits, rows, m) for the
+// output transform to add in order.
 int64_t prefill_gemm_splits(const Tensor& trellis,
                             const std::vector<int64_t>& shard_rows,
                             int64_t rows, bool against_fused);

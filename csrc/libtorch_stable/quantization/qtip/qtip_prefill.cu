@@ -775,7 +775,7 @@ int64_t prefill_gemm_splits(const Tensor& trellis,
   // 48 rows it won on the fused q/k/v and gate/up layers (by 3-16%); from
   // 52 rows the prefill GEMM, split as below, tied or won on all 10 shapes
   // timed, by up to 35% (BENCHMARKS.md "twenty-fourth run").
-  if (against_fused && rows <= 48) return 0;
+  if (against_fused && rows < kPrefillGemmMinRows) return 0;
   const torch::stable::accelerator::DeviceGuard guard(
       trellis.get_device_index());
   const cudaDeviceProp* prop = get_device_prop();
