@@ -258,6 +258,16 @@ step_variants() {
   [ "${VARIANTS_RESTORE:-1}" = 0 ] || OUT=$base step_build
 }
 
+# On a warm host the CMake build directory of an earlier call is reused, but
+# this call's copy of the tree carries the checkout's modification times,
+# older than the objects an earlier call built from a patched source: CMake
+# would keep them (a variant was once measured on the previous variant's
+# GEMM). Newer times on every source make the call's first build a full one;
+# the patches applied and reverted within the call then date themselves.
+if [ -d "$QK-build" ]; then
+  find csrc vllm_overlay/cmake CMakeLists.txt -type f -exec touch {} +
+fi
+
 # Every step but a bare build needs .gpu/ref (the H_K factors, goldens):
 # without it the tests and benchmarks stop at the first H_K factor, after the
 # builds have spent the call's time.
