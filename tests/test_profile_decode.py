@@ -51,3 +51,19 @@ def test_per_step_from_traces(tmp_path):
         "qtip_mma_kernel<2, 6, 32, void, false>"
     )
     assert result["top_kernels"][0]["us_per_step"] == 20.0
+
+
+def test_linear_layers_by_difference():
+    # Overlapping kernels (8 ms in kernels, a 7 ms step): the layers' share is
+    # the step minus attention, collectives and the rest, not their own sum.
+    result = {
+        "step_ms": 7.0,
+        "rows": [
+            {"kind": "qtip_prefill", "us": 4000.0, "launches": 128.0},
+            {"kind": "qtip_hadamard", "us": 1500.0, "launches": 256.0},
+            {"kind": "attention", "us": 2200.0, "launches": 97.0},
+            {"kind": "gemm", "us": 70.0, "launches": 1.0},
+            {"kind": "other", "us": 300.0, "launches": 150.0},
+        ],
+    }
+    assert profile_decode.linear_layers_us(result) == 4500.0
