@@ -64,6 +64,13 @@ def demangle(names: list[str]) -> list[str]:
     return out if len(out) == len(names) else names
 
 
+def sass_of(library: str, cuobjdump: str) -> str:
+    """The SASS of every kernel in a library or cubin."""
+    return subprocess.run(
+        [cuobjdump, "-sass", library], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def loads_before_wait(sass: str) -> dict[str, list[str]]:
     """Kernel (mangled name) -> its global loads listed before the first
     wait, for every kernel that waits."""
@@ -101,10 +108,7 @@ def main() -> int:
     if cuobjdump is None:
         print("error: cuobjdump not found (CUDA_HOME, PATH, triton)", file=sys.stderr)
         return 2
-    sass = subprocess.run(
-        [cuobjdump, "-sass", args.library], capture_output=True, text=True, check=True
-    ).stdout
-    found = loads_before_wait(sass)
+    found = loads_before_wait(sass_of(args.library, cuobjdump))
     kernels = dict(zip(demangle(list(found)), found.values()))
     bad = []
     for name, early in sorted(kernels.items()):
